@@ -1,0 +1,145 @@
+"""The `llmscale` command: thin, it parses flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from llmscale.config import BATCHING_POLICIES, ConfigError, EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights/activations dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    g.add_argument("--kv-cache-memory", default="0.1",
+                   help="KV cache size: bytes (2GiB, 512MB) or a fraction of free memory")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="max requests running at once")
+    g.add_argument("--batching", default="continuous", choices=BATCHING_POLICIES, help="batching policy")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    kv = args.kv_cache_memory
+    return EngineConfig.from_kwargs(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        kv_cache_memory=kv, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> Any:
+    from llmscale.engine.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def stream_tokens(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
+    """Run one request on a sync engine, yielding text deltas as they are produced."""
+    rid = f"cli-{engine.stats['steps']}-{len(engine.groups)}"
+    engine.add_request(rid, prompt, params)
+    sent = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                text = out.outputs[0].text
+                yield text[sent:]
+                sent = len(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from llmscale.engine.llm_engine import LLMEngine
+    engine = LLMEngine(engine_config_from_args(args), stream_text=True)
+    for delta in stream_tokens(engine, args.prompt, sampling_params_from_args(args)):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llmscale.engine.llm_engine import LLMEngine
+    engine = LLMEngine(engine_config_from_args(args), stream_text=True)
+    params = sampling_params_from_args(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("chat with the model; empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not user.strip():
+            break
+        history.append({"role": "user", "content": user})
+        text = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        prompt = {"prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
+        reply = ""
+        for delta in stream_tokens(engine, prompt, params):
+            reply += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmscale", description="Serve LLMs fast, within a budget.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate from one prompt, streaming to the terminal")
+    p.add_argument("prompt")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the conversation")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except ConfigError as e:
+        print(f"llmscale: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Every configuration dataclass, validated in one place.
+
+Errors raised here are `ConfigError` with a one-line message that names the bad value;
+the CLI prints them as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem a user can fix; its message is one line."""
+
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family decoder, read from an HF config.json (or GGUF metadata)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ConfigError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            eos = cfg.get("eos_token_id")
+            rope_scaling = cfg.get("rope_scaling") or None
+            rope_theta = cfg.get("rope_theta")
+            if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
+                rope_theta = cfg["rope_parameters"].get("rope_theta")
+                if cfg["rope_parameters"].get("rope_type", "default") != "default":
+                    rope_scaling = cfg["rope_parameters"]
+            if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+                rope_scaling = None
+            return cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+                rope_scaling=rope_scaling,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+                qk_norm=family == "qwen3",
+                sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=[int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX) or on a GPU, else fp32."""
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype()
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+def parse_memory(value: str | int | float, available_bytes: int) -> int:
+    """'2GiB', '512MB', 1e9 or a fraction like 0.3 (of `available_bytes`) -> bytes."""
+    if isinstance(value, str):
+        s = value.strip().lower().replace(" ", "")
+        units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+                 "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+        for unit, mult in units.items():
+            if s.endswith(unit):
+                try:
+                    return int(float(s[: -len(unit)]) * mult)
+                except ValueError:
+                    break
+        try:
+            value = float(s)
+        except ValueError:
+            raise ConfigError(f"cannot read memory size {value!r} (try 2GiB, 512MB or 0.3)") from None
+    if value <= 0:
+        raise ConfigError(f"memory size must be positive, got {value}")
+    if value < 1:
+        return int(value * available_bytes)
+    return int(value)
+
+
+def available_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: str | int | float = 0.1  # bytes, "2GiB", or fraction of free memory
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None  # exact block count (tests)
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+
+
+BATCHING_POLICIES = ("continuous", "static", "dynamic")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    batching: str = "continuous"
+    enable_chunked_prefill: bool = True
+    static_batch_size: int = 16  # static: wait for this many requests...
+    batch_timeout_s: float = 0.05  # ...or this long (static and dynamic)
+
+    def validate(self) -> None:
+        if self.batching not in BATCHING_POLICIES:
+            raise ConfigError(f"unknown batching {self.batching!r}; choose {', '.join(BATCHING_POLICIES)}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF folder or .gguf file; None = built-in default model
+    dtype: str | torch.dtype | None = None
+    device: str | None = None
+    max_model_len: int | None = None
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments named like the CLI flags."""
+        cfg = cls(model=model)
+        sections = (cfg, cfg.cache, cfg.scheduler)
+        for key, value in kwargs.items():
+            if value is None and key != "num_gpu_blocks_override":
+                continue
+            target = next((s for s in sections if key in s.__dataclass_fields__), None)
+            if target is None or key in ("cache", "scheduler"):
+                raise ConfigError(f"unknown engine argument {key!r}")
+            setattr(target, key, value)
+        cfg.cache.validate()
+        cfg.scheduler.validate()
+        return cfg
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

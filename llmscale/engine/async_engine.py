@@ -1,0 +1,134 @@
+"""`AsyncLLMEngine`: the step loop on a background thread, one async output stream per request.
+
+Torch releases the GIL inside its kernels, so the HTTP side keeps running while a step
+computes. Requests and aborts reach the loop through a thread-safe inbox; outputs go back to
+each caller's asyncio queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from typing import Any
+
+from llmscale.config import EngineConfig
+from llmscale.engine.llm_engine import LLMEngine
+from llmscale.engine.outputs import RequestOutput
+from llmscale.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+_FINISHED = object()
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._ids = itertools.count()
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="llmscale-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
+        return cls(LLMEngine(config, stream_text=True))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    async def generate(self, prompt: Any, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative outputs as tokens arrive; the last one has `finished` set.
+        Leaving the iterator early (client gone) aborts the request."""
+        if not self.is_running:
+            raise EngineDeadError("engine loop is not running")
+        rid = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+        added: Future[None] = Future()
+        self._streams[rid] = (loop, stream)
+        self._submit("add", (rid, prompt, params, added))
+        try:
+            await asyncio.wrap_future(added)  # raises the engine's validation error, if any
+            while True:
+                item = await stream.get()
+                if item is _FINISHED:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._streams.pop(rid, None) is not None and added.done() and added.exception() is None:
+                self._submit("abort", rid)
+
+    def abort(self, request_id: str) -> None:
+        self._submit("abort", request_id)
+
+    def _submit(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                rid, prompt, params, fut = payload
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                    fut.set_result(None)
+                except Exception as e:  # a bad request fails alone
+                    fut.set_exception(e)
+            else:
+                if payload in self.engine.groups:
+                    self.engine.abort_request(payload)
+                self._deliver(payload, _FINISHED)
+
+    def _deliver(self, rid: str, item: Any) -> None:
+        target = self._streams.get(rid)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.clear()
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(0.5)
+                continue
+            steps_before = self.engine.stats["steps"]
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                log.exception("engine step failed")
+                self.error = e
+                for rid in list(self._streams):
+                    self._deliver(rid, EngineDeadError(f"engine step failed: {e}"))
+                return
+            if self.engine.stats["steps"] == steps_before:
+                self._wake.wait(0.002)  # a batching policy is waiting for its batch to fill
+            for out in outputs:
+                self._deliver(out.request_id, out)

@@ -1,0 +1,251 @@
+"""`LLMEngine`: the synchronous step loop (schedule -> run model -> sample -> check stops)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from llmscale.config import (
+    ConfigError,
+    EngineConfig,
+    available_memory_bytes,
+    parse_memory,
+)
+from llmscale.engine.kv_cache import KVCacheManager
+from llmscale.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmscale.engine.request import Request, RequestStatus
+from llmscale.engine.runner import ModelRunner, kv_bytes_per_block
+from llmscale.engine.sampler import Sampler, SamplingRow
+from llmscale.engine.sampling_params import SamplingParams
+from llmscale.engine.scheduler import make_scheduler
+from llmscale.model.gguf_loader import resolve_model
+from llmscale.model.loader import load_model, read_model_config
+from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, stream_text: bool = False) -> None:
+        """`stream_text`: detokenize every step (servers); otherwise text is decoded once at the
+        end unless stop strings need it earlier."""
+        start = time.perf_counter()
+        self.config = config
+        self.stream_text = stream_text
+        self.model_path = resolve_model(config.model)
+        self.model_name = str(config.model) if config.model else "SmolLM2-135M-Instruct"
+        self.dtype = config.torch_dtype
+        self.device = config.torch_device
+        torch.manual_seed(config.seed)
+        self.tokenizer = Tokenizer.from_folder(self.model_path)
+        model_cfg = read_model_config(self.model_path)
+        self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
+        if self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        self.model, self.model_config, self.load_time_s = load_model(
+            self.model_path, self.dtype, self.device, self.max_model_len)
+
+        cache = config.cache
+        per_block = kv_bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        if cache.num_gpu_blocks_override:
+            num_blocks = cache.num_gpu_blocks_override
+        else:
+            num_blocks = parse_memory(cache.kv_cache_memory, available_memory_bytes()) // per_block
+        if num_blocks * cache.block_size < self.max_model_len:
+            raise ConfigError(
+                f"KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} blocks of "
+                f"{cache.block_size}), less than one request of max_model_len {self.max_model_len}; "
+                f"raise --kv-cache-memory or lower --max-model-len")
+        self.num_blocks = num_blocks
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = make_scheduler(config.scheduler, self.kv)
+        self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.dtype, self.device)
+        self.sampler = Sampler(seed=config.seed)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.requests: dict[str, Request] = {}
+        self.groups: dict[str, list[Request]] = {}  # parent id -> its n samples
+        self.group_prompts: dict[str, str | None] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.startup_time_s = time.perf_counter() - start
+        log.info("engine ready in %.2fs (weights %.2fs), %d KV blocks of %d tokens",
+                 self.startup_time_s, self.load_time_s, num_blocks, cache.block_size)
+
+    # ----- requests -------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int] | dict[str, Any]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any],
+                    params: SamplingParams | None = None, arrival_time_s: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ConfigError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise ConfigError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ConfigError(f"prompt token ids must lie in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ConfigError(
+                f"prompt has {len(ids)} tokens but the context window is {self.max_model_len} "
+                f"(at least one must be left to generate)")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        arrival = time.monotonic() if arrival_time_s is None else arrival_time_s
+        members = []
+        for i in range(params.n):
+            child_params = params if params.n == 1 else replace(
+                params, n=1, seed=None if params.seed is None else params.seed + i)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, child_params, max_tokens, self.eos_token_ids, arrival)
+            members.append(req)
+            self.requests[rid] = req
+            self.scheduler.add(req)
+            if self.stream_text or child_params.stop:
+                self.detokenizers[rid] = IncrementalDetokenizer(
+                    self.tokenizer, ids, skip_special_tokens=child_params.skip_special_tokens)
+        self.groups[request_id] = members
+        self.group_prompts[request_id] = text
+
+    def abort_request(self, request_id: str) -> None:
+        for req in self.groups.pop(request_id, []):
+            if not req.is_finished:
+                self.scheduler.abort(req)
+            self._forget(req)
+        self.group_prompts.pop(request_id, None)
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self.detokenizers.pop(req.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ----- the step ---------------------------------------------------------------------------
+
+    def step(self, include_unfinished: bool = True) -> list[RequestOutput]:
+        """One iteration. Returns outputs of groups that changed (or only finished ones)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sampled = self.runner.execute(batch, self.kv)
+        for req, n in batch.scheduled:
+            req.num_computed_tokens += n
+            if req.num_computed_tokens <= req.num_prompt_tokens and req.num_preemptions == 0:
+                self.stats["prompt_tokens"] += n
+        self.stats["steps"] += 1
+        if logits is None:
+            return []
+        rows = [SamplingRow(r.sampling_params, r.output_token_ids, r.prompt_token_ids, r.generator,
+                            r.eos_token_ids) for r in sampled]
+        results = self.sampler(logits, rows)
+        now = time.monotonic()
+        changed: dict[str, None] = {}
+        for req, res in zip(sampled, results, strict=True):
+            self._append(req, res.token_id, res.logprob, res.top_logprobs, now)
+            changed[req.request_id.split("#")[0]] = None
+        self.stats["generation_tokens"] += len(sampled)
+        outputs = []
+        for gid in changed:
+            members = self.groups.get(gid)
+            if members is None:
+                continue
+            finished = all(m.is_finished for m in members)
+            if finished or include_unfinished:
+                outputs.append(self._make_output(gid, members, finished))
+            if finished:
+                for m in members:
+                    self._forget(m)
+                del self.groups[gid]
+                self.group_prompts.pop(gid, None)
+        return outputs
+
+    def _append(self, req: Request, token: int, logprob: float | None,
+                top: list[tuple[int, float]] | None, now: float) -> None:
+        req.append_token(token)
+        if req.times.first_token_s is None:
+            req.times.first_token_s = now
+        req.times.last_token_s = now
+        if req.logprobs is not None and logprob is not None:
+            entry = dict(top or [])
+            entry[token] = logprob
+            req.logprobs.append(entry)
+            req.sampled_logprobs.append(logprob)
+        params = req.sampling_params
+        status: RequestStatus | None = None
+        if not params.ignore_eos and token in req.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token in params.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        detok = self.detokenizers.get(req.request_id)
+        if detok is not None:
+            req.output_text += detok.add(token)
+            if status is None and params.stop:
+                status = self._check_stop_strings(req)
+        if status is None and (len(req.output_token_ids) >= req.max_tokens
+                               or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            if detok is not None and not isinstance(req.stop_reason, str):
+                # Text held back for a half-finished character; a stop string already cut it.
+                req.output_text += detok.flush()
+            req.times.finished_s = now
+            self.scheduler.finish(req, status)
+
+    @staticmethod
+    def _check_stop_strings(req: Request) -> RequestStatus | None:
+        params = req.sampling_params
+        # A stop string can only newly end in the text added this step: search a short tail.
+        window = max(len(s) for s in params.stop) + 16
+        start = max(0, len(req.output_text) - window)
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            i = req.output_text.find(stop, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, stop)
+        if best is None:
+            return None
+        i, stop = best
+        req.output_text = req.output_text[: i + len(stop) if params.include_stop_str_in_output else i]
+        req.stop_reason = stop
+        return RequestStatus.FINISHED_STOPPED
+
+    def _make_output(self, gid: str, members: list[Request], finished: bool) -> RequestOutput:
+        outs = []
+        for i, m in enumerate(members):
+            text = m.output_text
+            if m.request_id not in self.detokenizers and m.is_finished:
+                text = self.tokenizer.decode(m.output_token_ids,
+                                             skip_special_tokens=m.sampling_params.skip_special_tokens)
+                m.output_text = text
+            outs.append(CompletionOutput(
+                index=i, text=text, token_ids=list(m.output_token_ids),
+                cumulative_logprob=sum(m.sampled_logprobs) if m.logprobs is not None else None,
+                logprobs=list(m.logprobs) if m.logprobs is not None else None,
+                finish_reason=m.finish_reason, stop_reason=m.stop_reason))
+        first = members[0]
+        t = first.times
+        metrics = RequestMetrics(t.arrival_s, t.first_scheduled_s, t.first_token_s, t.last_token_s,
+                                 t.finished_s, first.num_cached_tokens,
+                                 sum(m.num_preemptions for m in members))
+        return RequestOutput(gid, self.group_prompts.get(gid), first.prompt_token_ids, outs,
+                             finished, metrics)

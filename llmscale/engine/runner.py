@@ -1,0 +1,89 @@
+"""Turns a `ScheduledBatch` into one flat batch of tensors and runs the model once."""
+
+from __future__ import annotations
+
+import torch
+
+from llmscale.config import ModelConfig
+from llmscale.engine.kv_cache import KVCacheManager
+from llmscale.engine.request import Request
+from llmscale.engine.scheduler import ScheduledBatch
+from llmscale.model.attention import AttentionMetadata, PrefillChunk
+from llmscale.model.llama import LlamaForCausalLM
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    kv_heads = max(1, cfg.num_key_value_heads // tp_size)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int,
+                 kv_dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        for layer in model.layers:
+            attn = layer.self_attn
+            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+
+    def _tensor(self, data: list[int]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, kv: KVCacheManager
+                ) -> tuple[torch.Tensor | None, list[Request]]:
+        """Run one step. Returns logits [N, vocab] for the N requests that reach the end of
+        their known tokens this step (they get a new token), and those requests in row order."""
+        bs = self.block_size
+        decodes = [(r, n) for r, n in batch.scheduled if n == 1]
+        prefills = [(r, n) for r, n in batch.scheduled if n > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Request] = []
+
+        tables = [kv.block_ids(r.request_id) for r, _ in decodes]
+        for (r, _), table in zip(decodes, tables, strict=True):
+            pos = r.num_computed_tokens
+            input_ids.append(r.all_token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if pos + 1 == r.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sampled.append(r)
+        meta_slots = [self._tensor(slots)] if slots else []
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
+        if decodes:
+            width = max(len(t) for t in tables)
+            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in tables])
+            context = self._tensor([r.num_computed_tokens + 1 for r, _ in decodes])
+            meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :]
+                                < context[:, None]).view(len(decodes), 1, 1, width * bs)
+
+        id_parts = [self._tensor(input_ids)] if input_ids else []
+        pos_parts = [self._tensor(positions)] if positions else []
+        offset = len(input_ids)
+        for r, n in prefills:
+            start = r.num_computed_tokens
+            table = self._tensor(kv.block_ids(r.request_id))
+            pos = torch.arange(start, start + n, device=self.device)
+            id_parts.append(self._tensor(r.all_token_ids[start:start + n]))
+            pos_parts.append(pos)
+            meta_slots.append(table[pos // bs] * bs + pos % bs)
+            context_len = start + n
+            meta.prefills.append(PrefillChunk(offset, n, context_len, table[: -(-context_len // bs)]))
+            offset += n
+            if context_len == r.num_tokens:
+                sample_rows.append(offset - 1)
+                sampled.append(r)
+
+        meta.slot_mapping = torch.cat(meta_slots)
+        hidden = self.model(torch.cat(id_parts), torch.cat(pos_parts), meta)
+        if not sample_rows:
+            return None, []
+        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sampled

@@ -1,0 +1,90 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+A step's flat batch puts single-token queries (decodes) first and multi-token chunks
+(prefills) after them; `AttentionMetadata` describes both parts.
+
+Decodes run as one batched SDPA call: their blocks are gathered into a padded
+`[B, Hkv, L, D]` view and the query heads of each KV group are folded into the query-length
+axis (`[B, Hkv, G, D]`), which is exact for one query position and avoids repeating K/V for
+GQA. Prefill chunks run one SDPA call each: a chunk with no earlier context attends to its own
+fresh K/V with `is_causal`; a chunk after cached or earlier-chunk context gathers its blocks
+and uses a bottom-right-aligned causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # offset of this chunk's tokens in the flat batch
+    query_len: int
+    context_len: int  # tokens in the cache after this step, including the chunk
+    block_table: torch.Tensor  # [num_blocks_needed] long
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
+    num_decode_tokens: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's K/V ([T, Hkv, D]) into their cache slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[..., nb] block ids -> [..., Hkv, nb * block_size, D] (a strided view of one copy)."""
+    blocks = cache[block_table]  # [..., nb, bs, Hkv, D]
+    shape = blocks.shape
+    flat = blocks.reshape(*shape[:-4], shape[-4] * shape[-3], shape[-2], shape[-1])
+    return flat.transpose(-3, -2)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] for this step's tokens (already written to the cache).
+
+    Returns [T, Hq, D].
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        kd = _gather(k_cache, meta.decode_block_tables)  # [B, Hkv, L, D]
+        vd = _gather(v_cache, meta.decode_block_tables)
+        qd = q[:nd].view(nd, num_kv_heads, group, head_dim).to(kd.dtype)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        out[:nd] = od.reshape(nd, num_heads, head_dim).to(q.dtype)
+    for chunk in meta.prefills:
+        s, n = chunk.query_start, chunk.query_len
+        qc = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        if chunk.context_len == n:
+            kc = k[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
+            vc = v[s:s + n].transpose(0, 1).unsqueeze(0)
+            oc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            length = chunk.context_len
+            kc = _gather(k_cache, chunk.block_table)[:, :length].unsqueeze(0).to(q.dtype)
+            vc = _gather(v_cache, chunk.block_table)[:, :length].unsqueeze(0).to(q.dtype)
+            # Query i sits at absolute position length - n + i and sees keys up to there.
+            qpos = torch.arange(length - n, length, device=q.device).unsqueeze(1)
+            mask = torch.arange(length, device=q.device).unsqueeze(0) <= qpos  # [n, L]
+            oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[s:s + n] = oc.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,158 @@
+"""Building blocks of a Llama-family decoder: norms, rotary embeddings, parallel-ready linears.
+
+Linear layers are written the Megatron way (column split for q/k/v and gate/up, row split for
+o/down) so tensor parallelism only has to set `tp_rank`/`tp_size`; with `tp_size == 1` they
+are plain matmuls. Each parameter carries a `weight_loader` that knows how to cut its shard
+out of a full checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llmscale.config import ConfigError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as transformers does, then cast back before the weight multiply.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 rope scaling: long wavelengths are slowed, short kept, the middle blended."""
+    factor = scaling["factor"]
+    low = scaling.get("low_freq_factor", 1.0)
+    high = scaling.get("high_freq_factor", 4.0)
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) rotary embedding with a precomputed cos/sin table."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float,
+                 scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        steps = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
+        inv_freq = 1.0 / (theta ** (steps / head_dim))
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "llama3":
+                inv_freq = _llama3_inv_freq(inv_freq, scaling)
+            elif kind == "linear":
+                inv_freq = inv_freq / scaling["factor"]
+            else:
+                raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: llama3, linear")
+        self.inv_freq = inv_freq
+        self.max_position = max_position
+        self.build(torch.device("cpu"))
+
+    def build(self, device: torch.device) -> None:
+        """(Re)compute the fp32 cos/sin tables on `device` (after meta init or a dtype cast)."""
+        t = torch.arange(self.max_position, dtype=torch.float64, device="cpu")
+        freqs = torch.outer(t, self.inv_freq)  # [P, D/2]
+        self.cos = freqs.cos().float().to(device)
+        self.sin = freqs.sin().float().to(device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, Hq, D], k: [T, Hkv, D]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    if size == 1:
+        return t
+    return t.chunk(size, dim=dim)[rank]
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows across ranks; outputs stay sharded.
+
+    `output_sizes` lists the logical sub-matrices packed into this one (q, k, v or gate, up):
+    each is split separately so every rank holds matching slices of all of them.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        for s in output_sizes:
+            if s % tp_size:
+                raise ConfigError(f"output size {s} is not divisible by tensor-parallel size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.output_sizes = [s // tp_size for s in output_sizes]
+        out = sum(self.output_sizes)
+        self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+
+    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        offset = sum(self.output_sizes[:shard_id])
+        size = self.output_sizes[shard_id]
+        part = _shard(loaded, 0, self.tp_rank, self.tp_size)
+        param.data[offset:offset + size].copy_(part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns; partial sums are all-reduced across ranks."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        if input_size % tp_size:
+            raise ConfigError(f"input size {input_size} is not divisible by tensor-parallel size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.weight = nn.Parameter(torch.empty(output_size, input_size // tp_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
+
+    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        if param is self.bias:
+            param.data.copy_(loaded)
+        else:
+            param.data.copy_(_shard(loaded, 1, self.tp_rank, self.tp_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.tp_size > 1:
+            dist.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)

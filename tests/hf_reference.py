@@ -1,0 +1,36 @@
+"""Hugging Face transformers as the reference: greedy tokens and last-position logits."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+
+
+@cache
+def hf_model(folder: Path):  # noqa: ANN201 - transformers type
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_greedy(folder: Path, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """Greedy decoding with the KV cache, never stopping at EOS (like ignore_eos)."""
+    model = hf_model(folder)
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    past = out.past_key_values
+    tokens: list[int] = []
+    for _ in range(num_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return tokens
+
+
+@torch.inference_mode()
+def hf_last_logits(folder: Path, prompt_ids: list[int]) -> torch.Tensor:
+    return hf_model(folder)(torch.tensor([prompt_ids])).logits[0, -1].float()

@@ -1,0 +1,177 @@
+"""Engine behaviour through the offline API: sampling options, stops, n, logprobs, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmscale import LLM, SamplingParams
+from llmscale.config import ConfigError, EngineConfig
+from llmscale.engine.async_engine import AsyncLLMEngine
+
+
+@pytest.fixture(scope="module")
+def llm(smollm_folder: Path) -> LLM:
+    return LLM(model=str(smollm_folder), dtype="float32", kv_cache_memory="256MiB", max_model_len=1024)
+
+
+def test_default_model_chats_sensibly(llm: LLM) -> None:
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_seeded_sampling_reproducible_across_batches(llm: LLM) -> None:
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=42, ignore_eos=True)
+    alone = llm.generate("Tell me a story about a dragon.", params, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    batch = llm.generate(["Hello there, how are", "Tell me a story about a dragon.", "1, 2, 3,"],
+                         [others, params, others], use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+    unseeded = [llm.generate("Tell me a story about a dragon.",
+                             SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].token_ids for _ in range(3)]
+    assert len({tuple(t) for t in unseeded}) > 1  # really sampling
+
+
+def test_n_samples_share_prompt_and_differ(llm: LLM) -> None:
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=16, seed=7, ignore_eos=True)
+    out = llm.generate("Write one word about the sea:", params, use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    again = llm.generate("Write one word about the sea:", params, use_tqdm=False)[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+
+
+def test_stop_strings_and_tokens(llm: LLM) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = llm.generate("Count: 1, 2, 3, 4,", greedy, use_tqdm=False)[0].outputs[0]
+    assert " 7" in full.text
+    cut = llm.generate("Count: 1, 2, 3, 4,",
+                       SamplingParams(temperature=0, max_tokens=40, stop=[" 7"], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == " 7"
+    assert cut.text == full.text[: full.text.index(" 7")]
+    kept = llm.generate("Count: 1, 2, 3, 4,", SamplingParams(
+        temperature=0, max_tokens=40, stop=[" 7"], include_stop_str_in_output=True, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0]
+    assert kept.text == full.text[: full.text.index(" 7") + 2]
+    tok = full.token_ids[3]
+    by_id = llm.generate("Count: 1, 2, 3, 4,", SamplingParams(
+        temperature=0, max_tokens=40, stop_token_ids=[tok], ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert by_id.token_ids == full.token_ids[: full.token_ids.index(tok) + 1]
+    assert by_id.stop_reason == tok
+
+
+def test_max_tokens_and_eos(llm: LLM) -> None:
+    out = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    chat = llm.chat([{"role": "user", "content": "Say hello."}],
+                    SamplingParams(temperature=0, max_tokens=200), use_tqdm=False)[0].outputs[0]
+    assert chat.finish_reason == "stop"
+    assert chat.token_ids[-1] in llm.llm_engine.eos_token_ids
+
+
+def test_logprobs(llm: LLM) -> None:
+    out = llm.generate("The sky is", SamplingParams(temperature=0, max_tokens=4, logprobs=3),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.logprobs is not None and len(out.logprobs) == 4
+    for tok, entry in zip(out.token_ids, out.logprobs, strict=True):
+        assert tok in entry
+        assert len(entry) in (3, 4)
+        assert entry[tok] == max(entry.values())  # greedy picks the most likely token
+        assert all(v <= 0 for v in entry.values())
+    picked = [e[t] for t, e in zip(out.token_ids, out.logprobs, strict=True)]
+    assert out.cumulative_logprob == pytest.approx(sum(picked))
+
+
+def test_prompt_longer_than_context_is_rejected_alone(llm: LLM) -> None:
+    with pytest.raises(ConfigError, match=r"prompt has \d+ tokens but the context window is 1024"):
+        llm.generate(["fine", {"prompt_token_ids": [5] * 1024}], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate("still works", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_async_engine_streams_and_aborts(smollm_folder: Path) -> None:
+    engine = AsyncLLMEngine.from_config(EngineConfig.from_kwargs(
+        model=str(smollm_folder), dtype="float32", kv_cache_memory="128MiB", max_model_len=512))
+
+    async def main() -> None:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        chunks = [o async for o in engine.generate("The capital of France is", params)]
+        assert chunks[-1].finished and len(chunks[-1].outputs[0].token_ids) == 12
+        assert len(chunks) >= 2  # streamed, not one final blob
+        texts = [c.outputs[0].text for c in chunks]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+
+        long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        gen = engine.generate("Tell me everything.", long)
+        async for _ in gen:
+            break
+        await gen.aclose()  # the client went away
+        for _ in range(100):
+            if engine.engine.kv.num_free_blocks == engine.engine.num_blocks:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.engine.kv.num_free_blocks == engine.engine.num_blocks
+
+        with pytest.raises(ConfigError):
+            async for _ in engine.generate({"prompt_token_ids": [1] * 600}, params):
+                pass
+        results = await asyncio.gather(*[_collect(engine, f"Number {i}:", params) for i in range(6)])
+        assert all(len(r) == 12 for r in results)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+async def _collect(engine: AsyncLLMEngine, prompt: str, params: SamplingParams) -> list[int]:
+    last = None
+    async for out in engine.generate(prompt, params):
+        last = out
+    assert last is not None
+    return last.outputs[0].token_ids
+
+
+# ----- one-line errors for bad models and configs ---------------------------------------------
+
+def test_kv_cache_smaller_than_one_request(smollm_folder: Path) -> None:
+    with pytest.raises(ConfigError, match="less than one request of max_model_len 4096"):
+        LLM(model=str(smollm_folder), kv_cache_memory="1MiB", max_model_len=4096)
+
+
+def test_unknown_architecture(tmp_path: Path, tiny_model) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unsupported architecture .*GPT2LMHeadModel"):
+        LLM(model=str(folder), kv_cache_memory="16MiB")
+
+
+def test_missing_and_corrupt_files(tmp_path: Path, tiny_model) -> None:
+    with pytest.raises(ConfigError, match="does-not-exist"):
+        LLM(model=str(tmp_path / "does-not-exist"))
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_model("llama"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="model.safetensors"):
+        LLM(model=str(folder), kv_cache_memory="16MiB")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="safetensors"):
+        LLM(model=str(folder), kv_cache_memory="16MiB")
+
+
+def test_unknown_engine_argument() -> None:
+    with pytest.raises(ConfigError, match="unknown engine argument 'max_num_seq'"):
+        LLM(max_num_seq=4)
