@@ -24,6 +24,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.kv_dtype = kv_dtype
         for layer in model.layers:
             attn = layer.self_attn
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
@@ -62,8 +63,10 @@ class ModelRunner:
             width = max(len(t) for t in tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in tables])
             context = self._tensor([r.num_computed_tokens + 1 for r, _ in decodes])
-            meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :]
-                                < context[:, None]).view(len(decodes), 1, 1, width * bs)
+            valid = torch.arange(width * bs, device=self.device)[None, :] < context[:, None]
+            # An additive float mask takes SDPA's fast CPU path; a bool mask does not.
+            mask = torch.zeros(valid.shape, dtype=self.kv_dtype, device=self.device)
+            meta.decode_mask = mask.masked_fill_(~valid, float("-inf")).view(len(decodes), 1, 1, width * bs)
 
         id_parts = [self._tensor(input_ids)] if input_ids else []
         pos_parts = [self._tensor(positions)] if positions else []
