@@ -107,6 +107,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from llmscale.serve.server import run_server
+    run_server(args, engine_config_from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmscale", description="Serve LLMs fast, within a budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine progress")
@@ -123,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    from llmscale.serve.server import add_serve_args
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    add_serve_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: protocol models, FastAPI app, Prometheus metrics, cost."""

@@ -1,0 +1,91 @@
+"""Prometheus metrics, named like vLLM's (`llmscale:` prefix) so its dashboards carry over.
+
+Gauges are read from the engine when Prometheus scrapes (no polling thread); counters and
+histograms are fed by the server as requests finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmscale.engine.outputs import RequestOutput
+
+_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Any, labels: dict[str, str]) -> None:
+        self.engine = engine  # an LLMEngine; read from the HTTP thread, values may be a step stale
+        self.labels = labels
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(name, doc, labels=list(self.labels))
+        g.add_metric(list(self.labels.values()), value)
+        return g
+
+    def collect(self) -> Iterator[Any]:
+        sched, kv = self.engine.scheduler, self.engine.kv
+        yield self._gauge("llmscale:num_requests_running", "Requests running in the engine",
+                          len(sched.running))
+        yield self._gauge("llmscale:num_requests_waiting", "Requests waiting to be scheduled",
+                          len(sched.waiting))
+        yield self._gauge("llmscale:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", kv.usage)
+        yield self._gauge("llmscale:prefix_cache_hit_rate",
+                          "Fraction of looked-up prompt tokens found in the prefix cache",
+                          kv.prefix_hit_rate)
+        c = CounterMetricFamily("llmscale:num_preemptions", "Preemptions since start",
+                                labels=list(self.labels))
+        c.add_metric(list(self.labels.values()), sched.num_preemptions)
+        yield c
+
+
+class ServerMetrics:
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        self.registry.register(_EngineCollector(engine, labels))
+        names = list(labels)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, names, registry=self.registry).labels(**labels)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, names, buckets=buckets, registry=self.registry).labels(**labels)
+
+        self.prompt_tokens = counter("llmscale:prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("llmscale:generation_tokens", "Generated tokens")
+        self.cost_usd = counter("llmscale:request_cost_usd", "Cost of finished requests in USD")
+        self.ttft = histogram("llmscale:time_to_first_token_seconds", "Time to first token",
+                              _LATENCY_BUCKETS_S)
+        self.tpot = histogram("llmscale:time_per_output_token_seconds",
+                              "Mean time per output token after the first", _TPOT_BUCKETS_S)
+        self.e2e = histogram("llmscale:e2e_request_latency_seconds", "End-to-end request latency",
+                             _LATENCY_BUCKETS_S)
+        self.queue = histogram("llmscale:request_queue_time_seconds",
+                               "Time from arrival to first scheduled", _LATENCY_BUCKETS_S)
+
+    def observe(self, out: RequestOutput, prompt_tokens: int, completion_tokens: int, cost_usd: float,
+                e2e_s: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.cost_usd.inc(cost_usd)
+        self.e2e.observe(e2e_s)
+        m = out.metrics
+        if m is None:
+            return
+        if m.first_scheduled_s is not None:
+            self.queue.observe(m.first_scheduled_s - m.arrival_s)
+        if m.first_token_s is not None:
+            self.ttft.observe(m.first_token_s - m.arrival_s)
+            n = len(out.outputs[0].token_ids) if out.outputs else 0
+            if m.last_token_s is not None and n > 1:
+                self.tpot.observe((m.last_token_s - m.first_token_s) / (n - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,254 @@
+"""The OpenAI-compatible server, end to end: a real `llmscale serve` process and the official
+`openai` client. One server for the module keeps this file to about a minute."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmscale import LLM, SamplingParams
+
+API_KEY = "test-key"
+MODEL = "SmolLM2-135M-Instruct"
+MAX_MODEL_LEN = 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(smollm_folder: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llmscale.cli", "serve", "--port", str(port), "--api-key", API_KEY,
+           "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", str(MAX_MODEL_LEN),
+           "--served-model-name", MODEL, "--model", str(smollm_folder), "--drain-timeout", "30",
+           "--price-input-per-1m", "1.0", "--price-output-per-1m", "2.0"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, "server exited during startup"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy"
+        time.sleep(0.5)
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def url(server: tuple[str, subprocess.Popen[bytes]]) -> str:
+    return server[0]
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_completion_stream_and_not_agree(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    full = raw.parse()
+    assert full.usage is not None and full.usage.completion_tokens == 6
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 6
+    expected_cost = (full.usage.prompt_tokens * 1.0 + 6 * 2.0) / 1e6
+    assert float(raw.headers["x-llmscale-cost-usd"]) == pytest.approx(expected_cost)
+    assert (full.usage.model_extra or {})["cost_usd"] == pytest.approx(expected_cost)
+
+    stream = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                       temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+    # Token id prompt, stop string cut from the greedy text, echo.
+    ids = client.completions.create(model=MODEL, prompt=[504, 3575, 282, 4649, 314], max_tokens=2,
+                                    temperature=0)
+    assert ids.usage is not None and ids.usage.prompt_tokens == 5
+    text = full.choices[0].text
+    stop = text[2:4]
+    cut = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                    temperature=0, stop=[stop], echo=True)
+    assert cut.choices[0].text == "The capital of France is" + text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_n_seed_logprobs(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Name a colour."}]
+    kwargs: dict[str, Any] = dict(model=MODEL, messages=messages, max_tokens=5, temperature=1.0, seed=7)
+    a = client.chat.completions.create(n=2, **kwargs)
+    b = client.chat.completions.create(n=2, **kwargs)
+    assert len(a.choices) == 2 and a.usage is not None and a.usage.completion_tokens <= 10
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+
+    lp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
+                                        logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == lp.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content) == lp.choices[0].message.content
+
+
+def test_concurrent_streaming_chat_matches_offline(client: openai.OpenAI, url: str,
+                                                   smollm_folder: Path) -> None:
+    chats = [[{"role": "user", "content": f"Count from {i} to {i + 5}."}] for i in range(8)]
+    aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+
+    async def one(messages: list[Any]) -> str:
+        stream = await aclient.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                                       temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def all_of() -> list[str]:
+        return list(await asyncio.gather(*(one(m) for m in chats)))
+
+    served = asyncio.run(all_of())
+    llm = LLM(model=str(smollm_folder), dtype="float32", kv_cache_memory="64MiB", max_model_len=MAX_MODEL_LEN)
+    offline = llm.chat(chats, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # type: ignore[arg-type]
+    assert served == [o.outputs[0].text for o in offline]
+
+
+def test_client_gone_mid_stream_frees_kv(url: str) -> None:
+    idle = _metrics(url)["llmscale:kv_cache_usage_perc"]
+    before = _metrics(url)["llmscale:generation_tokens_total"]
+    with httpx.Client(timeout=30) as http, http.stream(
+            "POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert _metrics(url)["llmscale:num_requests_running"] == 1
+    # Leaving the block closed the connection: the server must abort the request.
+    deadline = time.monotonic() + 30
+    while True:
+        m = _metrics(url)
+        if m["llmscale:num_requests_running"] == 0 and m["llmscale:kv_cache_usage_perc"] == idle:
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.2)
+    assert m["llmscale:generation_tokens_total"] - before < 100
+
+
+GOOD_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BAD_INPUTS: list[tuple[str, str, Any, int, str | None]] = [
+    # (name, path, body (dict, or raw str), status, text the message must contain)
+    ("negative temperature", "chat", {**GOOD_CHAT, "temperature": -1}, 400, "temperature"),
+    ("top_p zero", "chat", {**GOOD_CHAT, "top_p": 0}, 400, "top_p"),
+    ("top_p above one", "completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("max_tokens zero", "completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("unknown role", "chat", {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ("empty messages", "chat", {**GOOD_CHAT, "messages": []}, 400, "messages"),
+    ("unknown model", "chat", {**GOOD_CHAT, "model": "gpt-17"}, 404, "gpt-17"),
+    ("prompt too long", "completions", {"prompt": "hello " * 1500, "max_tokens": 1}, 400, "1024"),
+    ("malformed json", "chat", '{"messages": [', 422, "JSON"),
+    ("wrong type", "completions", {"prompt": "hi", "max_tokens": "many"}, 422, "max_tokens"),
+    ("missing field", "chat", {"model": MODEL}, 422, "messages"),
+    ("wrong key", "chat", GOOD_CHAT, 401, "API key"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_openai_error(url: str, name: str, path: str, body: Any, status: int,
+                                     needle: str) -> None:
+    key = "wrong" if name == "wrong key" else API_KEY
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else None
+    r = httpx.post(f"{url}/v1/{'chat/completions' if path == 'chat' else path}", headers=headers,
+                   content=content, json=None if content else body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in error["message"]
+
+
+def test_good_request_after_bad_ones(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_p=2)
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=2)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics_parse_and_move(url: str, client: openai.OpenAI) -> None:
+    before = _metrics(url)
+    client.completions.create(model=MODEL, prompt="One, two,", max_tokens=3, temperature=0)
+    after = _metrics(url)
+    prefix = "llmscale:"
+    for name in ("prompt_tokens_total", "generation_tokens_total", "request_cost_usd_total",
+                 "e2e_request_latency_seconds_count", "time_to_first_token_seconds_count",
+                 "request_queue_time_seconds_count", "time_per_output_token_seconds_count"):
+        assert after[prefix + name] > before[prefix + name], name
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_hit_rate", "num_preemptions_total"):
+        assert prefix + name in after
+
+
+def test_full_queue_answers_429() -> None:
+    # In process, on a stand-in engine: the queue check comes before the engine is touched.
+    from fastapi.testclient import TestClient
+
+    from llmscale.serve.app import create_app
+
+    inner = SimpleNamespace(tokenizer=None, model_name="m", max_model_len=8, scheduler=None, kv=None)
+    app = create_app(SimpleNamespace(engine=inner, is_running=True), max_queue=0)  # type: ignore[arg-type]
+    r = TestClient(app).post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 1})
+    assert r.status_code == 429 and r.headers["Retry-After"]
+    assert r.json()["error"]["type"] == "rate_limit_exceeded"
+
+
+def test_sigterm_drains_in_flight_then_exits_zero(server: tuple[str, subprocess.Popen[bytes]]) -> None:
+    url, proc = server
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"prompt": "Once upon a time", "max_tokens": 6, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert proc.wait(timeout=60) == 0
+
+
+def test_cost_models() -> None:
+    from llmscale.config import ConfigError
+    from llmscale.serve.cost import CostModel
+
+    listed = CostModel(price_input_per_1m=1.0, price_output_per_1m=4.0)
+    assert listed.cost_usd(1000, 500) == pytest.approx(0.003)
+    hw = CostModel(hardware_cost_per_hour=3.6)  # $0.001 per busy second
+    hw.request_started()
+    time.sleep(0.05)
+    hw.request_finished(output_tokens=10)
+    # All of this busy time went into those 10 tokens, so they cost what the time did.
+    assert hw.cost_usd(100, 10) == pytest.approx(hw.busy_s * 0.001, rel=1e-6)
+    with pytest.raises(ConfigError):
+        CostModel(price_output_per_1m=1.0, hardware_cost_per_hour=1.0)
