@@ -215,22 +215,27 @@ def run_peer(system: str, python: Path, wl: Workload, args: argparse.Namespace, 
         proc = subprocess.Popen([str(python), str(WORKER), str(spec_path)], stdout=subprocess.PIPE,
                                 stderr=log, text=True, cwd=log_dir)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            match ev.get("event"):
-                case "loaded":
-                    load_s = ev["load_s"]
-                    progress.update(task, description=f"{system}: workload")
-                case "progress":
-                    progress.update(task, completed=ev["done"], total=ev["total"])
-                case "phase":
-                    progress.update(task, description=f"{system}: {ev['name']}", total=None)
-                case "result" | "error":
-                    result = ev
-        proc.wait()
+        try:
+            for line in proc.stdout:
+                try:
+                    ev = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                match ev.get("event"):
+                    case "loaded":
+                        load_s = ev["load_s"]
+                        progress.update(task, description=f"{system}: workload")
+                    case "progress":
+                        progress.update(task, completed=ev["done"], total=ev["total"])
+                    case "phase":
+                        progress.update(task, description=f"{system}: {ev['name']}", total=None)
+                    case "result" | "error":
+                        result = ev
+            proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: take the worker down too
+                proc.kill()
+                proc.wait()
     if result.get("event") != "result":
         tail = log_path.read_text().splitlines()[-15:]
         msg = result.get("message") or f"worker exited with {proc.returncode}"
