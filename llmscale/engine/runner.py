@@ -25,6 +25,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.kv_dtype = kv_dtype
+        self.workspaces: dict[str, torch.Tensor] = {}
         for layer in model.layers:
             attn = layer.self_attn
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
@@ -58,7 +59,8 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sampled.append(r)
         meta_slots = [self._tensor(slots)] if slots else []
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes),
+                                 workspaces=self.workspaces)
         if decodes:
             width = max(len(t) for t in tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in tables])

@@ -35,6 +35,10 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Gather buffers owned by the model runner, reused across layers and steps: on CPU a fresh
+    # multi-MB tensor costs more in page faults than the copy into it. Per runner, so two
+    # engines on two threads never share one.
+    workspaces: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -45,25 +49,21 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-_workspaces: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A buffer reused across layers and steps: on CPU a fresh multi-MB tensor costs more in
-    page faults than the copy into it."""
-    key = (name, dtype, device)
-    buf = _workspaces.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)), dtype=dtype, device=device)
-        _workspaces[key] = buf
+def _workspace(workspaces: dict[str, torch.Tensor], name: str, numel: int, like: torch.Tensor
+               ) -> torch.Tensor:
+    buf = workspaces.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+        size = max(numel, 2 * buf.numel() if buf is not None else 0)
+        buf = workspaces[name] = torch.empty(size, dtype=like.dtype, device=like.device)
     return buf[:numel]
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, name: str) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, workspaces: dict[str, torch.Tensor],
+            name: str) -> torch.Tensor:
     """[..., nb] block ids -> [..., Hkv, nb * block_size, D] (a strided view of one copy)."""
     _, bs, hkv, d = cache.shape
     ids = block_table.reshape(-1)
-    out = _workspace(name, ids.numel() * bs * hkv * d, cache.dtype, cache.device)
+    out = _workspace(workspaces, name, ids.numel() * bs * hkv * d, cache)
     torch.index_select(cache.view(cache.shape[0], -1), 0, ids, out=out.view(ids.numel(), -1))
     flat = out.view(*block_table.shape[:-1], block_table.shape[-1] * bs, hkv, d)
     return flat.transpose(-3, -2)
@@ -82,8 +82,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        kd = _gather(k_cache, meta.decode_block_tables, "k")  # [B, Hkv, L, D]
-        vd = _gather(v_cache, meta.decode_block_tables, "v")
+        kd = _gather(k_cache, meta.decode_block_tables, meta.workspaces, "k")  # [B, Hkv, L, D]
+        vd = _gather(v_cache, meta.decode_block_tables, meta.workspaces, "v")
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim).to(kd.dtype)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = od.reshape(nd, num_heads, head_dim).to(q.dtype)
@@ -96,8 +96,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             oc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
         else:
             length = chunk.context_len
-            kc = _gather(k_cache, chunk.block_table, "k")[:, :length].unsqueeze(0).to(q.dtype)
-            vc = _gather(v_cache, chunk.block_table, "v")[:, :length].unsqueeze(0).to(q.dtype)
+            kc = _gather(k_cache, chunk.block_table, meta.workspaces, "k")[:, :length]
+            kc = kc.unsqueeze(0).to(q.dtype)
+            vc = _gather(v_cache, chunk.block_table, meta.workspaces, "v")[:, :length]
+            vc = vc.unsqueeze(0).to(q.dtype)
             # Query i sits at absolute position length - n + i and sees keys up to there.
             qpos = torch.arange(length - n, length, device=q.device).unsqueeze(1)
             mask = torch.arange(length, device=q.device).unsqueeze(0) <= qpos  # [n, L]
