@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmscale.config import BATCHING_POLICIES, ConfigError, EngineConfig
+
+# Commands that live with their layer: each module has `register(subparsers)`, which adds its
+# parser(s) and sets `func`. Registration imports only what building the parser needs.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
