@@ -34,3 +34,9 @@ def hf_greedy(folder: Path, prompt_ids: list[int], num_tokens: int) -> list[int]
 @torch.inference_mode()
 def hf_last_logits(folder: Path, prompt_ids: list[int]) -> torch.Tensor:
     return hf_model(folder)(torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+@torch.inference_mode()
+def hf_all_logits(folder: Path, prompt_ids: list[int]) -> torch.Tensor:
+    """[len(prompt), vocab]: row i is the distribution of token i + 1."""
+    return hf_model(folder)(torch.tensor([prompt_ids])).logits[0].float()

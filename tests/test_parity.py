@@ -11,7 +11,7 @@ from llmscale import LLM, SamplingParams
 from llmscale.config import EngineConfig
 from llmscale.engine.llm_engine import LLMEngine
 
-from .hf_reference import hf_greedy, hf_last_logits
+from .hf_reference import hf_all_logits, hf_greedy, hf_last_logits
 
 NUM_TOKENS = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
@@ -103,8 +103,36 @@ def test_prefill_logits_match_transformers(smollm_folder: Path, smollm_case) -> 
         engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(max_tokens=1))
     batch = engine.scheduler.schedule()
     assert len(batch.scheduled) == len(ids)
-    logits, rows = engine.runner.execute(batch, engine.kv)
-    for row, req in enumerate(rows):
+    result = engine.runner.execute(batch, engine.kv)
+    logits = result.logits
+    for row, req in enumerate(result.sampled):
         ref = hf_last_logits(smollm_folder, req.prompt_token_ids)
         # fp32 end to end: differences are summation-order noise only.
         torch.testing.assert_close(logits[row], ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("engine_args", [
+    dict(), dict(max_num_batched_tokens=16),
+    dict(num_gpu_blocks_override=16, max_num_batched_tokens=64, max_model_len=64)],
+    ids=["one-step", "chunked", "preempted"])
+def test_prompt_logprobs_match_transformers(tiny_model, prompts: list[str], engine_args: dict) -> None:
+    """Prompt logprobs equal log-softmax of transformers' logits at every prompt position, also
+    when the prompt is split into chunks or recomputed after a preemption."""
+    folder = tiny_model("llama")
+    ids = _encode(folder, prompts)
+    engine_args.setdefault("max_model_len", 256)
+    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", block_size=4, **engine_args)
+    params = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0, prompt_logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    if "num_gpu_blocks_override" in engine_args:
+        assert sum(o.metrics.num_preemptions for o in outs) > 0
+    for p, out in zip(ids, outs, strict=True):
+        ref = torch.log_softmax(hf_all_logits(folder, p), dim=-1)
+        got = out.prompt_logprobs
+        assert got is not None and len(got) == len(p) and got[0] is None
+        for i in range(1, len(p)):
+            entry = got[i]
+            assert p[i] in entry and len(entry) <= 4
+            assert entry[p[i]] == pytest.approx(float(ref[i - 1, p[i]]), abs=1e-4)
+            best = int(ref[i - 1].argmax())
+            assert entry[best] == pytest.approx(float(ref[i - 1, best]), abs=1e-4)

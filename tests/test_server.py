@@ -102,6 +102,15 @@ def test_completion_stream_and_not_agree(client: openai.OpenAI) -> None:
     assert cut.choices[0].text == "The capital of France is" + text[:text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
+    # echo with logprobs scores the prompt too; its first token has no logprob.
+    scored = client.completions.create(model=MODEL, prompt=[504, 3575, 282, 4649, 314], max_tokens=2,
+                                       temperature=0, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == 5 + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert all(t is not None and 1 <= len(t) <= 2 for t in lp.top_logprobs[1:])
+
 
 def test_chat_n_seed_logprobs(client: openai.OpenAI) -> None:
     messages: list[Any] = [{"role": "user", "content": "Name a colour."}]

@@ -50,8 +50,8 @@ class KVCacheManager:
 
         At least one token is always left to compute, since its logits are needed.
         """
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position's logits, so compute all
         hashes = self._block_hashes(request, request.num_tokens - 1)
         hits: list[KVBlock] = []
         for h in hashes:

@@ -147,7 +147,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, sampled = self.runner.execute(batch, self.kv)
+        result = self.runner.execute(batch, self.kv)
+        for req, start, logits in result.prompt_logits:
+            self._record_prompt_logprobs(req, start, logits)
+        logits, sampled = result.logits, result.sampled
         for req, n in batch.scheduled:
             req.num_computed_tokens += n
             if req.num_computed_tokens <= req.num_prompt_tokens and req.num_preemptions == 0:
@@ -178,6 +181,21 @@ class LLMEngine:
                 del self.groups[gid]
                 self.group_prompts.pop(gid, None)
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(req: Request, start: int, logits: torch.Tensor) -> None:
+        assert req.prompt_logprobs is not None
+        k = req.sampling_params.prompt_logprobs or 0
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + logits.shape[0]])
+        actual = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        for i, (target, lp) in enumerate(zip(targets.tolist(), actual, strict=True)):
+            if start + 1 + i != len(req.prompt_logprobs):
+                continue  # already recorded before a preemption recomputed this prefix
+            entry = dict(zip(top_ids[i].tolist(), top_vals[i].tolist(), strict=True)) if k else {}
+            entry[target] = lp
+            req.prompt_logprobs.append(entry)
 
     def _append(self, req: Request, token: int, logprob: float | None,
                 top: list[tuple[int, float]] | None, now: float) -> None:
@@ -247,5 +265,6 @@ class LLMEngine:
         metrics = RequestMetrics(t.arrival_s, t.first_scheduled_s, t.first_token_s, t.last_token_s,
                                  t.finished_s, first.num_cached_tokens,
                                  sum(m.num_preemptions for m in members))
+        prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None else None
         return RequestOutput(gid, self.group_prompts.get(gid), first.prompt_token_ids, outs,
-                             finished, metrics)
+                             finished, metrics, prompt_logprobs)

@@ -40,3 +40,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # With `prompt_logprobs`: per prompt token {token_id: logprob}, None for the first one.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

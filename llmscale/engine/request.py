@@ -55,6 +55,8 @@ class Request:
     generator: torch.Generator | None = None
     output_text: str = ""
     logprobs: list[dict[int, float]] | None = None
+    # Index i holds token i's logprob given tokens < i (and the top-N); the first is None.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     sampled_logprobs: list[float] = field(default_factory=list)
     times: RequestTimes = field(init=False)
 
@@ -65,6 +67,8 @@ class Request:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from llmscale.config import ModelConfig
@@ -16,6 +18,17 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp
     kv_heads = max(1, cfg.num_key_value_heads // tp_size)
     elem = torch.empty(0, dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * kv_heads * cfg.head_dim * elem
+
+
+@dataclass
+class StepResult:
+    # Logits [N, vocab] for the N requests that reach the end of their known tokens this step
+    # (they get a new token), and those requests in row order.
+    logits: torch.Tensor | None = None
+    sampled: list[Request] = field(default_factory=list)
+    # For requests that asked for prompt logprobs: (request, first position, logits [n, vocab])
+    # where row i predicts prompt token first position + i + 1.
+    prompt_logits: list[tuple[Request, int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -36,10 +49,8 @@ class ModelRunner:
         return torch.tensor(data, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, kv: KVCacheManager
-                ) -> tuple[torch.Tensor | None, list[Request]]:
-        """Run one step. Returns logits [N, vocab] for the N requests that reach the end of
-        their known tokens this step (they get a new token), and those requests in row order."""
+    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
+        """Run one step of the model over every scheduled token."""
         bs = self.block_size
         decodes = [(r, n) for r, n in batch.scheduled if n == 1]
         prefills = [(r, n) for r, n in batch.scheduled if n > 1]
@@ -73,6 +84,7 @@ class ModelRunner:
         id_parts = [self._tensor(input_ids)] if input_ids else []
         pos_parts = [self._tensor(positions)] if positions else []
         offset = len(input_ids)
+        prompt_rows: list[tuple[Request, int, int, int]] = []  # request, first pos, row, count
         for r, n in prefills:
             start = r.num_computed_tokens
             table = self._tensor(kv.block_ids(r.request_id))
@@ -81,6 +93,11 @@ class ModelRunner:
             pos_parts.append(pos)
             meta_slots.append(table[pos // bs] * bs + pos % bs)
             context_len = start + n
+            if r.prompt_logprobs is not None:
+                # Positions whose next token is still a prompt token.
+                count = min(context_len, r.num_prompt_tokens - 1) - start
+                if count > 0:
+                    prompt_rows.append((r, start, offset, count))
             meta.prefills.append(PrefillChunk(offset, n, context_len, table[: -(-context_len // bs)]))
             offset += n
             if context_len == r.num_tokens:
@@ -89,6 +106,9 @@ class ModelRunner:
 
         meta.slot_mapping = torch.cat(meta_slots)
         hidden = self.model(torch.cat(id_parts), torch.cat(pos_parts), meta)
-        if not sample_rows:
-            return None, []
-        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sampled
+        result = StepResult(sampled=sampled)
+        if sample_rows:
+            result.logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
+        result.prompt_logits = [(r, start, self.model.compute_logits(hidden[row:row + count]))
+                                for r, start, row, count in prompt_rows]
+        return result

@@ -181,16 +181,27 @@ class _Server:
 
     # ----- completions ------------------------------------------------------------------------
 
-    def completion_logprobs(self, o: CompletionOutput, start: int, k: int, offset: int) -> CompletionLogprobs:
-        lp = CompletionLogprobs()
-        for tid, entry in zip(o.token_ids[start:], (o.logprobs or [])[start:], strict=False):
+    def completion_logprobs(self, o: CompletionOutput, start: int, k: int, offset: int,
+                            lp: CompletionLogprobs | None = None) -> CompletionLogprobs:
+        """Logprobs of generated tokens from `start` on, appended to `lp` (e.g. the prompt's)."""
+        return self.append_logprobs(lp or CompletionLogprobs(), o.token_ids[start:],
+                                    (o.logprobs or [])[start:], k, offset)
+
+    def append_logprobs(self, lp: CompletionLogprobs, token_ids: list[int],
+                        entries: list[dict[int, float] | None], k: int, offset: int) -> CompletionLogprobs:
+        for tid, entry in zip(token_ids, entries, strict=False):
             tok = self.token_str(tid)
             lp.tokens.append(tok)
-            lp.token_logprobs.append(entry.get(tid))
-            lp.top_logprobs.append(dict(self.top(entry, k)))
+            lp.token_logprobs.append(None if entry is None else entry.get(tid))
+            lp.top_logprobs.append(None if entry is None else dict(self.top(entry, k)))
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp
+
+    def prompt_logprobs(self, out: RequestOutput, k: int) -> CompletionLogprobs:
+        """What `echo` with `logprobs` returns for the prompt: the first token has none."""
+        return self.append_logprobs(CompletionLogprobs(), out.prompt_token_ids,
+                                    out.prompt_logprobs or [], k, 0)
 
     async def completions(self, req: CompletionRequest) -> Response:
         self.check_model(req.model)
@@ -201,6 +212,8 @@ class _Server:
                                param="prompt")
             prompt = prompt[0]
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:
+            params.prompt_logprobs = req.logprobs
         rid = f"cmpl-{uuid.uuid4().hex}"
         run = await self.start(prompt, params, rid)
         echo = ""
@@ -215,7 +228,8 @@ class _Server:
         k = req.logprobs
         choices = [CompletionChoice(
             index=o.index, text=echo + o.text, finish_reason=o.finish_reason,
-            logprobs=None if k is None else self.completion_logprobs(o, 0, k, len(echo)))
+            logprobs=None if k is None else self.completion_logprobs(
+                o, 0, k, len(echo), self.prompt_logprobs(run.last, k) if echo else None))
             for o in run.last.outputs]
         body = CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=run.usage)
         return self.json(body, run.usage)
@@ -226,7 +240,9 @@ class _Server:
             return _sse(CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage))
 
         if echo:
-            yield chunk([CompletionChoice(index=i, text=echo) for i in range(params.n)])
+            k = req.logprobs
+            lp = None if k is None else self.prompt_logprobs(run.last, k)
+            yield chunk([CompletionChoice(index=i, text=echo, logprobs=lp) for i in range(params.n)])
         offsets = [len(echo)] * params.n
         async with aclosing(self.deltas(run, params)) as deltas:
             async for index, delta, tok_start, o in deltas:
