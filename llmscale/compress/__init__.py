@@ -1,0 +1,1 @@
+"""Model compression: quantization, pruning, distillation and their evaluation."""

@@ -1,0 +1,74 @@
+"""Distillation: the student's KL to the teacher falls, the result serves, training resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmscale import LLM, SamplingParams
+from llmscale.compress.distill import CHECKPOINT, distill, kd_loss
+
+FAST = dict(seq_len=16, batch_size=2, eval_windows=4)
+
+
+def test_kd_loss_is_zero_only_for_matching_distributions() -> None:
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))
+    assert float(kd_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_loss(logits, logits + 5.0, 2.0)) == pytest.approx(0.0, abs=1e-5)  # shift-invariant
+    assert float(kd_loss(torch.zeros_like(logits), logits, 2.0)) > 0.01
+
+
+def test_distillation_lowers_kl_and_the_student_serves(tiny_model, tmp_path: Path,
+                                                       prompts: list[str]) -> None:
+    teacher = tiny_model("llama")  # 2 layers, hidden 64
+    out = tmp_path / "student"
+    report = distill(str(teacher), out, steps=24, student_config="layers=1,hidden=32,intermediate=64,heads=2,"
+                     "kv_heads=1", lr=3e-3, **FAST)
+    assert report.init.startswith("random init")
+    assert report.student_params < report.teacher_params
+    assert report.kl_after < 0.9 * report.kl_before, (report.kl_before, report.kl_after)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["head_dim"]) == (1, 32, 16)
+    assert cfg["distillation"]["heldout_kl_after"] == pytest.approx(report.kl_after, abs=1e-4)
+    llm = LLM(model=str(out), dtype="float32", kv_cache_memory="16MiB", max_model_len=256)
+    outs = llm.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [8, 8]
+
+
+def test_copy_init_hidden_loss_and_resume(tiny_model, tmp_path: Path) -> None:
+    teacher = tiny_model("llama")
+    out = tmp_path / "student"
+    args = dict(student_config="layers=1,intermediate=96", hidden_loss_weight=0.5, lr=1e-3,
+                checkpoint_every=3, **FAST)
+    first = distill(str(teacher), out, steps=3, **args)
+    assert first.init.startswith("teacher layers [0]")
+    assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == 3
+
+    resumed = distill(str(teacher), out, steps=7, resume=True, **args)
+    assert resumed.init == "resumed at step 3"
+    assert resumed.kl_before == pytest.approx(first.kl_after, rel=1e-4)  # the same weights came back
+    assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == 7
+    assert resumed.kl_after < resumed.kl_before
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 96
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "5"], "give exactly one of --student MODEL or --student-config"),
+    (["--steps", "5", "--student-config", "depth=3"], "bad --student-config item 'depth=3'"),
+    (["--steps", "5", "--student-config", "layers=two"], "layers must be an integer, got 'two'"),
+    (["--steps", "0", "--student-config", "layers=1"], "--steps must be >= 1, got 0"),
+    (["--steps", "5", "--student-config", "layers=1", "--resume"], "nothing to resume"),
+])
+def test_bad_arguments_give_one_line_errors(tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            argv: list[str], message: str) -> None:
+    from llmscale.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--teacher", str(tiny_model("llama")), "--out", str(tmp_path / "out"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmscale: error: ") and message in err
