@@ -13,7 +13,9 @@ from llmscale.config import BATCHING_POLICIES, ConfigError, EngineConfig
 
 # Commands that live with their layer: each module has `register(subparsers)`, which adds its
 # parser(s) and sets `func`. Registration imports only what building the parser needs.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("llmscale.bench.profile", "llmscale.bench.cli",
+                                     "llmscale.compress.evaluate", "llmscale.compress.prune",
+                                     "llmscale.compress.distill", "llmscale.compress.quantize")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights/activations dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--keep-quantized", action="store_true",
+                   help="serve a GGUF's Q8_0/Q4_0/Q4_1 weights with int8/int4 kernels instead of "
+                        "dequantizing them")
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     g.add_argument("--kv-cache-memory", default="0.1",
                    help="KV cache size: bytes (2GiB, 512MB) or a fraction of free memory")
@@ -38,6 +43,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     kv = args.kv_cache_memory
     return EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        keep_quantized=args.keep_quantized,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,

@@ -25,6 +25,46 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+QUANT_METHOD = "llmscale"
+QUANT_METHODS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a checkpoint's weights are quantized (config.json's `quantization_config`)."""
+
+    bits: int  # linears inside the decoder layers: 8 or 4
+    group_size: int = 0  # int4 only
+    embedding_bits: int = 8  # token embedding and lm_head (0: kept dense)
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any] | None) -> QuantConfig | None:
+        if not raw:
+            return None
+        method = raw.get("quant_method")
+        if method != QUANT_METHOD:
+            raise ConfigError(f"unsupported quantization {method!r}; this engine serves checkpoints "
+                              f"made by `llmscale quantize` (quant_method {QUANT_METHOD!r})")
+        cfg = cls(int(raw["bits"]), int(raw.get("group_size", 0)), int(raw.get("embedding_bits", 8)))
+        cfg.validate()
+        return cfg
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "bits": self.bits, "group_size": self.group_size,
+                "embedding_bits": self.embedding_bits}
+
+    def validate(self, *input_sizes: int) -> None:
+        if self.bits not in (4, 8) or self.embedding_bits not in (0, 8):
+            raise ConfigError(f"quantization bits must be 8 or 4, got {self.bits}")
+        if self.bits == 4:
+            if self.group_size not in (32, 64, 128, 256):
+                raise ConfigError(f"int4 group size must be 32, 64, 128 or 256, got {self.group_size}")
+            for k in input_sizes:
+                if k % self.group_size:
+                    raise ConfigError(f"group size {self.group_size} does not divide the input "
+                                      f"size {k} of a linear layer")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Llama-family decoder, read from an HF config.json (or GGUF metadata)."""
@@ -47,6 +87,7 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    quantization: QuantConfig | None = None  # weight-only int8/int4 checkpoints
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -89,11 +130,15 @@ class ModelConfig:
                 sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
+                quantization=QuantConfig.from_hf(cfg.get("quantization_config")),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
 
     def validate(self) -> None:
+        if self.quantization is not None:
+            self.quantization.validate(self.hidden_size, self.intermediate_size,
+                                       self.num_attention_heads * self.head_dim)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
@@ -202,6 +247,8 @@ class EngineConfig:
     device: str | None = None
     max_model_len: int | None = None
     seed: int = 0
+    # A GGUF's Q8_0/Q4_0/Q4_1 weights are served by the int8/int4 kernels, not dequantized.
+    keep_quantized: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -556,9 +556,9 @@ def test_cache_is_reused_and_follows_file_changes(smol: Path, tiny_llama: tuple[
     calls: list[Path] = []
     real = gguf_loader.convert_gguf_to_hf
 
-    def counting(src: Path, out: Path) -> None:
+    def counting(src: Path, out: Path, keep_quantized: bool = False) -> None:
         calls.append(src)
-        real(src, out)
+        real(src, out, keep_quantized)
 
     monkeypatch.setattr(gguf_loader, "convert_gguf_to_hf", counting)
     start = time.perf_counter()

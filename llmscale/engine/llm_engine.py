@@ -36,7 +36,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.config = config
         self.stream_text = stream_text
-        self.model_path = resolve_model(config.model)
+        self.model_path = resolve_model(config.model, config.keep_quantized)
         self.model_name = str(config.model) if config.model else "SmolLM2-135M-Instruct"
         self.dtype = config.torch_dtype
         self.device = config.torch_device

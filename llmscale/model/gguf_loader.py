@@ -518,8 +518,10 @@ def _write_safetensors(f: BinaryIO, entries: list[tuple[str, tuple[int, ...]]],
         f.write(np.ascontiguousarray(arr, dtype="<f4").data)
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, keep_quantized: bool = False) -> None:
     """Write an HF folder for `gguf_path` at `out_dir` (which must not exist yet).
+
+    `keep_quantized`: linears stay int8/int4 (see `gguf_quantized`), the rest as usual.
 
     Everything is written to a sibling temp folder and renamed into place, so `out_dir` either
     does not exist or is complete. If another process finished the same folder first, its
@@ -560,8 +562,14 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
                     w = _dequantize(raw, info)
                     yield w if n_head is None else _unpermute_rope(w, n_head)
 
-            with open(tmp / "model.safetensors", "wb") as f:
-                _write_safetensors(f, entries, tensors())
+            if keep_quantized:
+                from llmscale.model.gguf_quantized import write_quantized
+
+                cfg["quantization_config"] = write_quantized(
+                    tmp / "model.safetensors", gguf_path, [e[0] for e in entries], plan, src).to_hf()
+            else:
+                with open(tmp / "model.safetensors", "wb") as f:
+                    _write_safetensors(f, entries, tensors())
             freqs = next((t for t in g.tensors if t.name == ROPE_FREQS), None)
             if freqs is not None:
                 src.seek(freqs.offset)
@@ -643,11 +651,13 @@ def _remove_stale_temps(root: Path, older_than_s: float = 24 * 3600) -> None:
             pass
 
 
-def resolve_model(model: str | None) -> Path:
+def resolve_model(model: str | None, keep_quantized: bool = False) -> Path:
     """The HF folder for `model`: None (the built-in default), an HF folder, or a .gguf file.
 
     A GGUF is converted once into `$LLMSCALE_CACHE` (default ~/.cache/llmscale) under
     `<stem>-<key>`, the key changing whenever the file does; later calls only check it exists.
+    With `keep_quantized` its quantized weights become an int8/int4 checkpoint instead
+    (`<stem>-<key>-quantized`); for an HF folder the flag changes nothing.
     """
     path = default_model_path() if model is None else Path(model).expanduser()
     if path.is_dir():
@@ -657,13 +667,13 @@ def resolve_model(model: str | None) -> Path:
     if path.suffix.lower() != ".gguf":
         raise ConfigError(f"model {path} is a file but not a .gguf; pass a .gguf file or an HF model folder")
     root = cache_root()
-    out = root / f"{path.stem}-{_cache_key(path)}"
+    out = root / f"{path.stem}-{_cache_key(path)}{'-quantized' if keep_quantized else ''}"
     if (out / "config.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
     log.warning("converting %s to an HF folder in %s (once)", path.name, out)
     start = time.perf_counter()
-    convert_gguf_to_hf(path, out)
+    convert_gguf_to_hf(path, out, keep_quantized)
     log.info("converted %s in %.1fs", path.name, time.perf_counter() - start)
     return out

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llmscale.config import ConfigError
+from llmscale.config import ConfigError, QuantConfig
+from llmscale.model.quant import QuantizedWeight
 
 
 class RMSNorm(nn.Module):
@@ -103,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, quant: QuantConfig | None = None) -> None:
         super().__init__()
         for s in output_sizes:
             if s % tp_size:
@@ -111,8 +112,13 @@ class ColumnParallelLinear(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.output_sizes = [s // tp_size for s in output_sizes]
         out = sum(self.output_sizes)
-        self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.quant: QuantizedWeight | None = None
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
+        else:  # quantized rows of packed sub-matrices line up with their shards like dense ones
+            self.quant = QuantizedWeight(out, input_size, quant.bits, quant.group_size)
+            self.quant.output_sizes = self.output_sizes
 
     def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
         offset = sum(self.output_sizes[:shard_id])
@@ -121,38 +127,63 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset:offset + size].copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(self, x, self.bias)
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) with W dense or quantized."""
+    if layer.quant is None:
+        return F.linear(x, layer.weight, bias)
+    y = layer.quant.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with W split by input columns; partial sums are all-reduced across ranks."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, quant: QuantConfig | None = None) -> None:
         super().__init__()
         if input_size % tp_size:
             raise ConfigError(f"input size {input_size} is not divisible by tensor-parallel size {tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size // tp_size), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
+        self.quant: QuantizedWeight | None = None
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(output_size, input_size // tp_size), requires_grad=False)
+        else:
+            self.quant = QuantizedWeight(output_size, input_size // tp_size, quant.bits, quant.group_size)
 
     def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        if param is self.bias:
+        if loaded.dim() == 1:  # the bias, or int8 per-output-row scales: whole on every rank
             param.data.copy_(loaded)
-        else:
+        else:  # weights, int4 codes and per-group scales/zeros split along the input
             param.data.copy_(_shard(loaded, 1, self.tp_rank, self.tp_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _linear(self, x, None)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
 class VocabEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, dim: int) -> None:
+    """Token embedding; also the lm_head (`project`), tied to it or not."""
+
+    def __init__(self, vocab_size: int, dim: int, bits: int = 0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
+        self.quant: QuantizedWeight | None = None
+        if bits:
+            self.quant = QuantizedWeight(vocab_size, dim, bits)
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.quant is None:
+            return F.embedding(ids, self.weight)
+        # The scales carry the model's dtype (the loader casts floating tensors to it).
+        return self.quant.embed(ids, self.quant.scales.dtype)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, dim] -> [N, vocab] logits."""
+        return _linear(self, hidden, None)

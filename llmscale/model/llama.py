@@ -18,6 +18,7 @@ from llmscale.model.layers import (
     RowParallelLinear,
     VocabEmbedding,
 )
+from llmscale.model.quant import QuantizedWeight, Workspace
 
 
 class Attention(nn.Module):
@@ -28,9 +29,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        quant = cfg.quantization
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [q, kv, kv], cfg.attention_bias,
-                                             tp_rank, tp_size)
-        self.o_proj = RowParallelLinear(q, cfg.hidden_size, False, tp_rank, tp_size)
+                                             tp_rank, tp_size, quant)
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, False, tp_rank, tp_size, quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -58,8 +60,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, tp_rank, tp_size)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, tp_rank, tp_size)
+        quant = cfg.quantization
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, tp_rank, tp_size,
+                                                 quant)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, tp_rank, tp_size, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -90,12 +94,18 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        embed_bits = cfg.quantization.embedding_bits if cfg.quantization else 0
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, embed_bits)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, tp_rank, tp_size)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabEmbedding(
-            cfg.vocab_size, cfg.hidden_size)
+            cfg.vocab_size, cfg.hidden_size, embed_bits)
+        # One dequantize buffer for all quantized layers: they run one after another.
+        self.workspace = Workspace()
+        for module in self.modules():
+            if isinstance(module, QuantizedWeight):
+                module.workspace = self.workspace
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
@@ -107,12 +117,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in fp32."""
-        return (hidden @ self.lm_head.weight.t()).float()
+        return self.lm_head.project(hidden).float()
 
     def param_for_checkpoint_name(self, name: str) -> tuple[nn.Module, torch.Tensor, int] | None:
         """Map an HF checkpoint tensor name to (owning module, parameter, shard index)."""
         name = name.removeprefix("model.")
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+        if name.startswith("lm_head.") and self.config.tie_word_embeddings:
             return None  # tied: the embedding already holds it
         shard = 0
         for ckpt, (ours, index) in self.packed_modules.items():
@@ -125,6 +135,8 @@ class LlamaForCausalLM(nn.Module):
         except AttributeError:
             return None
         param = getattr(module, attr, None)
+        if param is None and getattr(module, "quant", None) is not None:
+            param = getattr(module.quant, attr, None)  # qweight / scales / zeros
         if not isinstance(param, torch.Tensor):
             return None
         return module, param, shard

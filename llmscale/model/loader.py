@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from llmscale.config import ConfigError, ModelConfig
 from llmscale.model.layers import RotaryEmbedding
 from llmscale.model.llama import LlamaForCausalLM
+from llmscale.model.quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
     missing = _missing_params(model, loaded)
     if missing:
         raise ConfigError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            module.prepare()
     model.eval()
     return model, cfg, time.perf_counter() - start
 
