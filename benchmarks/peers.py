@@ -157,20 +157,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def bench_one(system: str, url: str, plan: LoadPlan, workload: MakeWorkload, endpoint: str,
-              progress: Progress) -> Run | None:
+              progress: Progress) -> list[Run]:
     def start(description: str, total: int) -> Callable[[], None]:
         task = progress.add_task(description, total=total)
         return lambda: progress.advance(task)
 
-    runs = run_sweep(Target(url, MODEL_NAME, endpoint), plan, workload, system, start)
-    return runs[0] if runs else None  # none: interrupted during the warm-up
+    # One run per rate; none if interrupted during the warm-up.
+    return run_sweep(Target(url, MODEL_NAME, endpoint), plan, workload, system, start)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from " + ",".join(SYSTEMS))
     ap.add_argument("--num-prompts", type=int, default=32)
-    ap.add_argument("--request-rate", type=float, default=0.5, help="req/s, Poisson; inf sends all at once")
+    ap.add_argument("--request-rate", default="0.5",
+                    help="req/s, Poisson; inf sends all at once; several (0.5,1,2) run one after another")
     ap.add_argument("--burstiness", type=float, default=1.0)
     ap.add_argument("--max-concurrency", type=int, default=None)
     ap.add_argument("--prompt-len", default="fixed:128",
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> None:
         return make_requests(spec, codec, n, seed)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    console.print(f"workload: {args.num_prompts} requests at {args.request_rate:g} req/s, "
+    console.print(f"workload: {args.num_prompts} requests at {args.request_rate} req/s, "
                   f"prompt {spec.prompt_len}, output {spec.output_len}; model {model_dir}; "
                   f"logs in {args.out}")
 
@@ -248,10 +249,10 @@ def run(args: argparse.Namespace) -> None:
                     wait_ready(proc, url, args.startup_timeout)
                     servers[system]["startup_s"] = time.monotonic() - t
                     progress.remove_task(task)
-                    run_ = bench_one(system, url, plan, workload, args.endpoint, progress)
-                    if run_ is None:
+                    measured = bench_one(system, url, plan, workload, args.endpoint, progress)
+                    if not measured:
                         break
-                    runs.append(run_)
+                    runs.extend(measured)
                 except RuntimeError as e:
                     tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
                     console.print(f"[red]{system} failed: {e}[/red] (log: {log_path})\n{tail}")
@@ -267,12 +268,14 @@ def run(args: argparse.Namespace) -> None:
     if not runs:
         console.print("[yellow]nothing was measured[/yellow]")
         return
-    title = (f"peers: {args.num_prompts} requests at {args.request_rate:g} req/s, prompt {spec.prompt_len}, "
+    title = (f"peers: {args.num_prompts} requests at {args.request_rate} req/s, prompt {spec.prompt_len}, "
              f"output {spec.output_len}, {args.endpoint}")
     console.print(report.table(runs, slo, title))
-    goodput = {r.label: summarize(r, slo).get("goodput") for r in runs}
-    if slo and goodput.get("llmscale") is not None and goodput.get("vllm"):
-        console.print(f"llmscale goodput / vLLM goodput: {goodput['llmscale'] / goodput['vllm']:.2f}x")
+    goodput = {(r.label, r.request_rate): summarize(r, slo).get("goodput") for r in runs}
+    for rate in dict.fromkeys(r.request_rate for r in runs):
+        ours, theirs = goodput.get(("llmscale", rate)), goodput.get(("vllm", rate))
+        if slo and ours is not None and theirs:
+            console.print(f"@ {rate:g} req/s: llmscale goodput / vLLM goodput: {ours / theirs:.2f}x")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     report.write_json(args.out / "results.json", config, runs, slo, {"servers": servers})
     pngs = report.plot(runs, args.out, slo, "llmscale vs vLLM CPU vs llama.cpp")

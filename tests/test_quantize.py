@@ -126,16 +126,14 @@ AGREEMENT_PROMPTS = [
     "Water boils at 100 degrees Celsius. The chemical formula of water is",
     "The three primary colours are",
 ]
-# Measured on SmolLM2-135M against fp32, greedy, 24 tokens x 4 prompts, counting positions
-# before each first divergence: int8 0.82, int4 0.75 (one prompt meets a near-tie at token 7
-# in both). Bounds leave room for other CPUs' kernels rounding differently.
-MIN_AGREEMENT = {"int8": 0.7, "int4": 0.6}
+# Teacher-forced top-1 agreement with the fp32 model over its 4 x 24 greedy tokens, measured on
+# SmolLM2-135M: int8 0.97, int4 0.98. (Counting only up to each first divergence is fragile: one
+# near-tie early in a sequence moves it by a quarter.)
+MIN_AGREEMENT = {"int8": 0.9, "int4": 0.9}
 
 
-def _greedy(folder: Path, prompts: list[str]) -> list[list[int]]:
-    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", max_model_len=512)
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+def _llm(folder: Path) -> LLM:
+    return LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", max_model_len=512)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -145,13 +143,23 @@ def test_quantized_model_agrees_with_the_dense_one(method: str, quantized: dict[
     sizes = {p.name: p.stat().st_size for p in folder.glob("*.safetensors")}
     dense_size = sum(p.stat().st_size for p in smollm_folder.glob("*.safetensors"))
     assert sum(sizes.values()) < dense_size / (3.5 if method == "int8" else 4.5)
-    ref, got = _greedy(smollm_folder, AGREEMENT_PROMPTS), _greedy(folder, AGREEMENT_PROMPTS)
-    # Agreement counted up to each sequence's first divergence: after it the contexts differ.
-    same = 0
-    for r, g in zip(ref, got, strict=True):
-        same += next((i for i, (a, b) in enumerate(zip(r, g, strict=True)) if a != b), len(r))
-    agreement = same / sum(len(r) for r in ref)
-    print(f"{method}: greedy agreement with fp32 {agreement:.2f}")
+    dense = _llm(smollm_folder)
+    prompts = [dense.tokenizer.encode(p) for p in AGREEMENT_PROMPTS]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    refs = [o.outputs[0].token_ids for o in dense.generate(
+        [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+    # Feed prompt + the dense model's continuation; at each continuation position compare the
+    # quantized model's argmax with the dense model's token.
+    scored = _llm(folder).generate([{"prompt_token_ids": p + r} for p, r in zip(prompts, refs, strict=True)],
+                                   SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    same = total = 0
+    for p, r, out in zip(prompts, refs, scored, strict=True):
+        for i, token in enumerate(r):
+            entry = out.prompt_logprobs[len(p) + i]
+            same += max(entry, key=entry.get) == token
+            total += 1
+    agreement = same / total
+    print(f"{method}: teacher-forced top-1 agreement with fp32 {agreement:.2f}")
     assert agreement >= MIN_AGREEMENT[method]
 
 

@@ -27,6 +27,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused op instead of six: per-op dispatch is a large share of a decode step.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 as transformers does, then cast back before the weight multiply.
         dtype = x.dtype
         xf = x.float()
@@ -73,21 +76,35 @@ class RotaryEmbedding(nn.Module):
         """(Re)compute the fp32 cos/sin tables on `device` (after meta init or a dtype cast)."""
         t = torch.arange(self.max_position, dtype=torch.float64, device="cpu")
         freqs = torch.outer(t, self.inv_freq)  # [P, D/2]
-        self.cos = freqs.cos().float().to(device)
-        self.sin = freqs.sin().float().to(device)
+        cos, sin = freqs.cos().float(), freqs.sin().float()
+        # Full-width tables with rotate_half's sign folded into sin: x*cos + swap(x)*sin.
+        self.cos = torch.cat((cos, cos), dim=-1).to(device)  # [P, D]
+        self.sin = torch.cat((-sin, sin), dim=-1).to(device)
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for `positions`, [T, 1, D]; looked up once per step, not once per layer
+        (every layer of a step passes the same positions tensor)."""
+        if self._step is None or self._step[0] is not positions:
+            self._step = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        return self._step[1], self._step[2]
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] (any heads: q and k can be rotated in one call)."""
+        cos, sin = self.tables(positions)
+        return _rotate(x, cos, sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, Hq, D], k: [T, Hkv, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.rotate(positions, q), self.rotate(positions, k)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(dtype)
 
 
 def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:

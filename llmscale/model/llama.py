@@ -41,16 +41,14 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-             self.num_kv_heads * self.head_dim], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        t, nq, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, :(nq + nkv) * d].view(t, nq + nkv, d)  # q heads then k heads
+        v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)  # [T, Hkv, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            qk = torch.cat((self.q_norm(qk[:, :nq]), self.k_norm(qk[:, nq:])), dim=1)
+        qk = self.rotary.rotate(positions, qk)  # q and k in one pass
+        q, k = qk[:, :nq], qk[:, nq:]  # [T, Hq, D], [T, Hkv, D]
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
