@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmscale.config import ConfigError, QuantConfig
+from llmscale.model import matmul
 from llmscale.model.quant import QuantizedWeight
 
 
@@ -150,6 +151,8 @@ class ColumnParallelLinear(nn.Module):
 def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) with W dense or quantized."""
     if layer.quant is None:
+        if x.dim() == 2:
+            return matmul.linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
     y = layer.quant.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
     return y if bias is None else y + bias

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmscale.model.matmul import linear
+
 INT4_MID = 8
 # The weight-only kernels are memory-bound up to about 8 rows and then cost ~34 us per row of
 # a 1536x576 weight, where dequantize + dense GEMM costs ~300 us plus the GEMM: up to 24 rows
@@ -168,13 +170,13 @@ class QuantizedWeight(nn.Module):
         rows = max(1, min(n, DEQUANT_CHUNK // k))
         if rows >= n:
             w = self.dequantize_rows(0, n, x.dtype, self.workspace.get(n * k, x.dtype, x.device).view(n, k))
-            return F.linear(x, w)
+            return linear(x, w)
         y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
         buf = self.workspace.get(rows * k, x.dtype, x.device)
         for start in range(0, n, rows):
             end = min(n, start + rows)
             w = self.dequantize_rows(start, end, x.dtype, buf[:(end - start) * k].view(end - start, k))
-            y[:, start:end] = F.linear(x, w)
+            y[:, start:end] = linear(x, w)
         return y
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
