@@ -4,11 +4,7 @@ has every field, plausible timings, and the token counts the server reported."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +15,8 @@ import pytest
 from llmscale.bench.datasets import Codec, WorkloadSpec, make_requests
 from llmscale.cli import main
 
+from .live_server import free_port, start_server
+
 OUTPUT_LEN = 6
 SUMMARY_KEYS = {"completed", "failed", "duration_s", "prompt_tokens", "output_tokens",
                 "request_throughput", "output_throughput", "total_token_throughput", "ttft_ms", "tpot_ms",
@@ -27,29 +25,10 @@ REQUEST_KEYS = {"index", "prompt_tokens", "max_tokens", "scheduled_s", "start_s"
                 "output_tokens", "usage_reported", "success", "error", "tpot_s"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def url(smollm_folder: Path) -> Iterator[str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "llmscale.cli", "serve", "--port", str(port), "--dtype", "float32",
-           "--kv-cache-memory", "256MiB", "--max-model-len", "1024", "--model", str(smollm_folder)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, "server exited during startup"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become healthy"
-        time.sleep(0.5)
+    url, proc = start_server("--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "1024",
+                             "--model", str(smollm_folder))
     yield url
     proc.terminate()
     try:
@@ -119,7 +98,7 @@ def test_bench_serve_chat_with_concurrency_cap(url: str, smollm_folder: Path, tm
 
 def test_bench_serve_unreachable_server_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "serve", "--base-url", f"http://127.0.0.1:{_free_port()}", "--num-prompts", "1"])
+        main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "1"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llmscale: error: cannot reach http://127.0.0.1:") and "\n" not in err

@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,37 +19,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmscale import LLM, SamplingParams
 
+from .live_server import start_server
+
 API_KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(smollm_folder: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "llmscale.cli", "serve", "--port", str(port), "--api-key", API_KEY,
-           "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", str(MAX_MODEL_LEN),
-           "--served-model-name", MODEL, "--model", str(smollm_folder), "--drain-timeout", "30",
-           "--price-input-per-1m", "1.0", "--price-output-per-1m", "2.0"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, "server exited during startup"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become healthy"
-        time.sleep(0.5)
+    url, proc = start_server(
+        "--api-key", API_KEY, "--dtype", "float32", "--kv-cache-memory", "256MiB",
+        "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", MODEL, "--model", str(smollm_folder),
+        "--drain-timeout", "30", "--price-input-per-1m", "1.0", "--price-output-per-1m", "2.0")
     yield url, proc
     if proc.poll() is None:
         proc.kill()
