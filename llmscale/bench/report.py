@@ -69,6 +69,17 @@ def _legend(ax: Any) -> None:
         ax.legend(fontsize=8)
 
 
+def _save(fig: Any, path: Path, suptitle: str | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(runs: list[Run], out_dir: Path, slo: dict[str, float], title: str) -> list[Path]:
     """Three PNGs; runs sharing a label form one line across their request rates."""
     import matplotlib
@@ -105,11 +116,7 @@ def plot(runs: list[Run], out_dir: Path, slo: dict[str, float], title: str) -> l
         ax.set_yscale("log")
         rate_axis(ax)
         _legend(ax)
-    fig.suptitle(f"{title}: latency vs request rate")
-    fig.tight_layout()
-    paths.append(out_dir / "latency_vs_rate.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "latency_vs_rate.png", f"{title}: latency vs request rate"))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, label in enumerate(labels):
@@ -124,11 +131,7 @@ def plot(runs: list[Run], out_dir: Path, slo: dict[str, float], title: str) -> l
     for ax in axes:
         rate_axis(ax)
         _legend(ax)
-    fig.suptitle(f"{title}: throughput vs request rate")
-    fig.tight_layout()
-    paths.append(out_dir / "throughput_vs_rate.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "throughput_vs_rate.png", f"{title}: throughput vs request rate"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
@@ -144,8 +147,5 @@ def plot(runs: list[Run], out_dir: Path, slo: dict[str, float], title: str) -> l
     ax.grid(alpha=0.3)
     _legend(ax)
     ax.set_title(f"{title}: CDF of TTFT")
-    fig.tight_layout()
-    paths.append(out_dir / "ttft_cdf.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "ttft_cdf.png"))
     return paths

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmscale.config import ConfigError
+from llmscale.model.llama import is_linear_weight
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from llmscale.model.llama import LlamaForCausalLM
 
 METHODS = ("magnitude", "2:4", "structured")
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def validate(method: str, sparsity: float) -> None:
@@ -35,10 +35,6 @@ def validate(method: str, sparsity: float) -> None:
     if method == "2:4" and sparsity != 0.5:
         raise ConfigError(f"2:4 pruning zeroes exactly half the weights: sparsity must be 0.5, "
                           f"got {sparsity}")
-
-
-def is_linear_weight(name: str) -> bool:
-    return name.endswith(".weight") and name.split(".")[-2] in LINEARS
 
 
 def magnitude_prune(w: torch.Tensor, sparsity: float) -> torch.Tensor:

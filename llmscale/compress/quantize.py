@@ -17,8 +17,6 @@ from typing import Any
 
 from llmscale.config import QUANT_METHODS, ConfigError, ModelConfig, QuantConfig
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -44,22 +42,19 @@ def quant_config(method: str, group_size: int, model_cfg: ModelConfig | None = N
     return cfg
 
 
-def _is_linear(name: str) -> bool:
-    return name.endswith(".weight") and name.split(".")[-2] in LINEARS
-
-
 def quantize_tensors(tensors: dict[str, Any], cfg: QuantConfig) -> dict[str, Any]:
     """HF-named dense tensors -> HF-named quantized ones (`<prefix>.qweight`, `.scales`, ...)."""
+    from llmscale.model.llama import EMBEDDING_NAMES, is_linear_weight
     from llmscale.model.quant import pack_nibbles, quantize_int4, quantize_int8
 
     out = {}
     for name, t in tensors.items():
         prefix = name.removesuffix(".weight")
-        if _is_linear(name) and cfg.bits == 4:
+        if is_linear_weight(name) and cfg.bits == 4:
             codes, scales, zeros = quantize_int4(t, cfg.group_size)
             out |= {f"{prefix}.qweight": pack_nibbles(codes), f"{prefix}.scales": scales.half(),
                     f"{prefix}.zeros": zeros.half()}
-        elif _is_linear(name) or (name in EMBEDDINGS and cfg.embedding_bits == 8):
+        elif is_linear_weight(name) or (name in EMBEDDING_NAMES and cfg.embedding_bits == 8):
             q, scales = quantize_int8(t)
             out |= {f"{prefix}.qweight": q, f"{prefix}.scales": scales.half()}
         else:

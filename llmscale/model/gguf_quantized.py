@@ -23,18 +23,13 @@ from safetensors.torch import save_file
 
 from llmscale.config import ConfigError, QuantConfig
 from llmscale.model.gguf_loader import TensorInfo, _dequantize, _unpermute_rope
+from llmscale.model.llama import EMBEDDING_NAMES, is_linear_weight
 from llmscale.model.quant import pack_nibbles, quantize_int4, quantize_int8
 
 log = logging.getLogger(__name__)
 
 Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 GGUF_GROUP = 32
-
-
-def _is_linear(name: str) -> bool:
-    return name.endswith(".weight") and name.split(".")[-2] in LINEARS
 
 
 def q4_blocks(raw: np.ndarray, info: TensorInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,7 +49,7 @@ def q4_blocks(raw: np.ndarray, info: TensorInfo) -> tuple[np.ndarray, np.ndarray
 
 
 def _linear_bits(plan: list[tuple[TensorInfo, int | None]], names: list[str], path: Path) -> int:
-    types = {info.qtype for (info, _), name in zip(plan, names, strict=True) if _is_linear(name)}
+    types = {info.qtype for (info, _), name in zip(plan, names, strict=True) if is_linear_weight(name)}
     if types & set(Q4_TYPES):
         return 4
     if types == {GGMLQuantizationType.Q8_0}:
@@ -79,12 +74,12 @@ def write_quantized(out: Path, gguf_path: Path, names: list[str],
             return torch.from_numpy(np.array(a if n_head is None else _unpermute_rope(a, n_head)))
 
         prefix = name.removesuffix(".weight")
-        if _is_linear(name) and bits == 4 and info.qtype in Q4_TYPES:
+        if is_linear_weight(name) and bits == 4 and info.qtype in Q4_TYPES:
             codes, scales, zeros = (rows(a) for a in q4_blocks(raw, info))
-        elif _is_linear(name) and bits == 4:
+        elif is_linear_weight(name) and bits == 4:
             log.warning("%s: %s is %s, requantized to int4", gguf_path.name, info.name, info.qtype.name)
             codes, scales, zeros = quantize_int4(rows(_dequantize(raw, info)), GGUF_GROUP)
-        elif _is_linear(name) or name in EMBEDDINGS:
+        elif is_linear_weight(name) or name in EMBEDDING_NAMES:
             q, scales = quantize_int8(rows(_dequantize(raw, info)))
             tensors[f"{prefix}.qweight"], tensors[f"{prefix}.scales"] = q, scales.half()
             continue

@@ -20,6 +20,15 @@ from llmscale.model.layers import (
 )
 from llmscale.model.quant import QuantizedWeight, Workspace
 
+# HF checkpoint names of the linears inside decoder layers, and of the embedding matrices.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def is_linear_weight(name: str) -> bool:
+    """Whether an HF checkpoint tensor is the weight of a decoder-layer linear."""
+    return name.endswith(".weight") and name.split(".")[-2] in LINEAR_NAMES
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, tp_rank: int, tp_size: int) -> None:

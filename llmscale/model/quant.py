@@ -35,7 +35,6 @@ KERNEL_MAX_ROWS = 8
 KERNEL_MAX_TOTAL_ROWS = 24
 # Dequantize at most this many weights at a time: an fp32 chunk of 8 MiB stays in cache.
 DEQUANT_CHUNK = 2 * 1024 * 1024
-SPLIT_ACTIVATIONS = True
 
 
 # ----- the math --------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ class QuantizedWeight(nn.Module):
             return torch.cat([self.matmul(part) for part in x.split(KERNEL_MAX_ROWS)])
         if self.kernel_weight is not None and m <= KERNEL_MAX_ROWS:
             xb = x.to(torch.bfloat16)
-            if SPLIT_ACTIVATIONS and x.dtype == torch.float32 and 2 * m <= KERNEL_MAX_ROWS:
+            if x.dtype == torch.float32 and 2 * m <= KERNEL_MAX_ROWS:
                 # bf16 keeps 8 mantissa bits; the rounding residual as a second bf16 row
                 # restores 16, for a few extra rows of a memory-bound kernel.
                 xb = torch.cat((xb, (x - xb.float()).to(torch.bfloat16)))
