@@ -10,6 +10,7 @@ from llmscale.config import ModelConfig
 from llmscale.engine.kv_cache import KVCacheManager
 from llmscale.engine.request import Request
 from llmscale.engine.scheduler import ScheduledBatch
+from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.attention import AttentionMetadata, PrefillChunk
 from llmscale.model.llama import LlamaForCausalLM
 
@@ -39,11 +40,23 @@ class ModelRunner:
         self.device = device
         self.kv_dtype = kv_dtype
         self.workspaces: dict[str, torch.Tensor] = {}
+        # Attention runs llmscale's C kernels where they apply (see AttentionMetadata); the
+        # cache has the model's dtype.
+        head_dim = model.layers[0].self_attn.head_dim
+        self.c_kernels = (device.type == "cpu" and kv_dtype == torch.float32 and head_dim % 16 == 0
+                          and cpu_kernels.available())
         for layer in model.layers:
             attn = layer.self_attn
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+
+    def _decode_mask(self, context: torch.Tensor, width: int) -> torch.Tensor:
+        """[B, 1, 1, width]: 0 where a decode may attend, -inf past its context."""
+        valid = torch.arange(width, device=self.device)[None, :] < context[:, None]
+        # An additive float mask takes SDPA's fast CPU path; a bool mask does not.
+        mask = torch.zeros(valid.shape, dtype=self.kv_dtype, device=self.device)
+        return mask.masked_fill_(~valid, float("-inf")).view(len(context), 1, 1, width)
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -71,15 +84,15 @@ class ModelRunner:
                 sampled.append(r)
         meta_slots = [self._tensor(slots)] if slots else []
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes),
-                                 workspaces=self.workspaces)
+                                 workspaces=self.workspaces, c_kernels=self.c_kernels)
         if decodes:
             width = max(len(t) for t in tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in tables])
             context = self._tensor([r.num_computed_tokens + 1 for r, _ in decodes])
-            valid = torch.arange(width * bs, device=self.device)[None, :] < context[:, None]
-            # An additive float mask takes SDPA's fast CPU path; a bool mask does not.
-            mask = torch.zeros(valid.shape, dtype=self.kv_dtype, device=self.device)
-            meta.decode_mask = mask.masked_fill_(~valid, float("-inf")).view(len(decodes), 1, 1, width * bs)
+            if self.c_kernels:
+                meta.decode_context_lens = context
+            else:
+                meta.decode_mask = self._decode_mask(context, width * bs)
 
         id_parts = [self._tensor(input_ids)] if input_ids else []
         pos_parts = [self._tensor(positions)] if positions else []

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmscale.kernels import cpu as cpu_kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -34,6 +36,11 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], 0 or -inf
+    # With `c_kernels` (an fp32 cache on CPU where llmscale's C kernels run), rotary and the
+    # cache write are one C call, and decodes read the paged cache in place given their
+    # context lengths instead of a gather and a mask.
+    c_kernels: bool = False
+    decode_context_lens: torch.Tensor | None = None  # [B] long
     prefills: list[PrefillChunk] = field(default_factory=list)
     # Gather buffers owned by the model runner, reused across layers and steps: on CPU a fresh
     # multi-MB tensor costs more in page faults than the copy into it. Per runner, so two
@@ -81,7 +88,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd:
+    if nd and meta.c_kernels:
+        out[:nd] = cpu_kernels.paged_decode_attention(
+            q[:nd].float().contiguous(), k_cache, v_cache, meta.decode_block_tables,
+            meta.decode_context_lens, scale)
+    elif nd:
         kd = _gather(k_cache, meta.decode_block_tables, meta.workspaces, "k")  # [B, Hkv, L, D]
         vd = _gather(v_cache, meta.decode_block_tables, meta.workspaces, "v")
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim).to(kd.dtype)

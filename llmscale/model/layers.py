@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmscale.config import ConfigError, QuantConfig
+from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import matmul
 from llmscale.model.quant import QuantizedWeight
 
@@ -28,6 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._c_kernel_fits(x):
+            return cpu_kernels.rms_norm(x.contiguous(), self.weight, self.eps)[0]
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # One fused op instead of six: per-op dispatch is a large share of a decode step.
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -36,6 +39,16 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the decoder's residual add fused with its norm."""
+        if self._c_kernel_fits(x):
+            return cpu_kernels.rms_norm(x.contiguous(), self.weight, self.eps, residual.contiguous())
+        total = x + residual
+        return self(total), total
+
+    def _c_kernel_fits(self, x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.shape[1] % 8 == 0 and cpu_kernels.usable(x, self.weight)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from llmscale.config import ModelConfig
+from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.attention import AttentionMetadata, paged_attention, write_kv
 from llmscale.model.layers import (
     ColumnParallelLinear,
@@ -52,13 +53,17 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t, nq, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        qk = qkv[:, :(nq + nkv) * d].view(t, nq + nkv, d)  # q heads then k heads
         v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)  # [T, Hkv, D]
-        if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :nq]), self.k_norm(qk[:, nq:])), dim=1)
-        qk = self.rotary.rotate(positions, qk)  # q and k in one pass
-        q, k = qk[:, :nq], qk[:, nq:]  # [T, Hq, D], [T, Hkv, D]
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        if meta.c_kernels and self.q_norm is None:  # rotary and the cache write in one C call
+            q, k = cpu_kernels.rope_and_cache(qkv, nq, nkv, self.rotary.cos, self.rotary.sin,
+                                              positions, meta.slot_mapping, self.k_cache, self.v_cache)
+        else:
+            qk = qkv[:, :(nq + nkv) * d].view(t, nq + nkv, d)  # q heads then k heads
+            if self.q_norm is not None:
+                qk = torch.cat((self.q_norm(qk[:, :nq]), self.k_norm(qk[:, nq:])), dim=1)
+            qk = self.rotary.rotate(positions, qk)  # q and k in one pass
+            q, k = qk[:, :nq], qk[:, nq:]  # [T, Hq, D], [T, Hkv, D]
+            write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -73,7 +78,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, tp_rank, tp_size, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dim() == 2 and cpu_kernels.usable(gate_up) and gate_up.shape[1] % 16 == 0:
+            return self.down_proj(cpu_kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
@@ -85,9 +93,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp_rank, tp_size)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it): the next norm adds
+        them, fused with its own work, as vLLM's layers do."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -117,10 +133,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x, meta)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, meta)
+        return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in fp32."""

@@ -25,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.matmul import linear
 
 INT4_MID = 8
+# llmscale's C kernels read the weights once per 8 activation rows and are compute-bound from
+# ~8 rows: beyond these row counts dequantize + dense GEMM is faster (2-core AVX2 CPU).
+C_KERNEL_MAX_ROWS = {8: 24, 4: 16}
 # The weight-only kernels are memory-bound up to about 8 rows and then cost ~34 us per row of
 # a 1536x576 weight, where dequantize + dense GEMM costs ~300 us plus the GEMM: up to 24 rows
 # the kernels win (measured on a 2-core AVX2 CPU), run 8 rows at a time.
@@ -120,12 +124,24 @@ class QuantizedWeight(nn.Module):
             self.scales = _param(out_features, in_features // group_size, dtype=torch.float32)
             self.zeros = _param(out_features, in_features // group_size, dtype=torch.float32)
         self.workspace = Workspace()  # replaced by the model's shared one
-        self.kernel_weight: torch.Tensor | None = None  # built by prepare()
+        # Built by prepare(): operands of llmscale's C kernels, or of torch's packed kernels.
+        self.c_scales: torch.Tensor | None = None
+        self.c_zeros: torch.Tensor | None = None
+        self.kernel_weight: torch.Tensor | None = None
         self.kernel_scales: torch.Tensor | None = None
 
-    def prepare(self) -> None:
-        """Build the kernel layout once the checkpoint is loaded."""
+    def prepare(self, c_kernels: bool | None = None) -> None:
+        """Build the kernel operands once the checkpoint is loaded. `c_kernels` (default: when
+        they build here) picks llmscale's C kernels over torch's packed ones."""
         if self.qweight.device.type != "cpu":
+            return
+        if c_kernels is None:
+            c_kernels = cpu_kernels.available()
+        if c_kernels and self.in_features % cpu_kernels.QBLOCK == 0 and (
+                self.bits == 8 or self.group_size % cpu_kernels.QBLOCK == 0):
+            self.c_scales = self.scales.data.float().contiguous()
+            if self.bits == 4:
+                self.c_zeros = self.zeros.data.float().contiguous()
             return
         if self.bits == 8:
             self.kernel_weight = self.qweight.data
@@ -150,6 +166,14 @@ class QuantizedWeight(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N]."""
         m = x.shape[0]
+        if self.c_scales is not None and m <= C_KERNEL_MAX_ROWS[self.bits]:
+            xf = x.float().contiguous()
+            if self.bits == 8:
+                y = cpu_kernels.matmul_int8(xf, self.qweight, self.c_scales)
+            else:
+                y = cpu_kernels.matmul_int4(xf, self.qweight, self.c_scales, self.c_zeros,
+                                            self.group_size)
+            return y.to(x.dtype)
         if self.kernel_weight is not None and KERNEL_MAX_ROWS < m <= KERNEL_MAX_TOTAL_ROWS:
             return torch.cat([self.matmul(part) for part in x.split(KERNEL_MAX_ROWS)])
         if self.kernel_weight is not None and m <= KERNEL_MAX_ROWS:

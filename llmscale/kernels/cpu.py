@@ -1,0 +1,197 @@
+"""The C decode matmuls of `cpu_matmul.c`: built once per machine, called through ctypes.
+
+The library is compiled on first use with the system C compiler (`$CC`, else `cc`) for this
+CPU (`-march=native`) and cached under `$LLMSCALE_CACHE/kernels/`, keyed by the source, the
+flags and the CPU's feature flags. Where it cannot be built (no compiler, no AVX2/FMA, not
+x86-64) or `LLMSCALE_CPU_KERNELS=0`, `available()` is False and callers use torch's ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_matmul.c")
+FLAGS = ["-O3", "-fno-math-errno", "-march=native", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+QBLOCK = 32  # activation quantization block of the int8/int4 kernels
+MAX_ROWS = 8  # activation rows per pass over the weights
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "matmul_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
+    "matmul_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
+    "matmul_int8": [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int],
+    "matmul_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
+    "rms_norm": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
+    "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, ctypes.c_float, _P,
+                               ctypes.c_int],
+    "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
+    "silu_and_mul": [_P, _I, _I, _P],
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _build(compiler: str, flags: set[str]) -> Path:
+    from llmscale.model.gguf_loader import cache_root
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + sorted(flags)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"cpu_matmul-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if os.environ.get("LLMSCALE_CPU_KERNELS", "1") == "0":
+        return None
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler found: decode matmuls use torch's kernels")
+        return None
+    try:
+        path = _build(compiler, flags)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("building the CPU kernels failed, using torch's: %s", detail.strip()[:500])
+        return None
+    # torch is imported above, so the OpenMP runtime the library needs is torch's own
+    # (same soname): one thread pool, not two competing for the cores.
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can run on these CPU fp32 tensors (they are not differentiable)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+def _out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(x.shape[0], n, dtype=torch.float32)
+
+
+def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x fp32 [m, k] contiguous, w fp32 or bf16 [n, k] contiguous, k % 8 == 0 -> fp32 [m, n]."""
+    lib = library()
+    n, k = w.shape
+    y = _out(x, n)
+    fn = lib.matmul_f32 if w.dtype == torch.float32 else lib.matmul_bf16
+    fn(x.data_ptr(), x.shape[0], k, w.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def matmul_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x fp32 [m, k] contiguous, q int8 [n, k], scale fp32 [n]; k % 32 == 0 -> fp32 [m, n]."""
+    n, k = q.shape
+    y = _out(x, n)
+    library().matmul_int8(x.data_ptr(), x.shape[0], k, q.data_ptr(), scale.data_ptr(), n,
+                          y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def matmul_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x fp32 [m, k] contiguous, packed uint8 [n, k/2] (low nibble first), scale and zero
+    fp32 [n, k/group] with w = (q - 8) * scale + zero; group % 32 == 0 -> fp32 [m, n]."""
+    n = packed.shape[0]
+    k = x.shape[1]
+    y = _out(x, n)
+    library().matmul_int4(x.data_ptr(), x.shape[0], k, group_size, packed.data_ptr(),
+                          scale.data_ptr(), zero.data_ptr(), n, y.data_ptr(),
+                          torch.get_num_threads())
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [m, k] contiguous, k % 8 == 0. Returns (the normalised input, the input), where
+    the input is x + residual when a residual is given."""
+    m, k = x.shape
+    out = torch.empty_like(x)
+    total = x if residual is None else torch.empty_like(x)
+    library().rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), m, k,
+                       weight.data_ptr(), eps, total.data_ptr(), out.data_ptr())
+    return out, total
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
+                           ) -> torch.Tensor:
+    """q [b, hq, d] fp32 contiguous; caches [blocks, block_size, hkv, d] fp32; block_tables
+    [b, max_blocks] and context_lens [b] int64 -> [b, hq, d]."""
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty_like(q)
+    library().paged_decode_attention(
+        q.data_ptr(), b, hq, hkv, d, k_cache.data_ptr(), v_cache.data_ptr(), block_size,
+        block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), scale,
+        out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rope_and_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+                   sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on q and k of a packed qkv [t, (hq + 2 hkv) d] (fp32 contiguous), k and v written
+    to the caches at `slots`. Returns (q [t, hq, d], k [t, hkv, d]); d % 16 == 0."""
+    t = qkv.shape[0]
+    d = cos.shape[1]
+    q = torch.empty(t, num_heads, d)
+    k = torch.empty(t, num_kv_heads, d)
+    library().rope_and_cache(qkv.data_ptr(), t, num_heads, num_kv_heads, d, cos.data_ptr(),
+                             sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+                             k_cache.data_ptr(), v_cache.data_ptr(), q.data_ptr(), k.data_ptr())
+    return q, k
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[m, 2 i] fp32 contiguous -> silu(gate) * up [m, i]; i % 8 == 0."""
+    m, width = gate_up.shape
+    out = torch.empty(m, width // 2)
+    library().silu_and_mul(gate_up.data_ptr(), m, width // 2, out.data_ptr())
+    return out

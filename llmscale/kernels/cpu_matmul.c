@@ -1,0 +1,427 @@
+/* Skinny matmuls y[m, n] = x[m, k] @ W[n, k]^T for decode steps on x86 CPUs with AVX2 + FMA.
+ *
+ * A decode step multiplies a handful of activation rows by every weight of the model, so its
+ * speed is the speed of streaming the weights from memory. torch's kernels for these shapes
+ * stop well short of that on AVX2-only CPUs (fp32 GEMV is single-threaded; the int8/int4
+ * weight-only kernels are compute-bound from one row). These kernels read each weight once per
+ * call, for up to MAX_ROWS activation rows at a time, split by output rows over OpenMP threads.
+ *
+ * Quantized weights use integer dot products, as llama.cpp does: each activation row is
+ * quantized to int8 per block of 32 (absmax scale), then 32 weights x 32 activations become
+ * one maddubs + madd. Weight formats are llmscale's (see llmscale/model/quant.py):
+ *   int8: q int8 [n, k], w = q * scale[row].
+ *   int4: q uint8 [n, k/2], element 2j in the low nibble of byte j, w = (q - 8) * s + z
+ *         per group.
+ * Activations in each 32-block are stored even elements first, then odd ones, so the low and
+ * high nibbles of 16 weight bytes line up with them without shuffles.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define MAX_ROWS 8
+#define QBLOCK 32
+#define ROW_TILE 64 /* output rows per tile: their weights stay in L2 across row chunks */
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_bf16(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+/* The output rows [n0, n1) that thread t of nt owns, in whole tiles. */
+static void thread_rows(int64_t n, int t, int nt, int64_t *n0, int64_t *n1) {
+    int64_t tiles = (n + ROW_TILE - 1) / ROW_TILE;
+    int64_t per = tiles / nt, extra = tiles % nt;
+    int64_t first = t * per + (t < extra ? t : extra);
+    int64_t count = per + (t < extra);
+    *n0 = first * ROW_TILE < n ? first * ROW_TILE : n;
+    *n1 = (first + count) * ROW_TILE < n ? (first + count) * ROW_TILE : n;
+}
+
+/* ---------------------------------------------------------------- dense fp32 / bf16 weights */
+
+#define DENSE_ROWS(NAME, WTYPE, LOADW)                                                          \
+    static inline __attribute__((always_inline)) void NAME(                                     \
+        const float *x, int64_t k, const WTYPE *w, int64_t n0, int64_t n1, float *y,           \
+        int64_t ldy, const int M) {                                                             \
+        for (int64_t n = n0; n < n1; n++) {                                                     \
+            const WTYPE *wr = w + n * k;                                                        \
+            __m256 acc[MAX_ROWS];                                                               \
+            for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();                           \
+            for (int64_t j = 0; j < k; j += 8) {                                                \
+                __m256 wv = LOADW(wr + j);                                                      \
+                for (int i = 0; i < M; i++)                                                     \
+                    acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + j), acc[i]);       \
+            }                                                                                   \
+            for (int i = 0; i < M; i++) y[i * ldy + n] = hsum_ps(acc[i]);                      \
+        }                                                                                       \
+    }
+
+DENSE_ROWS(rows_f32, float, _mm256_loadu_ps)
+DENSE_ROWS(rows_bf16, uint16_t, load_bf16)
+
+#define DISPATCH_ROWS(FN, M, ...)                                                               \
+    switch (M) {                                                                                \
+        case 1: FN(__VA_ARGS__, 1); break;                                                      \
+        case 2: FN(__VA_ARGS__, 2); break;                                                      \
+        case 3: FN(__VA_ARGS__, 3); break;                                                      \
+        case 4: FN(__VA_ARGS__, 4); break;                                                      \
+        case 5: FN(__VA_ARGS__, 5); break;                                                      \
+        case 6: FN(__VA_ARGS__, 6); break;                                                      \
+        case 7: FN(__VA_ARGS__, 7); break;                                                      \
+        default: FN(__VA_ARGS__, 8); break;                                                     \
+    }
+
+/* k % 8 == 0. */
+void matmul_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, float *y,
+                int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t n0, n1;
+        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        for (int64_t t = n0; t < n1; t += ROW_TILE) {
+            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
+            for (int64_t r = 0; r < m; r += MAX_ROWS) {
+                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
+                DISPATCH_ROWS(rows_f32, rows, x + r * k, k, w, t, t1, y + r * n, n)
+            }
+        }
+    }
+}
+
+void matmul_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y,
+                 int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t n0, n1;
+        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        for (int64_t t = n0; t < n1; t += ROW_TILE) {
+            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
+            for (int64_t r = 0; r < m; r += MAX_ROWS) {
+                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
+                DISPATCH_ROWS(rows_bf16, rows, x + r * k, k, w, t, t1, y + r * n, n)
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- activation quantization */
+
+/* x [m, k] fp32 -> xq int8 [m, k] and dx [m, k/32] per 32-block absmax scales. With
+ * `interleave`, each block is stored even elements first, then odd ones (int4 nibble order). */
+static void quantize_rows(const float *x, int64_t m, int64_t k, int interleave, int8_t *xq,
+                          float *dx) {
+    for (int64_t i = 0; i < m * k; i += QBLOCK) {
+        const float *xb = x + i;
+        float amax = 0.f;
+        for (int j = 0; j < QBLOCK; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        dx[i / QBLOCK] = d;
+        for (int j = 0; j < QBLOCK; j++) {
+            int dst = interleave ? (j & 1) * (QBLOCK / 2) + j / 2 : j;
+            xq[i + dst] = (int8_t)lrintf(xb[j] * inv);
+        }
+    }
+}
+
+static inline __m256 dot_block(__m256i wu8, __m256i xs8) {
+    /* unsigned weights x signed activations: 32 products summed to 8 int32 lanes. */
+    __m256i p16 = _mm256_maddubs_epi16(wu8, xs8);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+/* ---------------------------------------------------------------- int8 weights */
+
+static inline __attribute__((always_inline)) void rows_int8(
+    const int8_t *xq, const float *dx, int64_t k, const int8_t *w, const float *scale,
+    int64_t n0, int64_t n1, float *y, int64_t ldy, const int M) {
+    const int64_t nb = k / QBLOCK;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w + n * k;
+        __m256 acc[MAX_ROWS];
+        for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + b * QBLOCK));
+            __m256i wabs = _mm256_sign_epi8(wv, wv);
+            for (int i = 0; i < M; i++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * k + b * QBLOCK));
+                __m256 d = _mm256_set1_ps(dx[i * nb + b]);
+                acc[i] = _mm256_fmadd_ps(dot_block(wabs, _mm256_sign_epi8(xv, wv)), d, acc[i]);
+            }
+        }
+        for (int i = 0; i < M; i++) y[i * ldy + n] = hsum_ps(acc[i]) * scale[n];
+    }
+}
+
+/* k % 32 == 0. */
+void matmul_int8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
+                 int64_t n, float *y, int nthreads) {
+    int8_t *xq = malloc(m * k);
+    float *dx = malloc(m * (k / QBLOCK) * sizeof(float));
+    quantize_rows(x, m, k, 0, xq, dx);
+    const int64_t nb = k / QBLOCK;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t n0, n1;
+        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        for (int64_t t = n0; t < n1; t += ROW_TILE) {
+            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
+            for (int64_t r = 0; r < m; r += MAX_ROWS) {
+                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
+                DISPATCH_ROWS(rows_int8, rows, xq + r * k, dx + r * nb, k, w, scale, t, t1,
+                              y + r * n, n)
+            }
+        }
+    }
+    free(xq);
+    free(dx);
+}
+
+/* ---------------------------------------------------------------- int4 weights */
+
+static inline __attribute__((always_inline)) void rows_int4(
+    const int8_t *xq, const float *dx, const float *xsum, int64_t k, int64_t group,
+    const uint8_t *w, const float *s, const float *z, int64_t n0, int64_t n1, float *y,
+    int64_t ldy, const int M) {
+    const int64_t nb = k / QBLOCK, ng = k / group;
+    const int shift = __builtin_ctzll(group / QBLOCK); /* block -> group index */
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256i mid = _mm256_set1_epi8(8);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * (k / 2);
+        const float *sr = s + n * ng, *zr = z + n * ng;
+        __m256 acc[MAX_ROWS];
+        for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(wr + b * (QBLOCK / 2)));
+            __m128i lo = _mm_and_si128(raw, low4);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            /* even elements, then odd ones; centred (q - 8) halves the error that the
+             * activations' rounding contributes, against q in [0, 15] */
+            __m256i q = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), mid);
+            __m256i qabs = _mm256_sign_epi8(q, q);
+            const float sb = sr[b >> shift];
+            for (int i = 0; i < M; i++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * k + b * QBLOCK));
+                __m256 d = _mm256_set1_ps(dx[i * nb + b] * sb);
+                acc[i] = _mm256_fmadd_ps(dot_block(qabs, _mm256_sign_epi8(xv, q)), d, acc[i]);
+            }
+        }
+        for (int i = 0; i < M; i++) { /* the zero points: sum over groups of z * (sum of x) */
+            float offset = 0.f;
+            for (int64_t g = 0; g < ng; g++) offset += zr[g] * xsum[i * ng + g];
+            y[i * ldy + n] = hsum_ps(acc[i]) + offset;
+        }
+    }
+}
+
+/* k % group == 0, group % 32 == 0. */
+void matmul_int4(const float *x, int64_t m, int64_t k, int64_t group, const uint8_t *w,
+                 const float *s, const float *z, int64_t n, float *y, int nthreads) {
+    const int64_t nb = k / QBLOCK, ng = k / group;
+    int8_t *xq = malloc(m * k);
+    float *dx = malloc(m * nb * sizeof(float)), *xsum = malloc(m * ng * sizeof(float));
+    quantize_rows(x, m, k, 1, xq, dx);
+    for (int64_t i = 0; i < m * ng; i++) { /* exact fp32 group sums for the offset term */
+        float acc = 0.f;
+        for (int64_t j = 0; j < group; j++) acc += x[i * group + j];
+        xsum[i] = acc;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t n0, n1;
+        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        for (int64_t t = n0; t < n1; t += ROW_TILE) {
+            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
+            for (int64_t r = 0; r < m; r += MAX_ROWS) {
+                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
+                DISPATCH_ROWS(rows_int4, rows, xq + r * k, dx + r * nb, xsum + r * ng, k, group,
+                              w, s, z, t, t1, y + r * n, n)
+            }
+        }
+    }
+    free(xq);
+    free(dx);
+    free(xsum);
+}
+
+/* ---------------------------------------------------------------- RMSNorm */
+
+/* out = x * rsqrt(mean(x^2) + eps) * w per row of x [m, k]; with `residual`, x + residual is
+ * normalised and also written to `sum` (the decoder's residual stream). k % 8 == 0. */
+void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *w,
+              float eps, float *sum, float *out) {
+    for (int64_t i = 0; i < m; i++) {
+        const float *xr = x + i * k;
+        float *src = (float *)xr;
+        if (residual) {
+            const float *rr = residual + i * k;
+            src = sum + i * k;
+            for (int64_t j = 0; j < k; j += 8)
+                _mm256_storeu_ps(src + j, _mm256_add_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(rr + j)));
+        }
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t j = 0; j < k; j += 8) {
+            __m256 v = _mm256_loadu_ps(src + j);
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum_ps(ss) / (float)k + eps));
+        for (int64_t j = 0; j < k; j += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + j), r);
+            _mm256_storeu_ps(out + i * k + j, _mm256_mul_ps(v, _mm256_loadu_ps(w + j)));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- decode attention */
+
+/* e^x for 8 lanes, x clamped to [-87, 88]: 2^n * p(r) with a degree-6 polynomial, ~1e-7
+ * relative error. */
+static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* softmax in place over p[0, len) */
+static void softmax(float *p, int64_t len) {
+    float mx = p[0], total = 0.f;
+    for (int64_t t = 1; t < len; t++) mx = p[t] > mx ? p[t] : mx;
+    __m256 vmx = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= len; t += 8) {
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+        _mm256_storeu_ps(p + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    for (; t < len; t++) total += (p[t] = expf(p[t] - mx));
+    total += hsum_ps(vsum);
+    __m256 inv = _mm256_set1_ps(1.f / total);
+    for (t = 0; t + 8 <= len; t += 8) _mm256_storeu_ps(p + t, _mm256_mul_ps(_mm256_loadu_ps(p + t), inv));
+    for (; t < len; t++) p[t] /= total;
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t d) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    return hsum_ps(acc);
+}
+
+/* One query token per sequence against its paged K/V, read in place (no gather):
+ * q, out [b, hq, d]; caches [num_blocks, block_size, hkv, d]; tables [b, max_blocks];
+ * ctx [b] tokens to attend to. The query heads of a KV group share each K/V row read.
+ * d % 8 == 0. */
+void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
+                            const float *kc, const float *vc, int64_t block_size,
+                            const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
+                            float scale, float *out, int nthreads) {
+    const int64_t group = hq / hkv;
+    int64_t total = 0;
+    for (int64_t s = 0; s < b; s++) total += ctx[s];
+    /* A short context is a few microseconds of work: below that, threads cost more. */
+    int threads = total * hkv * group * d < (1 << 18) ? 1 : nthreads;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t task = 0; task < b * hkv; task++) {
+        const int64_t s = task / hkv, h = task % hkv, len = ctx[s];
+        const int64_t *table = tables + s * max_blocks;
+        float *p = malloc(group * len * sizeof(float));
+        const float *qs = q + (s * hq + h * group) * d;
+        float *os = out + (s * hq + h * group) * d;
+        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, blk++) {
+            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+            const float *kb = kc + (table[blk] * block_size * hkv + h) * d;
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t g = 0; g < group; g++)
+                    p[g * len + t0 + j] = dot_f32(qs + g * d, kb + j * hkv * d, d) * scale;
+        }
+        for (int64_t g = 0; g < group; g++) softmax(p + g * len, len);
+        for (int64_t j = 0; j < group * d; j++) os[j] = 0.f;
+        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, blk++) {
+            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
+            const float *vb = vc + (table[blk] * block_size * hkv + h) * d;
+            for (int64_t g = 0; g < group; g++) {
+                const float *pg = p + g * len + t0;
+                for (int64_t j0 = 0; j0 < d; j0 += 8) {
+                    __m256 acc = _mm256_loadu_ps(os + g * d + j0);
+                    for (int64_t j = 0; j < n; j++)
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[j]), _mm256_loadu_ps(vb + j * hkv * d + j0), acc);
+                    _mm256_storeu_ps(os + g * d + j0, acc);
+                }
+            }
+        }
+        free(p);
+    }
+}
+
+/* ---------------------------------------------------------------- rotary embedding + cache write */
+
+/* Rotate-half rotary on one head: out = x * cos + swap_halves(x) * sin (sin carries the sign). */
+static inline void rope_head(const float *x, const float *cs, const float *sn, int64_t d, float *out) {
+    const int64_t half = d / 2;
+    for (int64_t j = 0; j < half; j += 8) {
+        __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + half + j);
+        _mm256_storeu_ps(out + j, _mm256_fmadd_ps(b, _mm256_loadu_ps(sn + j), _mm256_mul_ps(a, _mm256_loadu_ps(cs + j))));
+        _mm256_storeu_ps(out + half + j, _mm256_fmadd_ps(a, _mm256_loadu_ps(sn + half + j),
+                                                         _mm256_mul_ps(b, _mm256_loadu_ps(cs + half + j))));
+    }
+}
+
+/* qkv [t, (hq + 2 hkv) d] (q heads, k heads, v heads) -> q_out [t, hq, d] and k_out
+ * [t, hkv, d] rotated; k_out and v also written to the caches [slots, hkv, d] at `slots`.
+ * cos/sin [positions, d] full-width tables. d % 16 == 0. */
+void rope_and_cache(const float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
+                    const float *cos, const float *sin, const int64_t *positions,
+                    const int64_t *slots, float *k_cache, float *v_cache, float *q_out,
+                    float *k_out) {
+    const int64_t width = (hq + 2 * hkv) * d;
+    for (int64_t i = 0; i < t; i++) {
+        const float *row = qkv + i * width, *cs = cos + positions[i] * d, *sn = sin + positions[i] * d;
+        for (int64_t h = 0; h < hq; h++) rope_head(row + h * d, cs, sn, d, q_out + (i * hq + h) * d);
+        float *kc = k_cache + slots[i] * hkv * d, *vc = v_cache + slots[i] * hkv * d;
+        for (int64_t h = 0; h < hkv; h++) {
+            float *ko = k_out + (i * hkv + h) * d;
+            rope_head(row + (hq + h) * d, cs, sn, d, ko);
+            for (int64_t j = 0; j < d; j += 8) {
+                _mm256_storeu_ps(kc + h * d + j, _mm256_loadu_ps(ko + j));
+                _mm256_storeu_ps(vc + h * d + j, _mm256_loadu_ps(row + (hq + hkv + h) * d + j));
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- SwiGLU */
+
+/* gate_up [m, 2 i] -> out [m, i] = silu(gate) * up. i % 8 == 0. */
+void silu_and_mul(const float *gate_up, int64_t m, int64_t i, float *out) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (int64_t r = 0; r < m; r++) {
+        const float *g = gate_up + r * 2 * i, *u = g + i;
+        for (int64_t j = 0; j < i; j += 8) {
+            __m256 x = _mm256_loadu_ps(g + j);
+            __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(zero, x))));
+            _mm256_storeu_ps(out + r * i + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
+        }
+    }
+}
