@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llmscale import LLM, SamplingParams
+from llmscale.compress.quantize import quantize_model
 from llmscale.kernels import cpu
 from llmscale.model.quant import dequantize_int4, dequantize_int8, pack_nibbles, quantize_int4, quantize_int8
 
@@ -81,3 +85,34 @@ def test_paged_decode_attention_matches_sdpa(hq: int, hkv: int) -> None:
         v = v_cache[tables[i]].reshape(-1, hkv, d)[:n].transpose(0, 1)
         ref = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True)  # [Hq, 1, D]
         torch.testing.assert_close(out[i], ref.squeeze(1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_variants(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tiny_model("llama")
+    out = {"fp32": folder}
+    for method in ("int8", "int4"):
+        out[method] = tmp_path_factory.mktemp(f"tiny-{method}")
+        quantize_model(str(folder), method, 32, out[method], show_progress=False)
+    out["qwen2"] = tiny_model("qwen2")  # QKV bias
+    return out
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4", "qwen2"])
+def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: dict[str, Path]) -> None:
+    """Decode-only steps run all layers in one C call; the same requests through the model's
+    modules give the same tokens and logprobs."""
+    llm = LLM(model=str(tiny_variants[variant]), dtype="float32", kv_cache_memory="32MiB")
+    runner = llm.llm_engine.runner
+    assert runner.fused is not None
+    prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived",
+               "1, 2, 3, 4,"]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1)
+    fused = llm.generate(prompts, params, use_tqdm=False)
+    runner.fused = None
+    per_op = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fused, per_op, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        out_a, out_b = a.outputs[0], b.outputs[0]
+        for la, lb, tok in zip(out_a.logprobs, out_b.logprobs, out_a.token_ids, strict=True):
+            assert la[tok] == pytest.approx(lb[tok], abs=1e-3)

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType, quants
 from llmscale import LLM, SamplingParams
 from llmscale.cli import main
 from llmscale.compress.quantize import quantize_model
+from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.gguf_loader import TensorInfo, default_model_path
 from llmscale.model.gguf_quantized import q4_blocks
 from llmscale.model.quant import (
@@ -47,7 +48,8 @@ def test_int4_round_trip_is_within_half_a_step(group: int) -> None:
     assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
 
 
-def _quantized_weight(w: torch.Tensor, bits: int, group: int = 32) -> QuantizedWeight:
+def _quantized_weight(w: torch.Tensor, bits: int, group: int = 32,
+                      c_kernels: bool = False) -> QuantizedWeight:
     n, k = w.shape
     qw = QuantizedWeight(n, k, bits, group)
     if bits == 8:
@@ -56,17 +58,20 @@ def _quantized_weight(w: torch.Tensor, bits: int, group: int = 32) -> QuantizedW
     else:
         codes, scale, zero = quantize_int4(w, group)
         qw.qweight.data, qw.scales.data, qw.zeros.data = pack_nibbles(codes), scale, zero
-    qw.prepare()
+    qw.prepare(c_kernels)
     return qw
 
 
+@pytest.mark.parametrize("c_kernels", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not cpu_kernels.available(), reason="the C kernels do not build here"))])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS, KERNEL_MAX_TOTAL_ROWS - 1, 40])
-def test_matmul_paths_match_the_dequantized_weight(bits: int, rows: int) -> None:
-    """Few rows take torch's int8/int4 kernels (bf16 activations, 8 rows at a time), many
-    rows dequantize; both equal x @ W_dq^T up to the kernels' bf16 rounding."""
+def test_matmul_paths_match_the_dequantized_weight(bits: int, rows: int, c_kernels: bool) -> None:
+    """Few rows take llmscale's C kernels (int8 activations per 32 values) or torch's
+    int8/int4 kernels (bf16 activations, 8 rows at a time), many rows dequantize; all equal
+    x @ W_dq^T up to the kernels' activation rounding."""
     torch.manual_seed(0)
-    qw = _quantized_weight(torch.randn(160, 256), bits)
+    qw = _quantized_weight(torch.randn(160, 256), bits, c_kernels=c_kernels)
     x = torch.randn(rows, 256)
     ref = x @ qw.dequantize_rows(0, 160, torch.float32).t()
     tol = 0.02 * ref.abs().max().item() if rows <= KERNEL_MAX_TOTAL_ROWS else 1e-4

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmscale.config import ModelConfig
+from llmscale.engine import fused_decode
 from llmscale.engine.kv_cache import KVCacheManager
 from llmscale.engine.request import Request
 from llmscale.engine.scheduler import ScheduledBatch
@@ -50,6 +51,8 @@ class ModelRunner:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
+        # Decode-only steps run every layer in one C call where the model allows it.
+        self.fused = fused_decode.FusedDecoder.build(model, block_size) if self.c_kernels else None
 
     def _decode_mask(self, context: torch.Tensor, width: int) -> torch.Tensor:
         """[B, 1, 1, width]: 0 where a decode may attend, -inf past its context."""
@@ -118,7 +121,11 @@ class ModelRunner:
                 sampled.append(r)
 
         meta.slot_mapping = torch.cat(meta_slots)
-        hidden = self.model(torch.cat(id_parts), torch.cat(pos_parts), meta)
+        if self.fused is not None and not prefills and len(decodes) <= self.fused.max_rows:
+            hidden = self.fused(id_parts[0], pos_parts[0], meta.slot_mapping, meta.decode_block_tables,
+                                meta.decode_context_lens)
+        else:
+            hidden = self.model(torch.cat(id_parts), torch.cat(pos_parts), meta)
         result = StepResult(sampled=sampled)
         if sample_rows:
             result.logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])

@@ -1,4 +1,4 @@
-"""The C decode matmuls of `cpu_matmul.c`: built once per machine, called through ctypes.
+"""The C decode kernels of `cpu.c`: built once per machine, called through ctypes.
 
 The library is compiled on first use with the system C compiler (`$CC`, else `cc`) for this
 CPU (`-march=native`) and cached under `$LLMSCALE_CACHE/kernels/`, keyed by the source, the
@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_matmul.c")
+SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-fno-math-errno", "-march=native", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 QBLOCK = 32  # activation quantization block of the int8/int4 kernels
 MAX_ROWS = 8  # activation rows per pass over the weights
@@ -40,6 +40,7 @@ _SIGNATURES = {
                                ctypes.c_int],
     "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
     "silu_and_mul": [_P, _I, _I, _P],
+    "decode_step": [_P, _P, _I, _P, _P, _P, _I, _P, _P, ctypes.c_int],
 }
 
 
@@ -58,7 +59,7 @@ def _build(compiler: str, flags: set[str]) -> Path:
     from llmscale.model.gguf_loader import cache_root
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + sorted(flags)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu_matmul-{key}.so"
+    target = cache_root() / "kernels" / f"cpu-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

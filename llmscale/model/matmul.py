@@ -4,9 +4,11 @@ Decode steps multiply a few activation rows by every weight, so they are bound b
 the weights from memory. On CPU, torch's kernels for those shapes fall short of that
 (measured on a 2-core AVX2 CPU, torch 2.13, all decoder linears of SmolLM2-135M in fp32:
 1 row 56 ms as `torch.mm`, single-threaded GEMV; 8 rows 78 ms), so up to a few rows the C
-kernels of `llmscale.kernels` run instead (29 ms and 48 ms; bf16 weights 19 ms and 38 ms).
+kernels of `llmscale.kernels` run instead (29 ms and 48 ms; bf16 weights 19 ms and 38 ms);
+they win up to ~32 rows.
 Without them, `W @ x^T` beats `F.linear` for 2-128 rows (a [8, 576] x [576, 3072] product
 1.4 ms against 2.7 ms: the short operand on the left makes torch repack the weight per call).
+Prefill chunks are compute-bound, where oneDNN's linear is the fastest here.
 """
 
 from __future__ import annotations
@@ -17,12 +19,33 @@ import torch.nn.functional as F
 from llmscale.kernels import cpu as cpu_kernels
 
 WEIGHT_LEFT_MAX_ROWS = 128
-# Up to these row counts the C kernels beat torch's (same measurement as above).
-C_KERNEL_MAX_ROWS = {torch.float32: 12, torch.bfloat16: 32}
+# From this many rows (prefill chunks) oneDNN's fp32 linear beats MKL's GEMM: all decoder
+# linears at 128 rows 10.3 ms against 13.8 ms, at 512 rows 31 ms against 42 ms; equal at 2048.
+ONEDNN_MIN_ROWS = 96
+# ... and from 2 rows for a weight this tall (the lm_head), past the C kernel's rows:
+# [48, 576] x [576, 49152] 33 ms against 62 ms as `W @ x^T` (which also transposes the output).
+ONEDNN_MIN_OUT_FEATURES = 16384
+
+
+def _onednn_linear() -> object | None:
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+# Up to these row counts the C kernels beat torch's (same measurement as above: at 24 rows
+# 92 ms against 112 ms as `W @ x^T`); for the tall lm_head oneDNN wins from 17 rows.
+C_KERNEL_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 32}
+C_KERNEL_MAX_ROWS_TALL = 16
 
 
 def _c_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.shape[0] <= C_KERNEL_MAX_ROWS.get(weight.dtype, 0) and weight.shape[1] % 8 == 0
+    rows = C_KERNEL_MAX_ROWS.get(weight.dtype, 0)
+    if weight.shape[0] >= ONEDNN_MIN_OUT_FEATURES:
+        rows = min(rows, C_KERNEL_MAX_ROWS_TALL)
+    return (x.shape[0] <= rows and weight.shape[1] % 8 == 0
             and weight.is_contiguous() and cpu_kernels.available()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
@@ -32,6 +55,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if _c_kernel_fits(x, weight):
             y = cpu_kernels.matmul_dense(x.float().contiguous(), weight).to(x.dtype)
             return y if bias is None else y + bias
+        onednn_rows = ONEDNN_MIN_ROWS if weight.shape[0] < ONEDNN_MIN_OUT_FEATURES else 2
+        if (x.shape[0] >= onednn_rows and _ONEDNN_LINEAR is not None and weight.dtype == torch.float32
+                and x.dtype == torch.float32 and not torch.is_grad_enabled()):
+            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
         if 1 < x.shape[0] <= WEIGHT_LEFT_MAX_ROWS:
             y = torch.mm(weight, x.t()).t().contiguous()
             return y if bias is None else y + bias

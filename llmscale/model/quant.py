@@ -11,12 +11,14 @@ add a fifth to an int4 checkpoint at group size 32.
 The checkpoint keeps the portable layout; the kernel layout (torch's int4 pack) is built at
 load time, since it is specific to the device and torch version.
 
-Matmuls on CPU: few rows (decode of a handful of sequences) run torch's weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations, reading a
-quarter or an eighth of the fp32 bytes; their fp32-activation paths are reference loops, so
-activations are cast. Many rows (prefill, big decode batches) are compute-bound, where those
-kernels lose to a dense GEMM: the weight is dequantized chunk by chunk into a reused buffer
-that stays in cache, then multiplied densely. Other devices always take the dequantize path.
+Matmuls on CPU: few rows (decode of a handful of sequences) run llmscale's C kernels
+(`llmscale.kernels`: int8 activations per 32 values, integer dot products), reading a quarter
+or an eighth of the fp32 bytes. Where those cannot build, torch's weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) take their place with bf16 activations
+(their fp32-activation paths are reference loops). Many rows (prefill, big decode batches) are
+compute-bound, where both lose to a dense GEMM: the weight is dequantized chunk by chunk into
+a reused buffer that stays in cache, then multiplied densely. Other devices always take the
+dequantize path.
 """
 
 from __future__ import annotations

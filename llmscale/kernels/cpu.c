@@ -1,6 +1,7 @@
-/* Skinny matmuls y[m, n] = x[m, k] @ W[n, k]^T for decode steps on x86 CPUs with AVX2 + FMA.
+/* CPU kernels for decode steps on x86 CPUs with AVX2 + FMA: skinny matmuls, norms, rotary,
+ * attention over the paged cache, and a whole decode step over all layers.
  *
- * A decode step multiplies a handful of activation rows by every weight of the model, so its
+ * Skinny matmuls y[m, n] = x[m, k] @ W[n, k]^T. A decode step multiplies a handful of activation rows by every weight of the model, so its
  * speed is the speed of streaming the weights from memory. torch's kernels for these shapes
  * stop well short of that on AVX2-only CPUs (fp32 GEMV is single-threaded; the int8/int4
  * weight-only kernels are compute-bound from one row). These kernels read each weight once per
@@ -329,48 +330,94 @@ static inline float dot_f32(const float *a, const float *b, int64_t d) {
     return hsum_ps(acc);
 }
 
+/* q . k[i] for 8 keys at once: 8 independent FMA chains, then one transposing reduction
+ * (a single chain per dot product would wait on FMA latency). */
+static inline __m256 dot8_f32(const float *q, const float *const *k, int64_t d) {
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) {
+        __m256 qv = _mm256_loadu_ps(q + j);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + j), a[i]);
+    }
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    t0 = _mm256_hadd_ps(t0, t1);
+    t2 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t2, 0x20), _mm256_permute2f128_ps(t0, t2, 0x31));
+}
+
+/* out[0, 8 * nacc) += sum_t p[t] * v[t][0, 8 * nacc), with nacc independent accumulators. */
+static inline __attribute__((always_inline)) void weighted_sum(
+    const float *p, const float *const *v, int64_t len, int64_t offset, float *out, const int nacc) {
+    __m256 acc[8];
+    for (int c = 0; c < nacc; c++) acc[c] = _mm256_loadu_ps(out + 8 * c);
+    for (int64_t t = 0; t < len; t++) {
+        __m256 pt = _mm256_set1_ps(p[t]);
+        for (int c = 0; c < nacc; c++) acc[c] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v[t] + offset + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < nacc; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
 /* One query token per sequence against its paged K/V, read in place (no gather):
  * q, out [b, hq, d]; caches [num_blocks, block_size, hkv, d]; tables [b, max_blocks];
- * ctx [b] tokens to attend to. The query heads of a KV group share each K/V row read.
- * d % 8 == 0. */
+ * ctx [b] tokens to attend to. One sequence per task, walking its cache rows in order with
+ * every head at once: a task per KV head would stride through rows that other tasks read,
+ * and the prefetchers would fetch their neighbours for nothing. d % 8 == 0. */
 void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
                             const float *kc, const float *vc, int64_t block_size,
                             const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
                             float scale, float *out, int nthreads) {
-    const int64_t group = hq / hkv;
-    int64_t total = 0;
-    for (int64_t s = 0; s < b; s++) total += ctx[s];
-    /* A short context is a few microseconds of work: below that, threads cost more. */
-    int threads = total * hkv * group * d < (1 << 18) ? 1 : nthreads;
+    const int64_t group = hq / hkv, row = hkv * d;
+    int threads = b > 1 ? nthreads : 1;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t task = 0; task < b * hkv; task++) {
-        const int64_t s = task / hkv, h = task % hkv, len = ctx[s];
+    for (int64_t s = 0; s < b; s++) {
+        const int64_t len = ctx[s], padded = (len + 7) / 8 * 8;
         const int64_t *table = tables + s * max_blocks;
-        float *p = malloc(group * len * sizeof(float));
-        const float *qs = q + (s * hq + h * group) * d;
-        float *os = out + (s * hq + h * group) * d;
+        float *p = malloc(hq * padded * sizeof(float)); /* p[head][t] */
+        const float **krow = malloc(2 * padded * sizeof(float *)), **vrow = krow + padded;
         for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, blk++) {
-            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-            const float *kb = kc + (table[blk] * block_size * hkv + h) * d;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t g = 0; g < group; g++)
-                    p[g * len + t0 + j] = dot_f32(qs + g * d, kb + j * hkv * d, d) * scale;
+            const int64_t base = table[blk] * block_size;
+            for (int64_t j = 0; j < block_size && t0 + j < len; j++) {
+                krow[t0 + j] = kc + (base + j) * row;
+                vrow[t0 + j] = vc + (base + j) * row;
+            }
         }
-        for (int64_t g = 0; g < group; g++) softmax(p + g * len, len);
-        for (int64_t j = 0; j < group * d; j++) os[j] = 0.f;
-        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, blk++) {
-            const int64_t n = len - t0 < block_size ? len - t0 : block_size;
-            const float *vb = vc + (table[blk] * block_size * hkv + h) * d;
-            for (int64_t g = 0; g < group; g++) {
-                const float *pg = p + g * len + t0;
-                for (int64_t j0 = 0; j0 < d; j0 += 8) {
-                    __m256 acc = _mm256_loadu_ps(os + g * d + j0);
-                    for (int64_t j = 0; j < n; j++)
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(pg[j]), _mm256_loadu_ps(vb + j * hkv * d + j0), acc);
-                    _mm256_storeu_ps(os + g * d + j0, acc);
+        for (int64_t t = len; t < padded; t++) { /* past len: repeat the last row, weight 0 */
+            krow[t] = krow[len - 1];
+            vrow[t] = vrow[len - 1];
+        }
+        const float *qs = q + s * hq * d;
+        float *os = out + s * hq * d;
+        const float *ptr[8];
+        for (int64_t t = 0; t < padded; t += 8) {
+            for (int64_t h = 0; h < hkv; h++) {
+                for (int i = 0; i < 8; i++) ptr[i] = krow[t + i] + h * d;
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t head = h * group + g;
+                    _mm256_storeu_ps(p + head * padded + t,
+                                     _mm256_mul_ps(dot8_f32(qs + head * d, ptr, d), _mm256_set1_ps(scale)));
                 }
             }
         }
+        for (int64_t head = 0; head < hq; head++) {
+            softmax(p + head * padded, len);
+            for (int64_t t = len; t < padded; t++) p[head * padded + t] = 0.f;
+        }
+        for (int64_t j = 0; j < hq * d; j++) os[j] = 0.f;
+        for (int64_t t = 0; t < padded; t += 8) {
+            for (int64_t h = 0; h < hkv; h++) {
+                for (int i = 0; i < 8; i++) ptr[i] = vrow[t + i] + h * d;
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t head = h * group + g;
+                    const float *pt = p + head * padded + t;
+                    float *og = os + head * d;
+                    int64_t j0 = 0;
+                    for (; j0 + 64 <= d; j0 += 64) weighted_sum(pt, ptr, 8, j0, og + j0, 8);
+                    for (; j0 < d; j0 += 8) weighted_sum(pt, ptr, 8, j0, og + j0, 1);
+                }
+            }
+        }
+        free(krow);
         free(p);
     }
 }
@@ -424,4 +471,74 @@ void silu_and_mul(const float *gate_up, int64_t m, int64_t i, float *out) {
             _mm256_storeu_ps(out + r * i + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
         }
     }
+}
+
+/* ---------------------------------------------------------------- a whole decode step */
+
+enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3 };
+
+typedef struct {
+    int32_t kind, pad;
+    int64_t n, k, group;
+    const void *w;
+    const float *s, *z, *bias; /* scales and zero points of quantized kinds; bias or NULL */
+} Linear;
+
+typedef struct {
+    Linear qkv, o, gate_up, down;
+    const float *input_norm, *post_norm;
+    float *k_cache, *v_cache;
+} Layer;
+
+typedef struct {
+    int64_t hidden, hq, hkv, d, inter, block_size, num_layers;
+    float eps, scale;
+    const float *cos, *sin, *final_norm;
+    const Layer *layers;
+} Decoder;
+
+static void linear_forward(const Linear *l, const float *x, int64_t m, float *y, int nthreads) {
+    switch (l->kind) {
+        case DENSE_F32: matmul_f32(x, m, l->k, l->w, l->n, y, nthreads); break;
+        case DENSE_BF16: matmul_bf16(x, m, l->k, l->w, l->n, y, nthreads); break;
+        case INT8: matmul_int8(x, m, l->k, l->w, l->s, l->n, y, nthreads); break;
+        default: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
+    }
+    if (l->bias)
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < l->n; j++) y[i * l->n + j] += l->bias[j];
+}
+
+/* Every decoder layer for m single-token decodes, then the final norm: x [m, hidden] (the
+ * token embeddings) -> out [m, hidden]. The same math as the model's modules, without a
+ * return to Python between them. */
+void decode_step(const Decoder *dec, const float *x, int64_t m, const int64_t *positions,
+                 const int64_t *slots, const int64_t *tables, int64_t max_blocks,
+                 const int64_t *ctx, float *out, int nthreads) {
+    const int64_t hs = dec->hidden, qd = dec->hq * dec->d, kvd = dec->hkv * dec->d;
+    float *residual = malloc(m * hs * sizeof(float)), *h = malloc(m * hs * sizeof(float));
+    float *tmp = malloc(m * hs * sizeof(float)), *qkv = malloc(m * (qd + 2 * kvd) * sizeof(float));
+    float *q = malloc(m * qd * sizeof(float)), *k = malloc(m * kvd * sizeof(float));
+    float *attn = malloc(m * qd * sizeof(float)), *gate_up = malloc(m * 2 * dec->inter * sizeof(float));
+    float *act = malloc(m * dec->inter * sizeof(float));
+    for (int64_t i = 0; i < m * hs; i++) residual[i] = x[i];
+    for (int64_t l = 0; l < dec->num_layers; l++) {
+        const Layer *L = dec->layers + l;
+        if (l == 0)
+            rms_norm(residual, NULL, m, hs, L->input_norm, dec->eps, NULL, h);
+        else /* residual += previous layer's output, then normalise */
+            rms_norm(tmp, residual, m, hs, L->input_norm, dec->eps, residual, h);
+        linear_forward(&L->qkv, h, m, qkv, nthreads);
+        rope_and_cache(qkv, m, dec->hq, dec->hkv, dec->d, dec->cos, dec->sin, positions, slots,
+                       L->k_cache, L->v_cache, q, k);
+        paged_decode_attention(q, m, dec->hq, dec->hkv, dec->d, L->k_cache, L->v_cache,
+                               dec->block_size, tables, max_blocks, ctx, dec->scale, attn, nthreads);
+        linear_forward(&L->o, attn, m, tmp, nthreads);
+        rms_norm(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h);
+        linear_forward(&L->gate_up, h, m, gate_up, nthreads);
+        silu_and_mul(gate_up, m, dec->inter, act);
+        linear_forward(&L->down, act, m, tmp, nthreads);
+    }
+    rms_norm(tmp, residual, m, hs, dec->final_norm, dec->eps, residual, out);
+    free(residual); free(h); free(tmp); free(qkv); free(q); free(k); free(attn); free(gate_up); free(act);
 }
