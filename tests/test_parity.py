@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from llmscale import LLM, SamplingParams
 from llmscale.config import EngineConfig
 from llmscale.engine.llm_engine import LLMEngine
+from llmscale.kernels import cpu as cpu_kernels
 
 from .hf_reference import hf_all_logits, hf_greedy, hf_last_logits
 
@@ -34,7 +36,31 @@ def _encode(folder: Path, prompts: list[str]) -> list[list[int]]:
 def test_tiny_models_match_transformers(kind: str, tiny_model, prompts: list[str]) -> None:
     folder = tiny_model(kind)
     ids = _encode(folder, prompts)
-    _, got = _generate(folder, [{"prompt_token_ids": p} for p in ids], kv_cache_memory="64MiB")
+    llm, got = _generate(folder, [{"prompt_token_ids": p} for p in ids], kv_cache_memory="64MiB")
+    # Decode steps ran every layer in one C call wherever the kernels build.
+    assert (llm.llm_engine.runner.fused is not None) == cpu_kernels.available()
+    for p, g in zip(ids, got, strict=True):
+        assert g == hf_greedy(folder, p, NUM_TOKENS)
+
+
+@pytest.fixture
+def torch_kernels_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The engine as it runs where llmscale's C kernels cannot build: torch ops only."""
+    monkeypatch.setenv("LLMSCALE_CPU_KERNELS", "0")
+    cpu_kernels.library.cache_clear()
+    yield
+    monkeypatch.delenv("LLMSCALE_CPU_KERNELS")
+    cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_torch_fallback_matches_transformers(kind: str, tiny_model, prompts: list[str],
+                                             torch_kernels_only: None) -> None:
+    folder = tiny_model(kind)
+    ids = _encode(folder, prompts)
+    llm, got = _generate(folder, [{"prompt_token_ids": p} for p in ids], kv_cache_memory="64MiB",
+                         max_num_batched_tokens=16)  # chunked prefill with context, mixed steps
+    assert llm.llm_engine.runner.fused is None and not llm.llm_engine.runner.c_kernels
     for p, g in zip(ids, got, strict=True):
         assert g == hf_greedy(folder, p, NUM_TOKENS)
 

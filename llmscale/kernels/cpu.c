@@ -82,37 +82,31 @@ DENSE_ROWS(rows_bf16, uint16_t, load_bf16)
         default: FN(__VA_ARGS__, 8); break;                                                     \
     }
 
+/* Runs BODY for each tile [t, t1) of this thread's output rows and each chunk of at most
+ * MAX_ROWS activation rows starting at r (`rows` of them): the weights of a tile stay in L2
+ * while every chunk passes over them. Expects `nthreads` in scope. */
+#define PARALLEL_ROW_TILES(n, m, BODY)                                                          \
+    _Pragma("omp parallel num_threads(nthreads)") {                                             \
+        int64_t n0_, n1_;                                                                       \
+        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0_, &n1_);                \
+        for (int64_t t = n0_; t < n1_; t += ROW_TILE) {                                         \
+            int64_t t1 = t + ROW_TILE < n1_ ? t + ROW_TILE : n1_;                               \
+            for (int64_t r = 0; r < m; r += MAX_ROWS) {                                         \
+                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;                          \
+                BODY                                                                            \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
 /* k % 8 == 0. */
 void matmul_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, float *y,
                 int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t n0, n1;
-        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-        for (int64_t t = n0; t < n1; t += ROW_TILE) {
-            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
-            for (int64_t r = 0; r < m; r += MAX_ROWS) {
-                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
-                DISPATCH_ROWS(rows_f32, rows, x + r * k, k, w, t, t1, y + r * n, n)
-            }
-        }
-    }
+    PARALLEL_ROW_TILES(n, m, DISPATCH_ROWS(rows_f32, rows, x + r * k, k, w, t, t1, y + r * n, n))
 }
 
 void matmul_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n, float *y,
                  int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t n0, n1;
-        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-        for (int64_t t = n0; t < n1; t += ROW_TILE) {
-            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
-            for (int64_t r = 0; r < m; r += MAX_ROWS) {
-                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
-                DISPATCH_ROWS(rows_bf16, rows, x + r * k, k, w, t, t1, y + r * n, n)
-            }
-        }
-    }
+    PARALLEL_ROW_TILES(n, m, DISPATCH_ROWS(rows_bf16, rows, x + r * k, k, w, t, t1, y + r * n, n))
 }
 
 /* ---------------------------------------------------------------- activation quantization */
@@ -173,19 +167,8 @@ void matmul_int8(const float *x, int64_t m, int64_t k, const int8_t *w, const fl
     float *dx = malloc(m * (k / QBLOCK) * sizeof(float));
     quantize_rows(x, m, k, 0, xq, dx);
     const int64_t nb = k / QBLOCK;
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t n0, n1;
-        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-        for (int64_t t = n0; t < n1; t += ROW_TILE) {
-            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
-            for (int64_t r = 0; r < m; r += MAX_ROWS) {
-                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
-                DISPATCH_ROWS(rows_int8, rows, xq + r * k, dx + r * nb, k, w, scale, t, t1,
-                              y + r * n, n)
-            }
-        }
-    }
+    PARALLEL_ROW_TILES(n, m, DISPATCH_ROWS(rows_int8, rows, xq + r * k, dx + r * nb, k, w, scale, t, t1,
+                                           y + r * n, n))
     free(xq);
     free(dx);
 }
@@ -240,19 +223,8 @@ void matmul_int4(const float *x, int64_t m, int64_t k, int64_t group, const uint
         for (int64_t j = 0; j < group; j++) acc += x[i * group + j];
         xsum[i] = acc;
     }
-#pragma omp parallel num_threads(nthreads)
-    {
-        int64_t n0, n1;
-        thread_rows(n, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-        for (int64_t t = n0; t < n1; t += ROW_TILE) {
-            int64_t t1 = t + ROW_TILE < n1 ? t + ROW_TILE : n1;
-            for (int64_t r = 0; r < m; r += MAX_ROWS) {
-                int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
-                DISPATCH_ROWS(rows_int4, rows, xq + r * k, dx + r * nb, xsum + r * ng, k, group,
-                              w, s, z, t, t1, y + r * n, n)
-            }
-        }
-    }
+    PARALLEL_ROW_TILES(n, m, DISPATCH_ROWS(rows_int4, rows, xq + r * k, dx + r * nb, xsum + r * ng, k,
+                                           group, w, s, z, t, t1, y + r * n, n))
     free(xq);
     free(dx);
     free(xsum);

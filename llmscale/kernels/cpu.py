@@ -182,8 +182,8 @@ def rope_and_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: to
     to the caches at `slots`. Returns (q [t, hq, d], k [t, hkv, d]); d % 16 == 0."""
     t = qkv.shape[0]
     d = cos.shape[1]
-    q = torch.empty(t, num_heads, d)
-    k = torch.empty(t, num_kv_heads, d)
+    q = torch.empty(t, num_heads, d, dtype=torch.float32)
+    k = torch.empty(t, num_kv_heads, d, dtype=torch.float32)
     library().rope_and_cache(qkv.data_ptr(), t, num_heads, num_kv_heads, d, cos.data_ptr(),
                              sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                              k_cache.data_ptr(), v_cache.data_ptr(), q.data_ptr(), k.data_ptr())
@@ -193,6 +193,6 @@ def rope_and_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: to
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[m, 2 i] fp32 contiguous -> silu(gate) * up [m, i]; i % 8 == 0."""
     m, width = gate_up.shape
-    out = torch.empty(m, width // 2)
+    out = torch.empty(m, width // 2, dtype=torch.float32)
     library().silu_and_mul(gate_up.data_ptr(), m, width // 2, out.data_ptr())
     return out
