@@ -76,13 +76,12 @@ class FusedDecoder:
     def __init__(self, model: LlamaForCausalLM, block_size: int, layers: list[_Layer]) -> None:
         attn = model.layers[0].self_attn
         self.model = model  # keeps every tensor the descriptors point at alive
-        self.hidden_size = model.config.hidden_size
         self._layers = (_Layer * len(layers))(*layers)
         kinds = {lin.kind for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)}
         self.max_rows = min(MAX_ROWS[kind] for kind in kinds)
         rotary = attn.rotary
         self._decoder = _Decoder(
-            hidden=self.hidden_size, hq=attn.num_heads, hkv=attn.num_kv_heads, d=attn.head_dim,
+            hidden=model.config.hidden_size, hq=attn.num_heads, hkv=attn.num_kv_heads, d=attn.head_dim,
             inter=model.config.intermediate_size,
             block_size=block_size, num_layers=len(layers), eps=model.norm.eps, scale=attn.scale,
             cos=rotary.cos.data_ptr(), sin=rotary.sin.data_ptr(), final_norm=model.norm.weight.data_ptr(),

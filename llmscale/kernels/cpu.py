@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-fno-math-errno", "-march=native", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 QBLOCK = 32  # activation quantization block of the int8/int4 kernels
-MAX_ROWS = 8  # activation rows per pass over the weights
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
