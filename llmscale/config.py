@@ -7,7 +7,7 @@ the CLI prints them as they are.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -221,10 +221,19 @@ class CacheConfig:
 
 BATCHING_POLICIES = ("continuous", "static", "dynamic")
 
+# The token budget per step when none is given. Offline, big steps batch prefill best. A server
+# also bounds how long one step runs: a prefill chunk stalls every running stream for that step,
+# and prompts that share a step all get their first token at its end, so under a burst FCFS
+# chunks of a few prompts reach first tokens sooner than one big batch (Sarathi-Serve). On a
+# CPU a token costs far more than on a GPU: SmolLM2-135M on 2 cores runs a 256-token step in
+# ~0.6 s and a 2048-token one in ~5 s.
+OFFLINE_TOKEN_BUDGET = 2048
+ONLINE_TOKEN_BUDGET = {"cpu": 256, "cuda": 2048}
+
 
 @dataclass
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: see `resolved`
     max_num_seqs: int = 128
     batching: str = "continuous"
     enable_chunked_prefill: bool = True
@@ -234,10 +243,19 @@ class SchedulerConfig:
     def validate(self) -> None:
         if self.batching not in BATCHING_POLICIES:
             raise ConfigError(f"unknown batching {self.batching!r}; choose {', '.join(BATCHING_POLICIES)}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+    def resolved(self, device: torch.device, online: bool) -> SchedulerConfig:
+        """This config with the default token budget filled in for a server (`online`) or not."""
+        if self.max_num_batched_tokens is not None:
+            return self
+        budget = OFFLINE_TOKEN_BUDGET
+        if online:
+            budget = ONLINE_TOKEN_BUDGET.get(device.type, OFFLINE_TOKEN_BUDGET)
+        return replace(self, max_num_batched_tokens=budget)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from llmscale import LLM, SamplingParams
 from llmscale.compress.quantize import quantize_model
+from llmscale.engine.fused_decode import FusedDecoder
 from llmscale.kernels import cpu
 from llmscale.model.quant import dequantize_int4, dequantize_int8, pack_nibbles, quantize_int4, quantize_int8
 
@@ -52,6 +53,18 @@ def test_int4_matmul_matches_dequantized_weights(group: int, m: int) -> None:
     codes, s, z = quantize_int4(w, group)
     y = cpu.matmul_int4(x, pack_nibbles(codes), s, z, group)
     assert _relative_error(y, x @ dequantize_int4(codes, s, z).t()) < 0.01
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_dequantize_kernels_match_torch(group: int) -> None:
+    torch.manual_seed(group)
+    w = torch.randn(40, 256) + 0.3
+    q, s = quantize_int8(w)
+    torch.testing.assert_close(cpu.dequant_int8(q, s, torch.empty(40, 256)), dequantize_int8(q, s))
+    codes, s4, z4 = quantize_int4(w, group)
+    # rows 8..20 of the packed weight: a slice, as the chunked dequantization passes them
+    out = cpu.dequant_int4(pack_nibbles(codes)[8:20], s4[8:20], z4[8:20], group, torch.empty(12, 256))
+    torch.testing.assert_close(out, dequantize_int4(codes, s4, z4)[8:20])
 
 
 @pytest.mark.parametrize("m", [1, 5])
@@ -99,7 +112,8 @@ def tiny_variants(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8", "int4", "qwen2"])
-def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: dict[str, Path]) -> None:
+def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: dict[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode-only steps run all layers in one C call; the same requests through the model's
     modules give the same tokens and logprobs."""
     llm = LLM(model=str(tiny_variants[variant]), dtype="float32", kv_cache_memory="32MiB")
@@ -107,8 +121,19 @@ def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: 
     assert runner.fused is not None
     prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived",
                "1, 2, 3, 4,"]
+    if variant == "fp32":  # past one 8-row pass of the C matmuls, up to the fused path's limit
+        prompts += [f"Item {i} of the list is" for i in range(runner.fused.max_rows - len(prompts))]
+    batch_sizes: list[int] = []
+    call = FusedDecoder.__call__
+
+    def counted(self: FusedDecoder, input_ids: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        batch_sizes.append(len(input_ids))
+        return call(self, input_ids, *args)
+
+    monkeypatch.setattr(FusedDecoder, "__call__", counted)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1)
     fused = llm.generate(prompts, params, use_tqdm=False)
+    assert max(batch_sizes) == len(prompts)
     runner.fused = None
     per_op = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(fused, per_op, strict=True):

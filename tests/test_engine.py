@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmscale import LLM, SamplingParams
-from llmscale.config import ConfigError, EngineConfig
+from llmscale.config import ConfigError, EngineConfig, SchedulerConfig
 from llmscale.engine.async_engine import AsyncLLMEngine
 
 
@@ -68,6 +69,14 @@ def test_stop_strings_and_tokens(llm: LLM) -> None:
     assert by_id.stop_reason == tok
 
 
+def test_token_budget_defaults() -> None:
+    cpu = torch.device("cpu")
+    assert SchedulerConfig().resolved(cpu, online=False).max_num_batched_tokens == 2048
+    assert SchedulerConfig().resolved(cpu, online=True).max_num_batched_tokens == 256
+    assert SchedulerConfig().resolved(torch.device("cuda"), online=True).max_num_batched_tokens == 2048
+    assert SchedulerConfig(max_num_batched_tokens=64).resolved(cpu, online=True).max_num_batched_tokens == 64
+
+
 def test_max_tokens_and_eos(llm: LLM) -> None:
     out = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
@@ -101,6 +110,8 @@ def test_prompt_longer_than_context_is_rejected_alone(llm: LLM) -> None:
 def test_async_engine_streams_and_aborts(smollm_folder: Path) -> None:
     engine = AsyncLLMEngine.from_config(EngineConfig.from_kwargs(
         model=str(smollm_folder), dtype="float32", kv_cache_memory="128MiB", max_model_len=512))
+    # A server on CPU takes small steps by default (config.ONLINE_TOKEN_BUDGET).
+    assert engine.engine.scheduler.config.max_num_batched_tokens == 256
 
     async def main() -> None:
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -43,7 +43,7 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
-        return cls(LLMEngine(config, stream_text=True))
+        return cls(LLMEngine(config, stream_text=True, online=True))
 
     @property
     def is_running(self) -> bool:

@@ -17,9 +17,12 @@ from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.llama import LlamaForCausalLM
 
 DENSE_F32, DENSE_BF16, INT8, INT4 = 0, 1, 2, 3
-# Decodes per step the fused path takes, by the weights' kind: beyond these torch's GEMMs win
-# (dense fp32, see llmscale.model.matmul) or dequantize + GEMM does (llmscale.model.quant).
-MAX_ROWS = {DENSE_F32: 32, INT8: 24, INT4: 16}
+# Decodes per step the fused path takes, by the weights' kind. Quantized: beyond these
+# dequantize + GEMM wins (llmscale.model.quant). Dense fp32: at 33-64 decodes the C matmuls
+# and oneDNN's are close (see llmscale.model.matmul), and one C call still saves the per-op
+# path's dispatch: 261-295 ms against 277-329 ms per step at 48 decodes (min-median, steps
+# alternated in one process; 2-core AVX2 CPU, SmolLM2-135M).
+MAX_ROWS = {DENSE_F32: 64, INT8: 24, INT4: 16}
 
 
 class _Linear(ctypes.Structure):

@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, stream_text: bool = False) -> None:
+    def __init__(self, config: EngineConfig, stream_text: bool = False, online: bool = False) -> None:
         """`stream_text`: detokenize every step (servers); otherwise text is decoded once at the
-        end unless stop strings need it earlier."""
+        end unless stop strings need it earlier. `online`: a server's defaults (token budget)."""
         start = time.perf_counter()
         self.config = config
         self.stream_text = stream_text
@@ -62,7 +62,7 @@ class LLMEngine:
                 f"raise --kv-cache-memory or lower --max-model-len")
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = make_scheduler(config.scheduler, self.kv)
+        self.scheduler = make_scheduler(config.scheduler.resolved(self.device, online), self.kv)
         self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.dtype, self.device)
         self.sampler = Sampler(seed=config.seed)
         eos = set(self.model_config.eos_token_ids)
@@ -75,8 +75,9 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         self.startup_time_s = time.perf_counter() - start
-        log.info("engine ready in %.2fs (weights %.2fs), %d KV blocks of %d tokens",
-                 self.startup_time_s, self.load_time_s, num_blocks, cache.block_size)
+        log.info("engine ready in %.2fs (weights %.2fs), %d KV blocks of %d tokens, %d tokens per step",
+                 self.startup_time_s, self.load_time_s, num_blocks, cache.block_size,
+                 self.scheduler.config.max_num_batched_tokens)
 
     # ----- requests -------------------------------------------------------------------------
 

@@ -230,6 +230,48 @@ void matmul_int4(const float *x, int64_t m, int64_t k, int64_t group, const uint
     free(xsum);
 }
 
+/* ---------------------------------------------------------------- dequantization */
+
+/* Weights to fp32 for the dense GEMM that many activation rows take (prefill): rows [0, n) of
+ * w into out [n, k], in natural element order, split by rows over threads. */
+void dequant_int8(const int8_t *w, const float *scale, int64_t n, int64_t k, float *out,
+                  int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const __m256 s = _mm256_set1_ps(scale[r]);
+        for (int64_t j = 0; j < k; j += 8) {
+            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * k + j)));
+            _mm256_storeu_ps(out + r * k + j, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+        }
+    }
+}
+
+/* k % group == 0, group % 32 == 0; w = (q - 8) * s + z. */
+void dequant_int4(const uint8_t *w, const float *s, const float *z, int64_t n, int64_t k,
+                  int64_t group, float *out, int nthreads) {
+    const int64_t ng = k / group;
+    const __m128i low4 = _mm_set1_epi8(0x0f), mid = _mm_set1_epi8(8);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        for (int64_t b = 0; b < k; b += QBLOCK) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(w + r * (k / 2) + b / 2));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, low4), mid);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), mid);
+            /* interleaved back to element order: lo0 hi0 lo1 hi1 ... */
+            __m128i q[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+            const int64_t g = r * ng + b / group;
+            const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
+            float *o = out + r * k + b;
+            for (int h = 0; h < 2; h++) {
+                __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[h]));
+                __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q[h], 8)));
+                _mm256_storeu_ps(o + 16 * h, _mm256_fmadd_ps(a, sv, zv));
+                _mm256_storeu_ps(o + 16 * h + 8, _mm256_fmadd_ps(c, sv, zv));
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- RMSNorm */
 
 /* out = x * rsqrt(mean(x^2) + eps) * w per row of x [m, k]; with `residual`, x + residual is

@@ -34,6 +34,8 @@ _SIGNATURES = {
     "matmul_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
     "matmul_int8": [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "matmul_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
+    "dequant_int8": [_P, _P, _I, _I, _P, ctypes.c_int],
+    "dequant_int4": [_P, _P, _P, _I, _I, _I, _P, ctypes.c_int],
     "rms_norm": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
     "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, ctypes.c_float, _P,
                                ctypes.c_int],
@@ -145,6 +147,23 @@ def matmul_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
                           scale.data_ptr(), zero.data_ptr(), n, y.data_ptr(),
                           torch.get_num_threads())
     return y
+
+
+def dequant_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """q int8 [n, k] contiguous, scale fp32 [n], k % 8 == 0 -> out fp32 [n, k] = q * scale."""
+    n, k = q.shape
+    library().dequant_int8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [n, k/2] contiguous rows, scale and zero fp32 [n, k/group] -> out fp32
+    [n, k] = (q - 8) * scale + zero; group % 32 == 0."""
+    n, k = out.shape
+    library().dequant_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k, group_size,
+                           out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

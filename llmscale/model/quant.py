@@ -16,9 +16,9 @@ Matmuls on CPU: few rows (decode of a handful of sequences) run llmscale's C ker
 or an eighth of the fp32 bytes. Where those cannot build, torch's weight-only kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) take their place with bf16 activations
 (their fp32-activation paths are reference loops). Many rows (prefill, big decode batches) are
-compute-bound, where both lose to a dense GEMM: the weight is dequantized chunk by chunk into
-a reused buffer that stays in cache, then multiplied densely. Other devices always take the
-dequantize path.
+compute-bound, where both lose to a dense GEMM: the weight is dequantized (by the C kernels
+where they build) chunk by chunk into a reused buffer that stays in cache, then multiplied
+densely. Other devices always take the dequantize path.
 """
 
 from __future__ import annotations
@@ -157,6 +157,11 @@ class QuantizedWeight(nn.Module):
     def dequantize_rows(self, start: int, end: int, dtype: torch.dtype,
                         out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, end) of the weight in `dtype`."""
+        if self.c_scales is not None and out is not None and dtype == torch.float32:
+            if self.bits == 8:
+                return cpu_kernels.dequant_int8(self.qweight[start:end], self.c_scales[start:end], out)
+            return cpu_kernels.dequant_int4(self.qweight[start:end], self.c_scales[start:end],
+                                            self.c_zeros[start:end], self.group_size, out)
         if self.bits == 8:
             q = self.qweight[start:end]
             if out is None:
