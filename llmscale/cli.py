@@ -33,7 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size: bytes (2GiB, 512MB) or a fraction of free memory")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget per step (default: 2048; `serve` on CPU: 256)")
+                   help="token budget per step (default: 2048; `serve` on CPU: 512)")
     g.add_argument("--max-num-seqs", type=int, default=128, help="max requests running at once")
     g.add_argument("--batching", default="continuous", choices=BATCHING_POLICIES, help="batching policy")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)

@@ -72,7 +72,7 @@ def test_stop_strings_and_tokens(llm: LLM) -> None:
 def test_token_budget_defaults() -> None:
     cpu = torch.device("cpu")
     assert SchedulerConfig().resolved(cpu, online=False).max_num_batched_tokens == 2048
-    assert SchedulerConfig().resolved(cpu, online=True).max_num_batched_tokens == 256
+    assert SchedulerConfig().resolved(cpu, online=True).max_num_batched_tokens == 512
     assert SchedulerConfig().resolved(torch.device("cuda"), online=True).max_num_batched_tokens == 2048
     assert SchedulerConfig(max_num_batched_tokens=64).resolved(cpu, online=True).max_num_batched_tokens == 64
 
@@ -111,7 +111,7 @@ def test_async_engine_streams_and_aborts(smollm_folder: Path) -> None:
     engine = AsyncLLMEngine.from_config(EngineConfig.from_kwargs(
         model=str(smollm_folder), dtype="float32", kv_cache_memory="128MiB", max_model_len=512))
     # A server on CPU takes small steps by default (config.ONLINE_TOKEN_BUDGET).
-    assert engine.engine.scheduler.config.max_num_batched_tokens == 256
+    assert engine.engine.scheduler.config.max_num_batched_tokens == 512
 
     async def main() -> None:
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
