@@ -7,6 +7,7 @@ the CLI prints them as they are.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -171,6 +172,21 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def parse_cpu_list(spec: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]; each core must be one this process may run on."""
+    cores: list[int] = []
+    for part in spec.split(","):
+        bounds = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
+        if bounds is None:
+            raise ConfigError(f"cannot read CPU list {spec!r}; expected e.g. 0-3 or 0,2,4")
+        lo = int(bounds[1])
+        cores += range(lo, int(bounds[2] or lo) + 1)
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cores)
+    if not cores or len(set(cores)) != len(cores) or not set(cores) <= allowed:
+        raise ConfigError(f"CPU list {spec!r} must name distinct cores among {sorted(allowed)}")
+    return cores
+
+
 def parse_memory(value: str | int | float, available_bytes: int) -> int:
     """'2GiB', '512MB', 1e9 or a fraction like 0.3 (of `available_bytes`) -> bytes."""
     if isinstance(value, str):
@@ -268,6 +284,12 @@ class EngineConfig:
     seed: int = 0
     # A GGUF's Q8_0/Q4_0/Q4_1 weights are served by the int8/int4 kernels, not dequantized.
     keep_quantized: bool = False
+    # A second copy of fp32 CPU weights in oneDNN's layout, for faster batched linears; None:
+    # when it takes at most 1/8 of free memory.
+    prepack_weights: bool | None = None
+    # CPU cores to pin the step loop's OpenMP threads to, one each ("0-1", "0,2,4"); None: no
+    # pinning, since two processes pinned to the same cores would share them.
+    cpu_threads_bind: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -285,6 +307,8 @@ class EngineConfig:
             setattr(target, key, value)
         cfg.cache.validate()
         cfg.scheduler.validate()
+        if cfg.cpu_threads_bind is not None:
+            parse_cpu_list(cfg.cpu_threads_bind)
         return cfg
 
     @property

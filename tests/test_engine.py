@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -186,3 +187,29 @@ def test_missing_and_corrupt_files(tmp_path: Path, tiny_model) -> None:
 def test_unknown_engine_argument() -> None:
     with pytest.raises(ConfigError, match="unknown engine argument 'max_num_seq'"):
         LLM(max_num_seq=4)
+
+
+def test_prepacked_weights_and_pinned_threads_give_the_same_tokens(smollm_folder: Path) -> None:
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = ["The capital of France is", "Write a haiku about the sea." * 12]  # decode and a chunk
+    plain = LLM(model=str(smollm_folder), dtype="float32", kv_cache_memory="64MiB", max_model_len=512,
+                prepack_weights=False)
+    assert plain.llm_engine.prepacked_bytes == 0
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    packed = LLM(model=str(smollm_folder), dtype="float32", kv_cache_memory="64MiB", max_model_len=512,
+                 prepack_weights=True, cpu_threads_bind="0")
+    assert packed.llm_engine.prepacked_bytes > 0
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        assert [o.outputs[0].token_ids for o in packed.generate(prompts, params, use_tqdm=False)] == expected
+        assert os.sched_getaffinity(0) == {0}  # this thread ran the steps, so it was pinned
+        assert torch.get_num_threads() == 1  # one thread per listed core
+    finally:  # the rest of the session runs unpinned
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("spec", ["x", "0-", "0,0", "9999"])
+def test_bad_cpu_list_is_one_line(spec: str) -> None:
+    with pytest.raises(ConfigError, match="CPU list"):
+        EngineConfig.from_kwargs(cpu_threads_bind=spec)

@@ -13,6 +13,7 @@ from llmscale.config import (
     ConfigError,
     EngineConfig,
     available_memory_bytes,
+    parse_cpu_list,
     parse_memory,
 )
 from llmscale.engine.kv_cache import KVCacheManager
@@ -22,6 +23,7 @@ from llmscale.engine.runner import ModelRunner, kv_bytes_per_block
 from llmscale.engine.sampler import Sampler, SamplingRow
 from llmscale.engine.sampling_params import SamplingParams
 from llmscale.engine.scheduler import make_scheduler
+from llmscale.model import layers
 from llmscale.model.gguf_loader import resolve_model
 from llmscale.model.loader import load_model, read_model_config
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -48,6 +50,7 @@ class LLMEngine:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
         self.model, self.model_config, self.load_time_s = load_model(
             self.model_path, self.dtype, self.device, self.max_model_len)
+        self.prepacked_bytes = self._prepack(config.prepack_weights)
 
         cache = config.cache
         per_block = kv_bytes_per_block(self.model_config, cache.block_size, self.dtype)
@@ -63,7 +66,9 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = make_scheduler(config.scheduler.resolved(self.device, online), self.kv)
-        self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.dtype, self.device)
+        cores = parse_cpu_list(config.cpu_threads_bind) if config.cpu_threads_bind else None
+        self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.dtype, self.device,
+                                  cores if self.device.type == "cpu" else None)
         self.sampler = Sampler(seed=config.seed)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -78,6 +83,14 @@ class LLMEngine:
         log.info("engine ready in %.2fs (weights %.2fs), %d KV blocks of %d tokens, %d tokens per step",
                  self.startup_time_s, self.load_time_s, num_blocks, cache.block_size,
                  self.scheduler.config.max_num_batched_tokens)
+
+    def _prepack(self, wanted: bool | None) -> int:
+        """Copy the dense weights into oneDNN's layout if asked, or by default where it is cheap."""
+        if wanted is False or self.device.type != "cpu" or self.dtype != torch.float32:
+            return 0
+        if wanted is None and layers.dense_linear_bytes(self.model) * 8 > available_memory_bytes():
+            return 0
+        return layers.prepack_linears(self.model)
 
     # ----- requests -------------------------------------------------------------------------
 

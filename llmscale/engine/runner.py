@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,8 @@ from llmscale.engine.scheduler import ScheduledBatch
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.attention import AttentionMetadata, PrefillChunk
 from llmscale.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
@@ -35,8 +39,11 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int,
-                 kv_dtype: torch.dtype, device: torch.device) -> None:
+                 kv_dtype: torch.dtype, device: torch.device, cpu_cores: list[int] | None = None) -> None:
+        """`cpu_cores`: pin the step loop's OpenMP threads to these cores, one each."""
         self.model = model
+        self.cpu_cores = cpu_cores
+        self._pinned_thread: int | None = None
         self.block_size = block_size
         self.device = device
         self.kv_dtype = kv_dtype
@@ -67,6 +74,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
         """Run one step of the model over every scheduled token."""
+        if self.cpu_cores and self._pinned_thread != threading.get_ident():
+            # An OpenMP team belongs to the thread that starts it: pin the one running steps.
+            if not cpu_kernels.bind_threads(self.cpu_cores):
+                log.warning("could not pin threads to cores %s", self.cpu_cores)
+            self._pinned_thread = threading.get_ident()
         bs = self.block_size
         decodes = [(r, n) for r, n in batch.scheduled if n == 1]
         prefills = [(r, n) for r, n in batch.scheduled if n > 1]

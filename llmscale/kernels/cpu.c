@@ -16,9 +16,11 @@
  * Activations in each 32-block are stored even elements first, then odd ones, so the low and
  * high nibbles of 16 weight bytes line up with them without shuffles.
  */
+#define _GNU_SOURCE /* sched_setaffinity */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -46,6 +48,20 @@ static void thread_rows(int64_t n, int t, int nt, int64_t *n0, int64_t *n1) {
     int64_t count = per + (t < extra);
     *n0 = first * ROW_TILE < n ? first * ROW_TILE : n;
     *n1 = (first + count) * ROW_TILE < n ? (first + count) * ROW_TILE : n;
+}
+
+/* Pins the calling thread's OpenMP team, thread i to cores[i]: the team torch's ops and these
+ * kernels run on when called from this thread. Returns how many threads were pinned. */
+int bind_threads(const int64_t *cores, int n) {
+    int pinned = 0;
+#pragma omp parallel num_threads(n) reduction(+ : pinned)
+    {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET((int)cores[omp_get_thread_num()], &set);
+        pinned += sched_setaffinity(0, sizeof set, &set) == 0;
+    }
+    return pinned;
 }
 
 /* ---------------------------------------------------------------- dense fp32 / bf16 weights */

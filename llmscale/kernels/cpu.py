@@ -41,6 +41,7 @@ _SIGNATURES = {
                                ctypes.c_int],
     "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
     "silu_and_mul": [_P, _I, _I, _P],
+    "bind_threads": [_P, ctypes.c_int],
     "decode_step": [_P, _P, _I, _P, _P, _P, _I, _P, _P, ctypes.c_int],
 }
 
@@ -99,6 +100,7 @@ def library() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
+    lib.bind_threads.restype = ctypes.c_int
     return lib
 
 
@@ -147,6 +149,17 @@ def matmul_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
                           scale.data_ptr(), zero.data_ptr(), n, y.data_ptr(),
                           torch.get_num_threads())
     return y
+
+
+def bind_threads(cores: list[int]) -> bool:
+    """Pin the calling thread's OpenMP team (torch's intra-op threads too: one runtime), thread i
+    to cores[i], and size torch's pool to match. False where the kernels are not built."""
+    lib = library()
+    if lib is None:
+        return False
+    torch.set_num_threads(len(cores))
+    ids = (ctypes.c_int64 * len(cores))(*cores)
+    return lib.bind_threads(ids, len(cores)) == len(cores)
 
 
 def dequant_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     """x [..., K] @ W^T (+ bias) with W dense or quantized."""
     if layer.quant is None:
         if x.dim() == 2:
-            return matmul.linear(x, layer.weight, bias)
+            return matmul.linear(x, layer.weight, bias, getattr(layer, "packed_weight", None))
         return F.linear(x, layer.weight, bias)
     y = layer.quant.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
     return y if bias is None else y + bias
@@ -220,3 +220,24 @@ class VocabEmbedding(nn.Module):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, dim] -> [N, vocab] logits."""
         return _linear(self, hidden, None)
+
+
+def _dense_linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(m, ColumnParallelLinear | RowParallelLinear | VocabEmbedding) and m.quant is None]
+
+
+def dense_linear_bytes(model: nn.Module) -> int:
+    """Bytes of the dense weights that `prepack_linears` would copy."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in _dense_linears(model))
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Give every dense linear (and the lm_head) a `packed_weight` for oneDNN (`matmul.prepack`);
+    returns the bytes added. For inference: the copy does not follow later weight updates."""
+    added = 0
+    for module in _dense_linears(model):
+        module.packed_weight = matmul.prepack(module.weight)
+        if module.packed_weight is not None:
+            added += module.weight.numel() * module.weight.element_size()
+    return added
