@@ -9,7 +9,8 @@ run of the same workload (same prompts, lengths and arrival times, streamed, EOS
 greedy), then stopped, so the systems never share the cores. A peer whose venv is missing is
 skipped (`make peers` installs them). Server logs go to `--out`.
 
-  llmscale     `llmscale serve` on the fp32 HF folder converted from the shipped GGUF
+  llmscale     `llmscale serve` on the fp32 HF folder converted from the shipped GGUF, its threads
+               pinned like vLLM's (`--cpu-threads-bind 0-(threads-1)`)
   llmscale-q4  `llmscale serve --keep-quantized` on the shipped Q4_1 GGUF (llama.cpp's weights)
   vllm         vLLM CPU 0.32 OpenAI server (`.venv-vllm`) on the same folder, float32,
                VLLM_CPU_OMP_THREADS_BIND=0-(threads-1), VLLM_CPU_KVCACHE_SPACE=--vllm-kv-cache-gib.
@@ -115,10 +116,11 @@ def server(system: str, port: int, args: argparse.Namespace, model_dir: Path) ->
             "--model", str(model_dir)]
         cmd = [sys.executable, "-m", "llmscale.cli", "serve", *host, *model,
                "--dtype", "float32", "--max-model-len", str(args.max_model_len),
-               "--served-model-name", MODEL_NAME]
+               "--served-model-name", MODEL_NAME, "--cpu-threads-bind", f"0-{args.threads - 1}"]
         if args.llmscale_args:
             cmd += args.llmscale_args.split()
-        return Server(system, cmd, version=f"llmscale {importlib.metadata.version('llmscale')}")
+        return Server(system, cmd, settings={"cpu_threads_bind": f"0-{args.threads - 1}"},
+                      version=f"llmscale {importlib.metadata.version('llmscale')}")
     python = peer_python(system)
     assert python is not None
     if system == "vllm":
@@ -187,7 +189,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--slo", default="ttft_ms=2000,tpot_ms=200")
     ap.add_argument("--out", type=Path, default=Path("results/peers"))
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for vLLM and llama.cpp")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads for every server (llmscale and vLLM pinned to cores 0..threads-1)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=2)
     ap.add_argument("--llmscale-args", default="",
