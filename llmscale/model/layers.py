@@ -227,9 +227,13 @@ def _dense_linears(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, ColumnParallelLinear | RowParallelLinear | VocabEmbedding) and m.quant is None]
 
 
+def _weight_bytes(module: nn.Module) -> int:
+    return module.weight.numel() * module.weight.element_size()
+
+
 def dense_linear_bytes(model: nn.Module) -> int:
     """Bytes of the dense weights that `prepack_linears` would copy."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in _dense_linears(model))
+    return sum(_weight_bytes(m) for m in _dense_linears(model))
 
 
 def prepack_linears(model: nn.Module) -> int:
@@ -239,5 +243,5 @@ def prepack_linears(model: nn.Module) -> int:
     for module in _dense_linears(model):
         module.packed_weight = matmul.prepack(module.weight)
         if module.packed_weight is not None:
-            added += module.weight.numel() * module.weight.element_size()
+            added += _weight_bytes(module)
     return added

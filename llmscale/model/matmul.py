@@ -42,8 +42,6 @@ _ONEDNN_LINEAR = _onednn_linear()
 # 92 ms against 112 ms as `W @ x^T`); for the tall lm_head oneDNN wins from 17 rows.
 C_KERNEL_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 32}
 C_KERNEL_MAX_ROWS_TALL = 16
-
-
 PREPACK_BATCH_HINT = 256  # oneDNN picks its blocking for this many rows; any count works
 
 
@@ -71,12 +69,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if _c_kernel_fits(x, weight):
             y = cpu_kernels.matmul_dense(x.float().contiguous(), weight).to(x.dtype)
             return y if bias is None else y + bias
-        if packed is not None and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")
-        onednn_rows = ONEDNN_MIN_ROWS if weight.shape[0] < ONEDNN_MIN_OUT_FEATURES else 2
-        if (x.shape[0] >= onednn_rows and _ONEDNN_LINEAR is not None and weight.dtype == torch.float32
-                and x.dtype == torch.float32 and not torch.is_grad_enabled()):
-            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            if packed is not None:
+                return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")
+            onednn_rows = ONEDNN_MIN_ROWS if weight.shape[0] < ONEDNN_MIN_OUT_FEATURES else 2
+            if x.shape[0] >= onednn_rows and weight.dtype == torch.float32:
+                return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
         if 1 < x.shape[0] <= WEIGHT_LEFT_MAX_ROWS:
             y = torch.mm(weight, x.t()).t().contiguous()
             return y if bias is None else y + bias
