@@ -23,7 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="HF folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights/activations dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs)")
+                   help="weights dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs); bf16 on a CPU without "
+                        "bf16 arithmetic computes in fp32")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--keep-quantized", action="store_true",
                    help="serve a GGUF's Q8_0/Q4_0/Q4_1 weights with int8/int4 kernels instead of "

@@ -6,6 +6,7 @@ the CLI prints them as they are.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -147,15 +148,34 @@ class ModelConfig:
             )
 
 
-def default_dtype() -> torch.dtype:
-    """bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX) or on a GPU, else fp32."""
-    if torch.cuda.is_available():
-        return torch.bfloat16
+@functools.cache
+def cpu_has_bf16_math() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX)."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 where the CPU multiplies bf16 natively or on a GPU, else fp32."""
+    if torch.cuda.is_available() or cpu_has_bf16_math():
+        return torch.bfloat16
+    return torch.float32
+
+
+def activation_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of activations and the KV cache for weights of `weight_dtype`.
+
+    A CPU without bf16 arithmetic converts bf16 to fp32 to multiply it anyway, so there
+    16-bit weights keep what they are good for (half the memory, half the bytes a decode
+    step streams) and everything else is fp32, as llama.cpp does with BF16/F16 weights on
+    such CPUs: torch's bf16 ops are slow there, and fp32 activations lose nothing.
+    """
+    if device.type == "cpu" and weight_dtype != torch.float32 and not cpu_has_bf16_math():
         return torch.float32
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+    return weight_dtype
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -314,6 +334,10 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return activation_dtype(self.torch_dtype, self.torch_device)
 
     @property
     def torch_device(self) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from llmscale import LLM, SamplingParams
-from llmscale.config import EngineConfig
+from llmscale.config import EngineConfig, activation_dtype
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.kernels import cpu as cpu_kernels
+from llmscale.model import matmul
 
 from .hf_reference import hf_all_logits, hf_greedy, hf_last_logits
 
@@ -63,6 +65,45 @@ def test_torch_fallback_matches_transformers(kind: str, tiny_model, prompts: lis
     assert llm.llm_engine.runner.fused is None and not llm.llm_engine.runner.c_kernels
     for p, g in zip(ids, got, strict=True):
         assert g == hf_greedy(folder, p, NUM_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with its weights rounded to bf16, saved as a bf16 checkpoint."""
+    import transformers
+
+    src = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama-bf16")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("budget", [None, 16])
+def test_bf16_weights_compute_in_fp32_where_the_cpu_has_no_bf16(bf16_llama: Path, prompts: list[str],
+                                                                budget: int | None) -> None:
+    """On such a CPU `--dtype bfloat16` stores the weights in bf16 and computes in fp32, so it
+    equals transformers in fp32 on the same bf16-valued weights token for token: through the
+    per-op path (many-row prefills cast the weight, few rows take the C kernel) and the fused
+    decode path."""
+    if activation_dtype(torch.bfloat16, torch.device("cpu")) != torch.float32:
+        pytest.skip("this CPU multiplies bf16 natively: activations stay bf16")
+    ids = _encode(bf16_llama, prompts + [" ".join(prompts)])
+    assert sum(map(len, ids)) > matmul.MIXED_C_KERNEL_MAX_ROWS  # the first step casts
+    llm = LLM(model=str(bf16_llama), dtype="bfloat16", kv_cache_memory="64MiB",
+              max_num_batched_tokens=budget)
+    model, runner = llm.llm_engine.model, llm.llm_engine.runner
+    assert model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.norm.weight.dtype == torch.float32 and runner.kv_dtype == torch.float32
+    assert (runner.fused is not None) == cpu_kernels.available()
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ids], GREEDY,
+                                                        use_tqdm=False)]
+    for p, g in zip(ids, got, strict=True):
+        assert g == hf_greedy(bf16_llama, p, NUM_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
                           f"{model_cfg.max_position_embeddings}; lower --context-lens or the workload")
     block_size = 16
     probe = EngineConfig.from_kwargs(dtype=args.dtype, device=args.device)
-    per_block = kv_bytes_per_block(model_cfg, block_size, probe.torch_dtype)
+    per_block = kv_bytes_per_block(model_cfg, block_size, probe.activation_dtype)
     peak_tokens = max(args.num_requests * (args.prompt_len + args.output_len),
                       max(batch_sizes) * (max_len + block_size), max_len)
     # One spare block per request for partial blocks, plus slack for the warm-up request.

@@ -22,7 +22,7 @@ DENSE_F32, DENSE_BF16, INT8, INT4 = 0, 1, 2, 3
 # and oneDNN's are close (see llmscale.model.matmul), and one C call still saves the per-op
 # path's dispatch: 261-295 ms against 277-329 ms per step at 48 decodes (min-median, steps
 # alternated in one process; 2-core AVX2 CPU, SmolLM2-135M).
-MAX_ROWS = {DENSE_F32: 64, INT8: 24, INT4: 16}
+MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64, INT8: 24, INT4: 16}  # bf16: weights only, fp32 activations
 
 
 class _Linear(ctypes.Structure):
@@ -59,9 +59,10 @@ def _linear(layer: torch.nn.Module) -> _Linear | None:
     quant = layer.quant
     if quant is None:
         w = layer.weight
-        if not _fp32(w) or w.shape[1] % 8:
+        kind = {torch.float32: DENSE_F32, torch.bfloat16: DENSE_BF16}.get(w.dtype)
+        if kind is None or not w.is_contiguous() or w.device.type != "cpu" or w.shape[1] % 8:
             return None
-        desc = _Linear(kind=DENSE_F32, n=w.shape[0], k=w.shape[1], w=w.data_ptr())
+        desc = _Linear(kind=kind, n=w.shape[0], k=w.shape[1], w=w.data_ptr())
     elif quant.c_scales is None:
         return None
     else:

@@ -53,7 +53,7 @@ class LLMEngine:
         self.prepacked_bytes = self._prepack(config.prepack_weights)
 
         cache = config.cache
-        per_block = kv_bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model_config, cache.block_size, self.model.activation_dtype)
         if cache.num_gpu_blocks_override:
             num_blocks = cache.num_gpu_blocks_override
         else:
@@ -67,8 +67,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = make_scheduler(config.scheduler.resolved(self.device, online), self.kv)
         cores = parse_cpu_list(config.cpu_threads_bind) if config.cpu_threads_bind else None
-        self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.dtype, self.device,
-                                  cores if self.device.type == "cpu" else None)
+        self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.model.activation_dtype,
+                                  self.device, cores if self.device.type == "cpu" else None)
         self.sampler = Sampler(seed=config.seed)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -231,6 +231,15 @@ def _weight_bytes(module: nn.Module) -> int:
     return module.weight.numel() * module.weight.element_size()
 
 
+def cast_dense_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the dense linears' and embeddings' weights in `dtype`; norms, biases and rotary
+    tables keep theirs. `matmul.linear` multiplies such weights with activations of another
+    dtype."""
+    for module in _dense_linears(model):
+        if module.weight.dtype != dtype:
+            module.weight = nn.Parameter(module.weight.data.to(dtype), requires_grad=False)
+
+
 def dense_linear_bytes(model: nn.Module) -> int:
     """Bytes of the dense weights that `prepack_linears` would copy."""
     return sum(_weight_bytes(m) for m in _dense_linears(model))

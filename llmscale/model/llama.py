@@ -133,10 +133,15 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed_tokens(input_ids).to(self.activation_dtype), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
         return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype between layers (the weights' may differ: see config.activation_dtype)."""
+        return self.norm.weight.dtype
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in fp32."""

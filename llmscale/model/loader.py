@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llmscale.config import ConfigError, ModelConfig
-from llmscale.model.layers import RotaryEmbedding
+from llmscale.config import ConfigError, ModelConfig, activation_dtype
+from llmscale.model.layers import RotaryEmbedding, cast_dense_weights
 from llmscale.model.llama import LlamaForCausalLM
 from llmscale.model.quant import QuantizedWeight
 
@@ -52,7 +52,8 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_position, tp_rank, tp_size)
     model.to_empty(device=device)
-    model.to(dtype)
+    model.to(activation_dtype(dtype, device))
+    cast_dense_weights(model, dtype)  # a no-op unless activations differ (bf16 weights on AVX2)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)  # fp32 tables, built for real after the meta init

@@ -12,6 +12,9 @@ Prefill chunks are compute-bound, where oneDNN's linear is the fastest here, and
 on a copy of the weight in oneDNN's own blocked layout (`prepack`): a 128-token prefill step of
 SmolLM2-135M 374-388 ms against 415-428 ms (medians, steps alternated in one process). The copy
 doubles the weights' memory, so the engine makes it only where that is cheap.
+bf16 weights with fp32 activations (a CPU without bf16 arithmetic: `config.activation_dtype`)
+take the C kernel, which widens bf16 as it streams it, for every decode batch; prefill chunks
+multiply an fp32 copy made per call, which is small next to their GEMMs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ _ONEDNN_LINEAR = _onednn_linear()
 # 92 ms against 112 ms as `W @ x^T`); for the tall lm_head oneDNN wins from 17 rows.
 C_KERNEL_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 32}
 C_KERNEL_MAX_ROWS_TALL = 16
+# bf16 weights with fp32 activations (config.activation_dtype): the alternative is an fp32
+# copy of the weight per call, which costs more than the C kernel up to a decode batch.
+MIXED_C_KERNEL_MAX_ROWS = 64
 PREPACK_BATCH_HINT = 256  # oneDNN picks its blocking for this many rows; any count works
 
 
@@ -54,7 +60,9 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
 def _c_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = C_KERNEL_MAX_ROWS.get(weight.dtype, 0)
-    if weight.shape[0] >= ONEDNN_MIN_OUT_FEATURES:
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+        rows = MIXED_C_KERNEL_MAX_ROWS
+    elif weight.shape[0] >= ONEDNN_MIN_OUT_FEATURES:
         rows = min(rows, C_KERNEL_MAX_ROWS_TALL)
     return (x.shape[0] <= rows and weight.shape[1] % 8 == 0
             and weight.is_contiguous() and cpu_kernels.available()
@@ -65,10 +73,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """`packed`: `prepack(weight)`, kept by the caller, which must renew it if `weight` changes;
     it serves every row count past the C kernel's."""
+    if x.device.type == "cpu" and x.dim() == 2 and _c_kernel_fits(x, weight):
+        y = cpu_kernels.matmul_dense(x.float().contiguous(), weight).to(x.dtype)
+        return y if bias is None else y + bias
+    if weight.dtype != x.dtype:  # 16-bit weights, fp32 activations: multiply in fp32
+        weight = weight.to(x.dtype)
     if x.device.type == "cpu" and x.dim() == 2:
-        if _c_kernel_fits(x, weight):
-            y = cpu_kernels.matmul_dense(x.float().contiguous(), weight).to(x.dtype)
-            return y if bias is None else y + bias
         if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and not torch.is_grad_enabled():
             if packed is not None:
                 return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")
