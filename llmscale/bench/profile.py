@@ -196,9 +196,9 @@ def cost_model_of(engine: Any) -> CostModel:
     head_bytes = tensor_bytes(head, True)
     body = sum(tensor_bytes(m, False) for m in model.modules()
                if id(m) not in skip and not isinstance(m, RotaryEmbedding))
-    elem = torch_elem_bytes(engine.dtype)
-    return CostModel.from_config(engine.model_config, elem, elem, body_weight_bytes=body,
-                                 lm_head_bytes=head_bytes)
+    return CostModel.from_config(engine.model_config, torch_elem_bytes(engine.dtype),
+                                 torch_elem_bytes(model.activation_dtype),  # the KV cache's
+                                 body_weight_bytes=body, lm_head_bytes=head_bytes)
 
 
 def torch_elem_bytes(dtype: Any) -> int:
