@@ -15,6 +15,7 @@ from llmscale.engine.llm_engine import LLMEngine
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import matmul
 
+from .conftest import TOKENIZER_FILES
 from .hf_reference import hf_all_logits, hf_greedy, hf_last_logits
 
 NUM_TOKENS = 32
@@ -76,7 +77,7 @@ def bf16_llama(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama-bf16")
     model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, folder / name)
     return folder
