@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from llmscale.config import BATCHING_POLICIES, ConfigError, EngineConfig
+from llmscale.config import BATCHING_POLICIES, DTYPE_CHOICES, DTYPE_HELP, ConfigError, EngineConfig
 
 # Commands that live with their layer: each module has `register(subparsers)`, which adds its
 # parser(s) and sets `func`. Registration imports only what building the parser needs.
@@ -22,9 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None,
                    help="HF folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs); bf16 on a CPU without "
-                        "bf16 arithmetic computes in fp32")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--keep-quantized", action="store_true",
                    help="serve a GGUF's Q8_0/Q4_0/Q4_1 weights with int8/int4 kernels instead of "

@@ -178,6 +178,11 @@ def activation_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.d
     return weight_dtype
 
 
+# The --dtype flag of every command that loads a model.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_HELP = ("weights dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs); bf16 on a CPU without "
+              "bf16 arithmetic computes in fp32")
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 

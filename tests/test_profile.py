@@ -9,7 +9,7 @@ import torch
 
 from llmscale.bench.roofline import Chunk, CostModel, Peaks, attainable, classify, measure_peaks
 from llmscale.cli import main
-from llmscale.config import ModelConfig
+from llmscale.config import ModelConfig, activation_dtype, parse_dtype
 
 
 @pytest.fixture()
@@ -80,9 +80,10 @@ def test_measured_peaks_are_plausible() -> None:
     assert 1e8 < peaks.copy_bytes < 1e13 and 1e8 < peaks.read_bytes < 1e13
 
 
-def test_profile_end_to_end(tiny_model, tmp_path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_profile_end_to_end(tiny_model, tmp_path, dtype: str) -> None:
     out = tmp_path / "profile"
-    main(["profile", "--model", str(tiny_model("llama")), "--dtype", "float32", "--out", str(out),
+    main(["profile", "--model", str(tiny_model("llama")), "--dtype", dtype, "--out", str(out),
           "--num-requests", "3", "--prompt-len", "24", "--output-len", "4", "--batch-sizes", "1,2",
           "--context-lens", "16,40", "--steps", "2", "--matmul-size", "256",
           "--max-num-batched-tokens", "32"])
@@ -91,6 +92,10 @@ def test_profile_end_to_end(tiny_model, tmp_path) -> None:
         assert (out / png).stat().st_size > 10_000
     peaks = report["peaks"]
     assert peaks["matmul_flops"] > 0 and peaks["memory_bytes"] > 0 and peaks["ridge"] > 0
+    # The GEMM peak is measured in the dtype the model computes in (fp32 for bf16 weights on a
+    # CPU without bf16 arithmetic).
+    computes_in = activation_dtype(parse_dtype(dtype), torch.device("cpu"))
+    assert peaks["dtype"] == str(computes_in).removeprefix("torch.")
 
     phases = report["workload"]["phases"]
     # A 32-token budget: the first step prefills 24 + 8 tokens, later ones mix decodes with prefill.

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmscale.bench.roofline import Chunk, CostModel, Peaks, attainable, classify
-from llmscale.config import ConfigError
+from llmscale.config import DTYPE_CHOICES, DTYPE_HELP, ConfigError
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"
 PHASES = ("prefill", "decode", "mixed")
@@ -63,8 +63,7 @@ def register(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="HF folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights/activations dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default="results/profile", help="folder for profile.json and the PNGs")
     p.add_argument("--num-requests", type=int, default=16, help="workload: requests added at once")
@@ -133,7 +132,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     with Progress(*columns) as progress:
         task = progress.add_task("peaks", total=1)
         engine = LLMEngine(config)
-        peaks = measure_peaks(engine.dtype, engine.device, matmul_size=args.matmul_size)
+        # The GEMM peak in the dtype the model computes in (fp32 for bf16 weights on AVX2).
+        peaks = measure_peaks(engine.model.activation_dtype, engine.device, matmul_size=args.matmul_size)
         progress.update(task, completed=1)
         cost = cost_model_of(engine)
         rng = random.Random(args.seed)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llmscale.config import ConfigError
+from llmscale.config import DTYPE_CHOICES, DTYPE_HELP, ConfigError
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct (default)"
 
@@ -37,8 +37,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reference", default=None,
                    help="model whose greedy tokens define agreement (default: the first MODEL)")
     p.add_argument("--out", default="results/eval", help="folder for eval.json and eval.png")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights/activations dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--keep-quantized", action="store_true",
                    help="serve GGUF Q8_0/Q4_0/Q4_1 weights on the int8/int4 kernels, not dequantized")
     p.add_argument("--kv-cache-memory", default="512MiB", help="KV cache size per model")
