@@ -28,7 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="serve a GGUF's Q8_0/Q4_0/Q4_1 weights with int8/int4 kernels instead of "
                         "dequantizing them")
     g.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep a copy of fp32 CPU weights in oneDNN's layout for faster batched linears "
+                   help="keep a copy of fp32 CPU weights packed for a faster GEMM (the C kernels' panels, "
+                        "else oneDNN's layout) for faster batched linears "
                         "(default: when it takes at most 1/8 of free memory)")
     g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
                    help="pin the engine's threads to these cores, one each (0-1, 0,2,4); default: no "

@@ -34,6 +34,16 @@ def test_dense_matmul(n: int, k: int, m: int) -> None:
     torch.testing.assert_close(cpu.matmul_dense(x, wb), x @ wb.float().t(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k", [*SHAPES, (49, 100), (7, 3)])  # a padded last panel, any k
+@pytest.mark.parametrize("m", [*ROWS, 6, 12, 130])  # whole and partial 6-row tiles
+def test_panel_matmul(n: int, k: int, m: int) -> None:
+    torch.manual_seed(m)
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    packed = cpu.pack_panels(w)
+    assert cpu.is_panels(packed) and packed.shape == (-(-n // cpu.PANEL), k, cpu.PANEL)
+    torch.testing.assert_close(cpu.matmul_panels(x, packed, n), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", ROWS)
 def test_int8_matmul_matches_dequantized_weights(n: int, k: int, m: int) -> None:
@@ -111,18 +121,21 @@ def tiny_variants(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return out
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8", "int4", "qwen2"])
+@pytest.mark.parametrize("variant", ["fp32", "panels", "int8", "int4", "qwen2"])
 def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: dict[str, Path],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode-only steps run all layers in one C call; the same requests through the model's
     modules give the same tokens and logprobs."""
-    llm = LLM(model=str(tiny_variants[variant]), dtype="float32", kv_cache_memory="32MiB")
+    panels = variant == "panels"  # fp32 weights prepacked in panels, else row-major
+    llm = LLM(model=str(tiny_variants["fp32" if panels else variant]), dtype="float32",
+              kv_cache_memory="32MiB", prepack_weights=panels)
     runner = llm.llm_engine.runner
     assert runner.fused is not None
     prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived",
                "1, 2, 3, 4,"]
-    if variant == "fp32":  # past one 8-row pass of the C matmuls, up to the fused path's limit
-        prompts += [f"Item {i} of the list is" for i in range(runner.fused.max_rows - len(prompts))]
+    if variant in ("fp32", "panels"):  # past one pass of the C matmuls' rows, up to the
+        # row-major path's limit; panels take any batch
+        prompts += [f"Item {i} of the list is" for i in range(min(runner.fused.max_rows, 70) - len(prompts))]
     batch_sizes: list[int] = []
     call = FusedDecoder.__call__
 

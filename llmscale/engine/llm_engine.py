@@ -85,7 +85,7 @@ class LLMEngine:
                  self.scheduler.config.max_num_batched_tokens)
 
     def _prepack(self, wanted: bool | None) -> int:
-        """Copy the dense weights into oneDNN's layout if asked, or by default where it is cheap."""
+        """Copy the dense weights into a GEMM's packed layout if asked, or by default where it is cheap."""
         if wanted is False or self.device.type != "cpu" or self.dtype != torch.float32:
             return 0
         if wanted is None and layers.dense_linear_bytes(self.model) * 8 > available_memory_bytes():

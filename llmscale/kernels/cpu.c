@@ -125,6 +125,90 @@ void matmul_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_
     PARALLEL_ROW_TILES(n, m, DISPATCH_ROWS(rows_bf16, rows, x + r * k, k, w, t, t1, y + r * n, n))
 }
 
+/* ---------------------------------------------------------------- fp32 weights in panels */
+
+/* The micro-kernel of a BLAS GEMM, for every row count: the weights are packed in panels of
+ * PANEL output rows, wp [ceil(n / PANEL)][k][PANEL] with the last panel zero-padded, so one
+ * step along k loads PANEL weights in two vectors and multiplies them by one broadcast
+ * activation of each of up to PANEL_ROWS rows: 12 independent accumulators, 8 loads per 12
+ * FMAs. The row-major kernel above needs a horizontal sum per output and re-reads activations
+ * once per weight row; on a 2-core AVX2 CPU, all decoder linears of SmolLM2-135M run at
+ * ~97 GFLOP/s from 48 rows against its ~72, and at ~148 from 2,048 rows, as fast as oneDNN
+ * on its own blocked copy. */
+#define PANEL 16
+#define PANEL_ROWS 6
+#define PANEL_GROUP 4 /* panels per pass over the activation rows: they stay in L2 meanwhile */
+
+/* Accumulators are named variables, not an array: GCC keeps an array of vectors in memory
+ * for some row counts, a store per FMA. Rows past M drop out at compile time. */
+#define PANEL_ROW(i, ...)                                                                         \
+    if (M > i) {                                                                                \
+        __VA_ARGS__                                                                             \
+    }
+#define PANEL_ROWS_DO(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5)
+#define PANEL_ZERO(i) PANEL_ROW(i, a##i##0 = a##i##1 = _mm256_setzero_ps();)
+#define PANEL_FMA(i)                                                                            \
+    PANEL_ROW(i, __m256 xb = _mm256_broadcast_ss(x + i * k + j);                                 \
+              a##i##0 = _mm256_fmadd_ps(xb, w0, a##i##0); a##i##1 = _mm256_fmadd_ps(xb, w1, a##i##1);)
+#define PANEL_STORE(i)                                                                          \
+    PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
+
+static inline __attribute__((always_inline)) void panel_tile(
+    const float *x, int64_t k, const float *wp, float *y, int64_t ldy, const int M) {
+    __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
+    PANEL_ROWS_DO(PANEL_ZERO)
+    for (int64_t j = 0; j < k; j++) {
+        __m256 w0 = _mm256_loadu_ps(wp + j * PANEL), w1 = _mm256_loadu_ps(wp + j * PANEL + 8);
+        PANEL_ROWS_DO(PANEL_FMA)
+    }
+    PANEL_ROWS_DO(PANEL_STORE)
+}
+
+/* Up to PANEL_ROWS rows of x times one whole panel. */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int rows, int64_t k, const float *wp, float *y, int64_t ldy) {
+    switch (rows) {
+        case 1: panel_tile(x, k, wp, y, ldy, 1); break;
+        case 2: panel_tile(x, k, wp, y, ldy, 2); break;
+        case 3: panel_tile(x, k, wp, y, ldy, 3); break;
+        case 4: panel_tile(x, k, wp, y, ldy, 4); break;
+        case 5: panel_tile(x, k, wp, y, ldy, 5); break;
+        default: panel_tile(x, k, wp, y, ldy, PANEL_ROWS); break;
+    }
+}
+
+/* The same for the zero-padded last panel: only its first `cols` outputs are kept. */
+static void panel_rows_tail(const float *x, int rows, int64_t k, const float *wp, float *y,
+                            int64_t ldy, int cols) {
+    float tail[PANEL_ROWS * PANEL];
+    panel_rows(x, rows, k, wp, tail, PANEL);
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < cols; c++) y[i * ldy + c] = tail[i * PANEL + c];
+}
+
+void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, float *y,
+                       int nthreads) {
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t p1 = panels * (t + 1) / nt;
+        for (int64_t g = panels * t / nt; g < p1; g += PANEL_GROUP) {
+            const int64_t g1 = g + PANEL_GROUP < p1 ? g + PANEL_GROUP : p1;
+            for (int64_t r = 0; r < m; r += PANEL_ROWS) {
+                const int rows = m - r < PANEL_ROWS ? (int)(m - r) : PANEL_ROWS;
+                for (int64_t p = g; p < g1; p++) {
+                    const float *xr = x + r * k, *w = wp + p * k * PANEL;
+                    float *yr = y + r * n + p * PANEL;
+                    if (n - p * PANEL >= PANEL)
+                        panel_rows(xr, rows, k, w, yr, n);
+                    else
+                        panel_rows_tail(xr, rows, k, w, yr, n, (int)(n - p * PANEL));
+                }
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- activation quantization */
 
 /* x [m, k] fp32 -> xq int8 [m, k] and dx [m, k/32] per 32-block absmax scales. With
@@ -505,7 +589,7 @@ void silu_and_mul(const float *gate_up, int64_t m, int64_t i, float *out) {
 
 /* ---------------------------------------------------------------- a whole decode step */
 
-enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3 };
+enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3, PANELS_F32 = 4 };
 
 typedef struct {
     int32_t kind, pad;
@@ -532,7 +616,8 @@ static void linear_forward(const Linear *l, const float *x, int64_t m, float *y,
         case DENSE_F32: matmul_f32(x, m, l->k, l->w, l->n, y, nthreads); break;
         case DENSE_BF16: matmul_bf16(x, m, l->k, l->w, l->n, y, nthreads); break;
         case INT8: matmul_int8(x, m, l->k, l->w, l->s, l->n, y, nthreads); break;
-        default: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
+        case PANELS_F32: matmul_panels_f32(x, m, l->k, l->w, l->n, y, nthreads); break;
+        case INT4: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
     }
     if (l->bias)
         for (int64_t i = 0; i < m; i++)

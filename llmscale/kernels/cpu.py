@@ -20,18 +20,21 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-fno-math-errno", "-march=native", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 QBLOCK = 32  # activation quantization block of the int8/int4 kernels
+PANEL = 16  # output rows per panel of `pack_panels`
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
     "matmul_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
     "matmul_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
+    "matmul_panels_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
     "matmul_int8": [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "matmul_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
     "dequant_int8": [_P, _P, _I, _I, _P, ctypes.c_int],
@@ -126,6 +129,26 @@ def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = _out(x, n)
     fn = lib.matmul_f32 if w.dtype == torch.float32 else lib.matmul_bf16
     fn(x.data_ptr(), x.shape[0], k, w.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 [n, k] -> [ceil(n / PANEL), k, PANEL]: PANEL output rows side by side along k,
+    the last panel zero-padded; the operand of `matmul_panels`."""
+    n, k = weight.shape
+    padded = F.pad(weight.detach().float(), (0, 0, 0, -n % PANEL))
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def is_panels(packed: torch.Tensor) -> bool:
+    return packed.dim() == 3 and packed.shape[2] == PANEL and not packed.is_mkldnn
+
+
+def matmul_panels(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x fp32 [m, k] contiguous, packed = pack_panels(w) for w [n, k] -> fp32 [m, n], any m."""
+    y = _out(x, n)
+    library().matmul_panels_f32(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n,
+                                y.data_ptr(), torch.get_num_threads())
     return y
 
 

@@ -246,7 +246,7 @@ def dense_linear_bytes(model: nn.Module) -> int:
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Give every dense linear (and the lm_head) a `packed_weight` for oneDNN (`matmul.prepack`);
+    """Give every dense linear (and the lm_head) a `packed_weight` for a faster GEMM (`matmul.prepack`);
     returns the bytes added. For inference: the copy does not follow later weight updates."""
     added = 0
     for module in _dense_linears(model):

@@ -8,9 +8,13 @@ kernels of `llmscale.kernels` run instead (29 ms and 48 ms; bf16 weights 19 ms a
 they win up to ~32 rows.
 Without them, `W @ x^T` beats `F.linear` for 2-128 rows (a [8, 576] x [576, 3072] product
 1.4 ms against 2.7 ms: the short operand on the left makes torch repack the weight per call).
-Prefill chunks are compute-bound, where oneDNN's linear is the fastest here, and faster still
-on a copy of the weight in oneDNN's own blocked layout (`prepack`): a 128-token prefill step of
-SmolLM2-135M 374-388 ms against 415-428 ms (medians, steps alternated in one process). The copy
+Prefill chunks are compute-bound, where oneDNN's linear is the fastest of torch's here.
+Faster still is a GEMM on a copy of the weight packed for it (`prepack`): the C kernels' own
+panel layout (`cpu_kernels.pack_panels`), whose micro-kernel serves every row count, with
+oneDNN's blocked layout as the fallback where the C kernels are not built. Same measurement
+(min-median of 5): panels 1 row 30-31 ms, 48 rows 100-108 ms, 128 rows 231-248 ms against
+the row-major C kernel's 32-34, 128-150 and 338-346 ms and oneDNN's on its blocked copy
+49-50, 129-139 and 261-269 ms; 2,048 rows ~148 GFLOP/s against oneDNN's ~140. The copy
 doubles the weights' memory, so the engine makes it only where that is cheap.
 bf16 weights with fp32 activations (a CPU without bf16 arithmetic: `config.activation_dtype`)
 take the C kernel, which widens bf16 as it streams it, for every decode batch; prefill chunks
@@ -52,8 +56,13 @@ PREPACK_BATCH_HINT = 256  # oneDNN picks its blocking for this many rows; any co
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of a CPU fp32 weight [out, in], or None where it does not apply."""
-    if _ONEDNN_LINEAR is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+    """A copy of a CPU fp32 weight [out, in] laid out for a faster GEMM: the C kernels'
+    panels, else oneDNN's blocked layout; None where neither applies."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    if cpu_kernels.available():
+        return cpu_kernels.pack_panels(weight)
+    if _ONEDNN_LINEAR is None:
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PREPACK_BATCH_HINT)
 
@@ -72,7 +81,11 @@ def _c_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """`packed`: `prepack(weight)`, kept by the caller, which must renew it if `weight` changes;
-    it serves every row count past the C kernel's."""
+    panels serve every row count, oneDNN's copy every count past the C kernel's."""
+    if (packed is not None and cpu_kernels.is_panels(packed) and x.dim() == 2
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        y = cpu_kernels.matmul_panels(x.float().contiguous(), packed, weight.shape[0]).to(x.dtype)
+        return y if bias is None else y + bias
     if x.device.type == "cpu" and x.dim() == 2 and _c_kernel_fits(x, weight):
         y = cpu_kernels.matmul_dense(x.float().contiguous(), weight).to(x.dtype)
         return y if bias is None else y + bias
