@@ -35,7 +35,7 @@ def test_dense_matmul(n: int, k: int, m: int) -> None:
 
 
 @pytest.mark.parametrize("n,k", [*SHAPES, (49, 100), (7, 3)])  # a padded last panel, any k
-@pytest.mark.parametrize("m", [*ROWS, 6, 12, 130])  # whole and partial 6-row tiles
+@pytest.mark.parametrize("m", [*ROWS, 6, 12, 130, 400])  # whole and partial 6-row tiles and row blocks
 def test_panel_matmul(n: int, k: int, m: int) -> None:
     torch.manual_seed(m)
     x, w = torch.randn(m, k), torch.randn(n, k)

@@ -14,8 +14,9 @@ panel layout (`cpu_kernels.pack_panels`), whose micro-kernel serves every row co
 oneDNN's blocked layout as the fallback where the C kernels are not built. Same measurement
 (min-median of 5): panels 1 row 30-31 ms, 48 rows 100-108 ms, 128 rows 231-248 ms against
 the row-major C kernel's 32-34, 128-150 and 338-346 ms and oneDNN's on its blocked copy
-49-50, 129-139 and 261-269 ms; 2,048 rows ~148 GFLOP/s against oneDNN's ~140. The copy
-doubles the weights' memory, so the engine makes it only where that is cheap.
+49-50, 129-139 and 261-269 ms; at 2,048 rows (prefill chunks) the two are level, 3.4-3.6 s
+against 3.2-3.6 s. The copy doubles the weights' memory, so the engine makes it only where
+that is cheap.
 bf16 weights with fp32 activations (a CPU without bf16 arithmetic: `config.activation_dtype`)
 take the C kernel, which widens bf16 as it streams it, for every decode batch; prefill chunks
 multiply an fp32 copy made per call, which is small next to their GEMMs.
