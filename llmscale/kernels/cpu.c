@@ -133,13 +133,14 @@ void matmul_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_
  * activation of each of up to PANEL_ROWS rows: 12 independent accumulators, 8 loads per 12
  * FMAs. The row-major kernel above needs a horizontal sum per output and re-reads activations
  * once per weight row; on a 2-core AVX2 CPU, all decoder linears of SmolLM2-135M run at
- * ~97 GFLOP/s from 48 rows against its ~72, and at ~148 from 2,048 rows, as fast as oneDNN
- * on its own blocked copy. */
+ * ~100 GFLOP/s at 48 rows against its ~72, and at ~130 at 2,048 rows, level with oneDNN on
+ * its own blocked copy. */
 #define PANEL 16
 #define PANEL_ROWS 6
 #define PANEL_GROUP 4 /* panels per pass over the activation rows: they stay in L2 meanwhile */
 /* Activation rows per such pass: past a few hundred, re-reading all of them for every group of
- * panels comes from memory (a 2,048-row prefill chunk: 126 against 137 GFLOP/s at 384). */
+ * panels comes from memory (a 2,048-row prefill chunk: 106-126 GFLOP/s in one pass, ~130-137
+ * in passes of 384 rows). */
 #define PANEL_BLOCK_ROWS 384
 
 /* Accumulators are named variables, not an array: GCC keeps an array of vectors in memory
@@ -168,7 +169,8 @@ static inline __attribute__((always_inline)) void panel_tile(
 }
 
 /* Up to PANEL_ROWS rows of x times one whole panel. */
-static inline __attribute__((always_inline)) void panel_rows(const float *x, int rows, int64_t k, const float *wp, float *y, int64_t ldy) {
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int rows, int64_t k,
+                                                              const float *wp, float *y, int64_t ldy) {
     switch (rows) {
         case 1: panel_tile(x, k, wp, y, ldy, 1); break;
         case 2: panel_tile(x, k, wp, y, ldy, 2); break;

@@ -141,7 +141,8 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
 
 
 def is_panels(packed: torch.Tensor) -> bool:
-    return packed.dim() == 3 and packed.shape[2] == PANEL and not packed.is_mkldnn
+    """Whether a prepacked weight is `pack_panels`' (3-D) rather than oneDNN's (2-D)."""
+    return packed.dim() == 3 and packed.shape[2] == PANEL
 
 
 def matmul_panels(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
