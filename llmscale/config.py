@@ -309,8 +309,8 @@ class EngineConfig:
     seed: int = 0
     # A GGUF's Q8_0/Q4_0/Q4_1 weights are served by the int8/int4 kernels, not dequantized.
     keep_quantized: bool = False
-    # A second copy of fp32 CPU weights in oneDNN's layout, for faster batched linears; None:
-    # when it takes at most 1/8 of free memory.
+    # A second copy of fp32 CPU weights packed for a faster GEMM (the C kernels' panels, else
+    # oneDNN's layout); None: when it takes at most 1/8 of free memory.
     prepack_weights: bool | None = None
     # CPU cores to pin the step loop's OpenMP threads to, one each ("0-1", "0,2,4"); None: no
     # pinning, since two processes pinned to the same cores would share them.
