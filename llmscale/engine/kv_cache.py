@@ -21,6 +21,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_hashes: dict[str, list[int]] = {}
+        self.req_num_offered: dict[str, int] = {}  # leading blocks already offered to the prefix cache
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found in the cache
 
@@ -84,8 +85,10 @@ class KVCacheManager:
             # Blocks that will be full once this step's tokens are written become shareable now:
             # within a step every layer writes its K/V before it reads any.
             hashes = self._block_hashes(request, num_tokens)
-            for block, h in zip(blocks, hashes, strict=False):
+            start = self.req_num_offered.get(request.request_id, 0)
+            for block, h in zip(blocks[start:], hashes[start:], strict=False):
                 self.pool.cache_full_block(block, h)
+            self.req_num_offered[request.request_id] = min(len(blocks), len(hashes))
         return True
 
     def block_ids(self, request_id: str) -> list[int]:
@@ -95,6 +98,7 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.pool.free(list(reversed(blocks)))
         self.req_hashes.pop(request.request_id, None)
+        self.req_num_offered.pop(request.request_id, None)
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -36,7 +36,7 @@ class RequestTimes:
     finished_s: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: `in` and `remove` compare identity
 class Request:
     request_id: str
     prompt_token_ids: list[int]
