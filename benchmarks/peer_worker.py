@@ -87,9 +87,10 @@ def hf(spec: dict[str, Any], batched: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(spec["threads"])
+    device = torch.device(spec.get("device", "cpu"))
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec["dtype"]))
-    model.eval()
+    model.to(device).eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     emit("loaded", load_s=time.perf_counter() - t)
 
@@ -102,8 +103,10 @@ def hf(spec: dict[str, Any], batched: bool) -> dict[str, Any]:
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
         # min_new_tokens == max_new_tokens keeps EOS from ending a row early: EOS ignored, as elsewhere.
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=pad)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=pad)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # timed to the last token, as llmscale's are
         return (out.shape[1] - width) * len(prompts)
 
     def one(p: list[int], n: int) -> int:

@@ -34,6 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
                    help="pin the engine's threads to these cores, one each (0-1, 0,2,4); default: no "
                         "pinning")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run every step eagerly instead of replaying CUDA graphs for decodes")
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     g.add_argument("--kv-cache-memory", default="0.1",
                    help="KV cache size: bytes (2GiB, 512MB) or a fraction of free memory")
@@ -51,7 +53,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
-        cpu_threads_bind=args.cpu_threads_bind,
+        cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,

@@ -315,6 +315,8 @@ class EngineConfig:
     # CPU cores to pin the step loop's OpenMP threads to, one each ("0-1", "0,2,4"); None: no
     # pinning, since two processes pinned to the same cores would share them.
     cpu_threads_bind: str | None = None
+    # On a GPU, decode-only steps replay CUDA graphs (engine/cuda_graphs.py) unless this is set.
+    enforce_eager: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

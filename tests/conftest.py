@@ -17,6 +17,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_a_cuda_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines default to the GPU where there is one; outside test_cuda.py the tests are about
+    the CPU path (its C kernels, its fallbacks), so there they see no GPU."""
+    if torch.cuda.is_available() and request.node.path.name != "test_cuda.py":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def smollm_folder() -> Path:
     """The built-in SmolLM2-135M-Instruct as an HF folder (converted from its GGUF once)."""
@@ -45,7 +53,15 @@ TINY_CONFIGS: dict[str, dict] = {
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, smollm_folder: Path) -> Callable[[str], Path]:
+def tokenizer_folder(request: pytest.FixtureRequest) -> Path:
+    """A folder holding SmolLM2's tokenizer files: the default model's, or `LLMSCALE_TEST_TOKENIZER`
+    where the default model is not installed (a GPU machine given only the test suite)."""
+    given = os.environ.get("LLMSCALE_TEST_TOKENIZER")
+    return Path(given) if given else request.getfixturevalue("smollm_folder")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_folder: Path) -> Callable[[str], Path]:
     """Builds (once per kind) a tiny random model with transformers, saved as a real HF folder
     with SmolLM2's tokenizer so prompts are real text."""
     import transformers
@@ -65,8 +81,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, smollm_folder: Path) ->
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         model.save_pretrained(folder, safe_serialization=True)
         for name in TOKENIZER_FILES:
-            if (smollm_folder / name).exists():
-                shutil.copy(smollm_folder / name, folder / name)
+            if (tokenizer_folder / name).exists():
+                shutil.copy(tokenizer_folder / name, folder / name)
         cfg = json.loads((folder / "config.json").read_text())
         assert cfg["architectures"] == spec["architectures"]
         built[kind] = folder

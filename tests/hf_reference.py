@@ -8,32 +8,38 @@ from pathlib import Path
 import torch
 
 
+def hf_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):  # noqa: ANN201
+    return _load(folder, device, dtype)  # one cache entry however the defaults are spelled
+
+
 @cache
-def hf_model(folder: Path):  # noqa: ANN201 - transformers type
+def _load(folder: Path, device: str, dtype: torch.dtype):  # noqa: ANN202 - transformers type
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
-    return model.eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype)
+    return model.to(device).eval()
 
 
 @torch.inference_mode()
-def hf_greedy(folder: Path, prompt_ids: list[int], num_tokens: int) -> list[int]:
+def hf_greedy(folder: Path, prompt_ids: list[int], num_tokens: int, device: str = "cpu") -> list[int]:
     """Greedy decoding with the KV cache, never stopping at EOS (like ignore_eos)."""
-    model = hf_model(folder)
-    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    model = hf_model(folder, device)
+    out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
     past = out.past_key_values
     tokens: list[int] = []
     for _ in range(num_tokens):
         nxt = int(out.logits[0, -1].argmax())
         tokens.append(nxt)
-        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        out = model(torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
         past = out.past_key_values
     return tokens
 
 
 @torch.inference_mode()
-def hf_last_logits(folder: Path, prompt_ids: list[int]) -> torch.Tensor:
-    return hf_model(folder)(torch.tensor([prompt_ids])).logits[0, -1].float()
+def hf_last_logits(folder: Path, prompt_ids: list[int], device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    model = hf_model(folder, device, dtype)
+    return model(torch.tensor([prompt_ids], device=device)).logits[0, -1].float()
 
 
 @torch.inference_mode()

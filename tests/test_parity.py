@@ -68,6 +68,27 @@ def test_torch_fallback_matches_transformers(kind: str, tiny_model, prompts: lis
         assert g == hf_greedy(folder, p, NUM_TOKENS)
 
 
+def test_padded_decode_buffers_match_transformers(tiny_model, prompts: list[str],
+                                                  torch_kernels_only: None) -> None:
+    """Decodes padded into CUDA-graph buckets (here run eagerly: `capture=False`): padded rows
+    write only the scratch block and never change the real rows' tokens."""
+    folder = tiny_model("llama")
+    ids = _encode(folder, prompts + [" ".join(prompts)])
+    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", block_size=4, max_model_len=256)
+    runner = llm.llm_engine.runner
+    runner.use_decode_graphs(max_num_seqs=8, max_model_len=256, capture=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS - 4 * i, ignore_eos=True)
+              for i in range(len(ids))]  # requests finish at different steps: batches of 5 down to 1
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    for p, out in zip(ids, outs, strict=True):
+        n = len(out.outputs[0].token_ids)
+        assert out.outputs[0].token_ids == hf_greedy(folder, p, NUM_TOKENS)[:n]
+    assert runner.graphs is not None
+    buckets = set(runner.graphs.inputs)
+    assert {b for b, _ in buckets} >= {8, 4, 2, 1} and len({w for _, w in buckets}) > 1
+    assert llm.llm_engine.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
 @pytest.fixture(scope="module")
 def bf16_llama(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with its weights rounded to bf16, saved as a bf16 checkpoint."""

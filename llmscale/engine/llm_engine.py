@@ -69,6 +69,8 @@ class LLMEngine:
         cores = parse_cpu_list(config.cpu_threads_bind) if config.cpu_threads_bind else None
         self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.model.activation_dtype,
                                   self.device, cores if self.device.type == "cpu" else None)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.use_decode_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(seed=config.seed)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

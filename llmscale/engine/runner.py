@@ -10,9 +10,11 @@ import torch
 
 from llmscale.config import ModelConfig
 from llmscale.engine import fused_decode
+from llmscale.engine.cuda_graphs import DecodeGraphs
 from llmscale.engine.kv_cache import KVCacheManager
 from llmscale.engine.request import Request
 from llmscale.engine.scheduler import ScheduledBatch
+from llmscale.engine.transfer import to_device
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.attention import AttentionMetadata, PrefillChunk
 from llmscale.model.llama import LlamaForCausalLM
@@ -53,13 +55,23 @@ class ModelRunner:
         head_dim = model.layers[0].self_attn.head_dim
         self.c_kernels = (device.type == "cpu" and kv_dtype == torch.float32 and head_dim % 16 == 0
                           and cpu_kernels.available())
+        # One block more than the pool hands out: a scratch block for padded rows (see cuda_graphs).
+        self.scratch_block = num_blocks
         for layer in model.layers:
             attn = layer.self_attn
-            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            shape = (num_blocks + 1, block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
         # Decode-only steps run every layer in one C call where the model allows it.
         self.fused = fused_decode.FusedDecoder.build(model, block_size) if self.c_kernels else None
+        self.graphs: DecodeGraphs | None = None
+
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Run decode-only steps through `DecodeGraphs` (CUDA graphs; `capture=False`: the same
+        padded buffers run eagerly)."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.block_size, max_num_seqs, max_blocks, self.scratch_block,
+                                   self.device, self.kv_dtype, capture)
 
     def _decode_mask(self, context: torch.Tensor, width: int) -> torch.Tensor:
         """[B, 1, 1, width]: 0 where a decode may attend, -inf past its context."""
@@ -69,7 +81,7 @@ class ModelRunner:
         return mask.masked_fill_(~valid, float("-inf")).view(len(context), 1, 1, width)
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
-        return torch.tensor(data, dtype=torch.long, device=self.device)
+        return to_device(data, torch.long, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
@@ -136,6 +148,10 @@ class ModelRunner:
         if self.fused is not None and not prefills and len(decodes) <= self.fused.max_rows:
             hidden = self.fused(id_parts[0], pos_parts[0], meta.slot_mapping, meta.decode_block_tables,
                                 meta.decode_context_lens)
+        elif (self.graphs is not None and not prefills and len(decodes) <= self.graphs.max_batch
+              and meta.decode_mask is not None):
+            hidden = self.graphs(id_parts[0], pos_parts[0], meta.slot_mapping, meta.decode_block_tables,
+                                 meta.decode_mask)
         else:
             hidden = self.model(torch.cat(id_parts), torch.cat(pos_parts), meta)
         result = StepResult(sampled=sampled)

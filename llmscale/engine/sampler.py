@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from llmscale.engine.sampling_params import SamplingParams
+from llmscale.engine.transfer import to_device
 
 # Mass within this of top_p counts as reaching it: float32 sums of probabilities are off by a few
 # ulps, which would otherwise decide ties like probs [0.5, 0.3, 0.2] with top_p=0.8 at random.
@@ -176,14 +177,14 @@ class Sampler:
         """Draw one token per row of x (float32, contiguous, ours: overwritten)."""
         device = x.device
         params = [r.params for r in rows]
-        x.div_(torch.tensor([p.temperature for p in params], device=device)[:, None])
+        x.div_(to_device([p.temperature for p in params], None, device)[:, None])
         top_k = top_p = min_p = None
         if any(0 < p.top_k < x.shape[1] for p in params):
-            top_k = torch.tensor([p.top_k for p in params], device=device)
+            top_k = to_device([p.top_k for p in params], None, device)
         if any(p.top_p < 1 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=device)
+            top_p = to_device([p.top_p for p in params], None, device)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
+            min_p = to_device([p.min_p for p in params], None, device)
         apply_top_k_top_p_min_p(x, top_k, top_p, min_p)
         # softmax works row by row, so a row's CDF does not depend on its neighbours.
         cdf = torch.softmax(x, dim=-1, out=x).cumsum_(dim=-1)  # [R, V]
@@ -226,15 +227,14 @@ class Sampler:
 
 
 def _index(idx: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(idx, dtype=torch.long, device=device)
+    return to_device(idx, torch.long, device)
 
 
 def _flat_keys(x: torch.Tensor, row_idx: list[int], token_lists: list[list[int]]) -> torch.Tensor:
     """Flat indices into x.view(-1) of (row, token) for every token of each row's list."""
     vocab = x.shape[1]
-    lengths = torch.tensor([len(t) for t in token_lists], device=x.device)
-    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long,
-                          device=x.device)
+    lengths = to_device([len(t) for t in token_lists], None, x.device)
+    tokens = to_device(list(itertools.chain.from_iterable(token_lists)), torch.long, x.device)
     row_ids = torch.repeat_interleave(_index(row_idx, x.device), lengths)
     ok = tokens < vocab  # a token the model cannot emit must not spill into the next row
     return (row_ids * vocab + tokens)[ok]
@@ -270,7 +270,7 @@ def _per_row(rows: list[SamplingRow], idx: list[int], name: str, off: float,
              device: torch.device) -> torch.Tensor:
     """[R]: each listed row's sampling param `name`, `off` for the others."""
     out = torch.full((len(rows),), off, device=device)
-    out[_index(idx, device)] = torch.tensor([getattr(rows[i].params, name) for i in idx], device=device)
+    out[_index(idx, device)] = to_device([getattr(rows[i].params, name) for i in idx], None, device)
     return out
 
 
