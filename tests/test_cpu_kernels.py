@@ -110,6 +110,24 @@ def test_paged_decode_attention_matches_sdpa(hq: int, hkv: int) -> None:
         torch.testing.assert_close(out[i], ref.squeeze(1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+@pytest.mark.parametrize("n,context", [(1, 0), (5, 0), (48, 0), (49, 0), (300, 0), (17, 16), (37, 263)])
+def test_prefill_attention_matches_sdpa(hq: int, hkv: int, d: int, n: int, context: int) -> None:
+    """Causal attention of a chunk after `context` earlier tokens, its q/k/v strided views of one
+    fused projection as in the model: partial 6-row tiles, 48-row tasks and 16-key panels."""
+    torch.manual_seed(n + context)
+    length = context + n
+    qkv = torch.randn(length, (hq + 2 * hkv) * d)
+    q = qkv[context:, :hq * d].view(n, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(length, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(length, hkv, d)
+    out = cpu.prefill_attention(q, k, v, d ** -0.5)
+    mask = torch.arange(length)[None, :] <= torch.arange(context, length)[:, None]  # [n, length]
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, enable_gqa=True)  # [Hq, n, D]
+    torch.testing.assert_close(out, ref.transpose(0, 1), rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_variants(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tiny_model("llama")

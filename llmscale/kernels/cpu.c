@@ -152,13 +152,13 @@ void matmul_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_
 #define PANEL_ROWS_DO(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5)
 #define PANEL_ZERO(i) PANEL_ROW(i, a##i##0 = a##i##1 = _mm256_setzero_ps();)
 #define PANEL_FMA(i)                                                                            \
-    PANEL_ROW(i, __m256 xb = _mm256_broadcast_ss(x + i * k + j);                                 \
+    PANEL_ROW(i, __m256 xb = _mm256_broadcast_ss(x + i * ldx + j);                               \
               a##i##0 = _mm256_fmadd_ps(xb, w0, a##i##0); a##i##1 = _mm256_fmadd_ps(xb, w1, a##i##1);)
 #define PANEL_STORE(i)                                                                          \
     PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
 
 static inline __attribute__((always_inline)) void panel_tile(
-    const float *x, int64_t k, const float *wp, float *y, int64_t ldy, const int M) {
+    const float *x, int64_t ldx, int64_t k, const float *wp, float *y, int64_t ldy, const int M) {
     __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
     PANEL_ROWS_DO(PANEL_ZERO)
     for (int64_t j = 0; j < k; j++) {
@@ -168,16 +168,17 @@ static inline __attribute__((always_inline)) void panel_tile(
     PANEL_ROWS_DO(PANEL_STORE)
 }
 
-/* Up to PANEL_ROWS rows of x times one whole panel. */
-static inline __attribute__((always_inline)) void panel_rows(const float *x, int rows, int64_t k,
-                                                              const float *wp, float *y, int64_t ldy) {
+/* Up to PANEL_ROWS rows of x (ldx floats apart) times the first k rows of one panel. */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, int rows,
+                                                              int64_t k, const float *wp, float *y,
+                                                              int64_t ldy) {
     switch (rows) {
-        case 1: panel_tile(x, k, wp, y, ldy, 1); break;
-        case 2: panel_tile(x, k, wp, y, ldy, 2); break;
-        case 3: panel_tile(x, k, wp, y, ldy, 3); break;
-        case 4: panel_tile(x, k, wp, y, ldy, 4); break;
-        case 5: panel_tile(x, k, wp, y, ldy, 5); break;
-        default: panel_tile(x, k, wp, y, ldy, PANEL_ROWS); break;
+        case 1: panel_tile(x, ldx, k, wp, y, ldy, 1); break;
+        case 2: panel_tile(x, ldx, k, wp, y, ldy, 2); break;
+        case 3: panel_tile(x, ldx, k, wp, y, ldy, 3); break;
+        case 4: panel_tile(x, ldx, k, wp, y, ldy, 4); break;
+        case 5: panel_tile(x, ldx, k, wp, y, ldy, 5); break;
+        default: panel_tile(x, ldx, k, wp, y, ldy, PANEL_ROWS); break;
     }
 }
 
@@ -185,7 +186,7 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
 static void panel_rows_tail(const float *x, int rows, int64_t k, const float *wp, float *y,
                             int64_t ldy, int cols) {
     float tail[PANEL_ROWS * PANEL];
-    panel_rows(x, rows, k, wp, tail, PANEL);
+    panel_rows(x, k, rows, k, wp, tail, PANEL);
     for (int i = 0; i < rows; i++)
         for (int c = 0; c < cols; c++) y[i * ldy + c] = tail[i * PANEL + c];
 }
@@ -207,7 +208,7 @@ void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, in
                         const float *xr = x + r * k, *w = wp + p * k * PANEL;
                         float *yr = y + r * n + p * PANEL;
                         if (n - p * PANEL >= PANEL)
-                            panel_rows(xr, rows, k, w, yr, n);
+                            panel_rows(xr, k, rows, k, w, yr, n);
                         else
                             panel_rows_tail(xr, rows, k, w, yr, n, (int)(n - p * PANEL));
                     }
@@ -541,6 +542,76 @@ void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, 
         }
         free(krow);
         free(p);
+    }
+}
+
+/* ---------------------------------------------------------------- prefill attention */
+
+#define ATTN_QUERY_ROWS 48 /* query rows per task: a multiple of PANEL_ROWS */
+
+/* Floats of the workspace `prefill_attention` needs: packed K and V, then each thread's
+ * query block and scores (the caller reuses it: fresh pages cost more than the copies). */
+int64_t prefill_attention_workspace(int64_t len, int64_t hkv, int64_t d, int nthreads) {
+    const int64_t len16 = (len + PANEL - 1) / PANEL * PANEL;
+    return 2 * hkv * len16 * d + (int64_t)nthreads * ATTN_QUERY_ROWS * (d + len16);
+}
+
+/* Causal attention of one prompt chunk, on the panel micro-kernel: q [n, hq, d] against
+ * k, v [len, hkv, d] (len >= n: the chunk's own keys last, after `len - n` of earlier
+ * context), so query i sees keys [0, len - n + i]. Tokens are ldq, ldk, ldv floats apart
+ * (heads contiguous within a token); out [n, hq, d] contiguous; d % 16 == 0.
+ * K is packed per KV head into panels of 16 keys ([len/16][d][16]) and V into panels of 16
+ * output dims ([d/16][len][16]), zero-padded to whole panels. A task is one head's block of
+ * query rows: its scores S = (q * scale) K^T over the keys it sees, an exact softmax per row,
+ * then S V. Tasks with more keys go first. */
+void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
+                       const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t len,
+                       float scale, float *out, float *work, int nthreads) {
+    const int64_t group = hq / hkv, len16 = (len + PANEL - 1) / PANEL * PANEL, offset = len - n;
+    const int64_t kv_size = len16 * d;
+    float *kp = work, *vp = kp + hkv * kv_size;
+    const int64_t blocks = (n + ATTN_QUERY_ROWS - 1) / ATTN_QUERY_ROWS, tasks = hq * blocks;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t h = 0; h < hkv; h++)
+            for (int64_t t = 0; t < len16; t++) { /* keys past len: zeros, finite under weight 0 */
+                const float *kr = k + t * ldk + h * d, *vr = v + t * ldv + h * d;
+                float *kd = kp + h * kv_size + (t / PANEL) * d * PANEL + t % PANEL;
+                float *vd = vp + h * kv_size + t * PANEL;
+                for (int64_t j = 0; j < d; j++) kd[j * PANEL] = t < len ? kr[j] : 0.f;
+                for (int64_t p = 0; p < d / PANEL; p++)
+                    for (int c = 0; c < PANEL; c++) vd[p * len16 * PANEL + c] = t < len ? vr[p * PANEL + c] : 0.f;
+            }
+        float *qb = vp + hkv * kv_size + omp_get_thread_num() * ATTN_QUERY_ROWS * (d + len16);
+        float *sc = qb + ATTN_QUERY_ROWS * d;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t blk = blocks - 1 - task / hq, h = task % hq, kh = h / group;
+            const int64_t r0 = blk * ATTN_QUERY_ROWS;
+            const int64_t rows = n - r0 < ATTN_QUERY_ROWS ? n - r0 : ATTN_QUERY_ROWS;
+            const int64_t keys = offset + r0 + rows, keys16 = (keys + PANEL - 1) / PANEL * PANEL;
+            for (int64_t i = 0; i < rows; i++)
+                for (int64_t j = 0; j < d; j++) qb[i * d + j] = q[(r0 + i) * ldq + h * d + j] * scale;
+            const float *kh_p = kp + kh * kv_size, *vh_p = vp + kh * kv_size;
+            /* A tile of PANEL_ROWS rows reads only the key panels its last row sees. */
+            for (int64_t i = 0; i < rows; i += PANEL_ROWS) {
+                const int m = rows - i < PANEL_ROWS ? (int)(rows - i) : PANEL_ROWS;
+                const int64_t seen16 = (offset + r0 + i + m + PANEL - 1) / PANEL * PANEL;
+                for (int64_t p = 0; p < seen16 / PANEL; p++)
+                    panel_rows(qb + i * d, d, m, d, kh_p + p * d * PANEL, sc + i * keys16 + p * PANEL,
+                               keys16);
+                for (int64_t r = i; r < i + m; r++) { /* row r sees keys [0, offset + r0 + r] */
+                    float *s = sc + r * keys16;
+                    const int64_t seen = offset + r0 + r + 1;
+                    softmax(s, seen);
+                    for (int64_t t = seen; t < seen16; t++) s[t] = 0.f;
+                }
+                for (int64_t p = 0; p < d / PANEL; p++)
+                    panel_rows(sc + i * keys16, keys16, m, seen16, vh_p + p * len16 * PANEL,
+                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d);
+            }
+        }
     }
 }
 

@@ -42,6 +42,8 @@ _SIGNATURES = {
     "rms_norm": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
     "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, ctypes.c_float, _P,
                                ctypes.c_int],
+    "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int],
+    "prefill_attention_workspace": [_I, _I, _I, ctypes.c_int],
     "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
     "silu_and_mul": [_P, _I, _I, _P],
     "bind_threads": [_P, ctypes.c_int],
@@ -104,6 +106,7 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
     lib.bind_threads.restype = ctypes.c_int
+    lib.prefill_attention_workspace.restype = ctypes.c_int64
     return lib
 
 
@@ -227,6 +230,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.data_ptr(), b, hq, hkv, d, k_cache.data_ptr(), v_cache.data_ptr(), block_size,
         block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), scale,
         out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      workspaces: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal attention of a prompt chunk: q [n, hq, d] against k, v [len, hkv, d] (len >= n,
+    the chunk's own keys last), fp32, each head's values contiguous -> [n, hq, d]. Its scratch
+    memory is kept in `workspaces` for the next call."""
+    n, hq, d = q.shape
+    length, hkv, _ = k.shape
+    assert all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v)), "heads must be contiguous"
+    threads = torch.get_num_threads()
+    lib = library()
+    size = lib.prefill_attention_workspace(length, hkv, d, threads)
+    workspaces = {} if workspaces is None else workspaces
+    work = workspaces.get("prefill_attention")
+    if work is None or work.numel() < size:
+        work = workspaces["prefill_attention"] = torch.empty(size, dtype=torch.float32)
+    out = torch.empty((n, hq, d), dtype=torch.float32)
+    lib.prefill_attention(q.data_ptr(), q.stride(0), n, hq, hkv, d, k.data_ptr(), k.stride(0),
+                          v.data_ptr(), v.stride(0), length, scale, out.data_ptr(), work.data_ptr(), threads)
     return out
 
 

@@ -4,7 +4,9 @@ The cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, he
 A step's flat batch puts single-token queries (decodes) first and multi-token chunks
 (prefills) after them; `AttentionMetadata` describes both parts.
 
-Decodes run as one batched SDPA call: their blocks are gathered into a padded
+With llmscale's C kernels (an fp32 cache on CPU), decodes read the paged cache in place and
+prefill chunks run a causal attention kernel on the GEMM micro-kernel (`kernels/cpu.c`).
+Otherwise decodes run as one batched SDPA call: their blocks are gathered into a padded
 `[B, Hkv, L, D]` view and the query heads of each KV group are folded into the query-length
 axis (`[B, Hkv, G, D]`), which is exact for one query position and avoids repeating K/V for
 GQA. Prefill chunks run one SDPA call each: a chunk with no earlier context attends to its own
@@ -65,15 +67,20 @@ def _workspace(workspaces: dict[str, torch.Tensor], name: str, numel: int, like:
     return buf[:numel]
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, workspaces: dict[str, torch.Tensor],
-            name: str) -> torch.Tensor:
-    """[..., nb] block ids -> [..., Hkv, nb * block_size, D] (a strided view of one copy)."""
+def _gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, workspaces: dict[str, torch.Tensor],
+                   name: str) -> torch.Tensor:
+    """[..., nb] block ids -> [..., nb * block_size, Hkv, D], copied into a reused workspace."""
     _, bs, hkv, d = cache.shape
     ids = block_table.reshape(-1)
     out = _workspace(workspaces, name, ids.numel() * bs * hkv * d, cache)
     torch.index_select(cache.view(cache.shape[0], -1), 0, ids, out=out.view(ids.numel(), -1))
-    flat = out.view(*block_table.shape[:-1], block_table.shape[-1] * bs, hkv, d)
-    return flat.transpose(-3, -2)
+    return out.view(*block_table.shape[:-1], block_table.shape[-1] * bs, hkv, d)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, workspaces: dict[str, torch.Tensor],
+            name: str) -> torch.Tensor:
+    """[..., nb] block ids -> [..., Hkv, nb * block_size, D] (a strided view of one copy)."""
+    return _gather_tokens(cache, block_table, workspaces, name).transpose(-3, -2)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -100,6 +107,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[:nd] = od.reshape(nd, num_heads, head_dim).to(q.dtype)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
+        if meta.c_kernels:  # the C kernel reads K/V token-major, as they are in the batch and cache
+            kc, vc = k[s:s + n], v[s:s + n]
+            if chunk.context_len != n:
+                kc = _gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:chunk.context_len]
+                vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:chunk.context_len]
+            out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n], kc, vc, scale, meta.workspaces)
+            continue
         qc = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if chunk.context_len == n:
             kc = k[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
