@@ -197,6 +197,21 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def parse_device(spec: str | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1' or None (cuda where torch sees a GPU, else cpu)."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {spec!r}; choose cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {spec!r}; choose cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} asked for, but torch sees no CUDA GPU here; use cpu")
+    return device
+
+
 def parse_cpu_list(spec: str) -> list[int]:
     """'0-3,6' -> [0, 1, 2, 3, 6]; each core must be one this process may run on."""
     cores: list[int] = []
@@ -336,6 +351,7 @@ class EngineConfig:
         cfg.scheduler.validate()
         if cfg.cpu_threads_bind is not None:
             parse_cpu_list(cfg.cpu_threads_bind)
+        parse_device(cfg.device)
         return cfg
 
     @property
@@ -348,4 +364,4 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return parse_device(self.device)

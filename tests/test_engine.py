@@ -189,6 +189,14 @@ def test_unknown_engine_argument() -> None:
         LLM(max_num_seq=4)
 
 
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "torch sees no CUDA GPU here"), ("tpu", "unknown device 'tpu'"), ("meta", "unsupported device")])
+def test_device_errors_name_the_problem(device: str, message: str) -> None:
+    """Outside test_cuda.py the tests see no GPU (conftest), so `cuda` is refused here too."""
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.from_kwargs(device=device)
+
+
 def test_prepacked_weights_and_pinned_threads_give_the_same_tokens(smollm_folder: Path) -> None:
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = ["The capital of France is", "Write a haiku about the sea." * 12]  # decode and a chunk
