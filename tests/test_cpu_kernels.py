@@ -88,19 +88,25 @@ def test_rms_norm_with_and_without_residual(m: int) -> None:
     torch.testing.assert_close(out, F.rms_norm(x + r, (576,), w, 1e-5))
 
 
-@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
-def test_paged_decode_attention_matches_sdpa(hq: int, hkv: int) -> None:
-    torch.manual_seed(hq)
-    d, block_size, num_blocks = 64, 16, 40
-    k_cache = torch.randn(num_blocks, block_size, hkv, d)
-    v_cache = torch.randn(num_blocks, block_size, hkv, d)
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 1, 128), (8, 2, 48), (6, 3, 64)])
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_paged_decode_attention_matches_sdpa(hq: int, hkv: int, d: int, block_size: int) -> None:
+    """Query-head groups of 1-8 (tiles of up to 3 heads), head dims in whole and half 32-wide
+    tiles, blocks scattered over the cache, and cache rows past each context holding NaN."""
+    torch.manual_seed(hq + d + block_size)
     lens = [1, 17, 150, 300]  # a partial first block, block boundaries, long enough for threads
-    tables = torch.zeros(len(lens), 20, dtype=torch.long)
-    perm = torch.randperm(num_blocks).tolist()  # blocks scattered over the cache
-    for i, n in enumerate(lens):
-        need = -(-n // block_size)
+    needs = [-(-n // block_size) for n in lens]
+    num_blocks = sum(needs) + 3
+    k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"))
+    v_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"))
+    tables = torch.zeros(len(lens), max(needs), dtype=torch.long)
+    perm = torch.randperm(num_blocks).tolist()  # each sequence's own blocks, scattered
+    for i, (n, need) in enumerate(zip(lens, needs, strict=True)):
         tables[i, :need] = torch.tensor(perm[:need])
-        perm = perm[need:] + perm[:need]
+        perm = perm[need:]
+        rows = torch.arange(n)
+        k_cache[tables[i][rows // block_size], rows % block_size] = torch.randn(n, hkv, d)
+        v_cache[tables[i][rows // block_size], rows % block_size] = torch.randn(n, hkv, d)
     q = torch.randn(len(lens), hq, d)
     out = cpu.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens), d ** -0.5)
     for i, n in enumerate(lens):

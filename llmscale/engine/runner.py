@@ -51,10 +51,10 @@ class ModelRunner:
         self.kv_dtype = kv_dtype
         self.workspaces: dict[str, torch.Tensor] = {}
         # Attention runs llmscale's C kernels where they apply (see AttentionMetadata); the
-        # cache has the model's dtype.
+        # cache has the model's dtype. Their decode kernel reads blocks 4 rows at a time.
         head_dim = model.layers[0].self_attn.head_dim
         self.c_kernels = (device.type == "cpu" and kv_dtype == torch.float32 and head_dim % 16 == 0
-                          and cpu_kernels.available())
+                          and block_size % 4 == 0 and cpu_kernels.available())
         # One block more than the pool hands out: a scratch block for padded rows (see cuda_graphs).
         self.scratch_block = num_blocks
         for layer in model.layers:

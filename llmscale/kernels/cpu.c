@@ -431,11 +431,16 @@ static inline __m256 exp_ps(__m256 x) {
 
 /* softmax in place over p[0, len) */
 static void softmax(float *p, int64_t len) {
-    float mx = p[0], total = 0.f;
-    for (int64_t t = 1; t < len; t++) mx = p[t] > mx ? p[t] : mx;
-    __m256 vmx = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+    __m256 vmx = _mm256_set1_ps(-INFINITY);
     int64_t t = 0;
-    for (; t + 8 <= len; t += 8) {
+    for (; t + 8 <= len; t += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(p + t));
+    float mx = -INFINITY, total = 0.f, lanes[8];
+    _mm256_storeu_ps(lanes, vmx);
+    for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    for (; t < len; t++) mx = p[t] > mx ? p[t] : mx;
+    vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= len; t += 8) {
         __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
         _mm256_storeu_ps(p + t, e);
         vsum = _mm256_add_ps(vsum, e);
@@ -447,100 +452,163 @@ static void softmax(float *p, int64_t len) {
     for (; t < len; t++) p[t] /= total;
 }
 
-static inline float dot_f32(const float *a, const float *b, int64_t d) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-    return hsum_ps(acc);
-}
-
-/* q . k[i] for 8 keys at once: 8 independent FMA chains, then one transposing reduction
- * (a single chain per dot product would wait on FMA latency). */
-static inline __m256 dot8_f32(const float *q, const float *const *k, int64_t d) {
-    __m256 a[8];
-    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+/* Scores of up to 3 query heads (G) against 4 consecutive cache rows, over d: 12 independent
+ * accumulators, each K vector loaded once for the G heads. q: G heads d floats apart; k: 4 rows
+ * `row` floats apart; out p[g * stride + i] = scale * q_g . k_i. */
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k,
+                                                         int64_t row, int64_t d, float scale,
+                                                         float *p, int64_t stride, const int G,
+                                                         const char *pf, int npf) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
     for (int64_t j = 0; j < d; j += 8) {
+        for (int f = 0; f < npf; f++, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        const __m256 k0 = _mm256_loadu_ps(k + j), k1 = _mm256_loadu_ps(k + row + j);
+        const __m256 k2 = _mm256_loadu_ps(k + 2 * row + j), k3 = _mm256_loadu_ps(k + 3 * row + j);
         __m256 qv = _mm256_loadu_ps(q + j);
-        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + j), a[i]);
+        a00 = _mm256_fmadd_ps(qv, k0, a00); a01 = _mm256_fmadd_ps(qv, k1, a01);
+        a02 = _mm256_fmadd_ps(qv, k2, a02); a03 = _mm256_fmadd_ps(qv, k3, a03);
+        if (G > 1) {
+            qv = _mm256_loadu_ps(q + d + j);
+            a10 = _mm256_fmadd_ps(qv, k0, a10); a11 = _mm256_fmadd_ps(qv, k1, a11);
+            a12 = _mm256_fmadd_ps(qv, k2, a12); a13 = _mm256_fmadd_ps(qv, k3, a13);
+        }
+        if (G > 2) {
+            qv = _mm256_loadu_ps(q + 2 * d + j);
+            a20 = _mm256_fmadd_ps(qv, k0, a20); a21 = _mm256_fmadd_ps(qv, k1, a21);
+            a22 = _mm256_fmadd_ps(qv, k2, a22); a23 = _mm256_fmadd_ps(qv, k3, a23);
+        }
     }
-    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    t0 = _mm256_hadd_ps(t0, t1);
-    t2 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t2, 0x20), _mm256_permute2f128_ps(t0, t2, 0x31));
+    const __m128 s = _mm_set1_ps(scale);
+#define QK_REDUCE(g)                                                                              \
+    {                                                                                           \
+        __m256 h_ = _mm256_hadd_ps(_mm256_hadd_ps(a##g##0, a##g##1), _mm256_hadd_ps(a##g##2, a##g##3)); \
+        _mm_storeu_ps(p + g * stride, _mm_mul_ps(s, _mm_add_ps(_mm256_castps256_ps128(h_),      \
+                                                               _mm256_extractf128_ps(h_, 1)))); \
+    }
+    QK_REDUCE(0)
+    if (G > 1) QK_REDUCE(1)
+    if (G > 2) QK_REDUCE(2)
+#undef QK_REDUCE
 }
 
-/* out[0, 8 * nacc) += sum_t p[t] * v[t][0, 8 * nacc), with nacc independent accumulators. */
-static inline __attribute__((always_inline)) void weighted_sum(
-    const float *p, const float *const *v, int64_t len, int64_t offset, float *out, const int nacc) {
-    __m256 acc[8];
-    for (int c = 0; c < nacc; c++) acc[c] = _mm256_loadu_ps(out + 8 * c);
-    for (int64_t t = 0; t < len; t++) {
-        __m256 pt = _mm256_set1_ps(p[t]);
-        for (int c = 0; c < nacc; c++) acc[c] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v[t] + offset + 8 * c), acc[c]);
+/* o_g[0, 8 NC) += sum_i p[g * stride + i] v_i[0, 8 NC) over n rows `row` floats apart, for up
+ * to 3 query heads (G): each V vector is loaded once for the G heads. */
+static inline __attribute__((always_inline)) void pv_tile(const float *p, int64_t stride,
+                                                         const float *v, int64_t row, int64_t n,
+                                                         float *o, int64_t d, const int G,
+                                                         const int NC, const char *pf, int npf) {
+    __m256 a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23;
+#define PV_LOAD(g) a##g##0 = _mm256_loadu_ps(o + g * d); a##g##1 = _mm256_loadu_ps(o + g * d + 8); \
+    if (NC > 2) { a##g##2 = _mm256_loadu_ps(o + g * d + 16); a##g##3 = _mm256_loadu_ps(o + g * d + 24); }
+#define PV_STORE(g) _mm256_storeu_ps(o + g * d, a##g##0); _mm256_storeu_ps(o + g * d + 8, a##g##1); \
+    if (NC > 2) { _mm256_storeu_ps(o + g * d + 16, a##g##2); _mm256_storeu_ps(o + g * d + 24, a##g##3); }
+#define PV_FMA(g)                                                                                 \
+    {                                                                                           \
+        const __m256 w_ = _mm256_broadcast_ss(p + g * stride + i);                               \
+        a##g##0 = _mm256_fmadd_ps(w_, v0, a##g##0); a##g##1 = _mm256_fmadd_ps(w_, v1, a##g##1);  \
+        if (NC > 2) { a##g##2 = _mm256_fmadd_ps(w_, v2, a##g##2); a##g##3 = _mm256_fmadd_ps(w_, v3, a##g##3); } \
     }
-    for (int c = 0; c < nacc; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+    PV_LOAD(0)
+    if (G > 1) { PV_LOAD(1) }
+    if (G > 2) { PV_LOAD(2) }
+    for (int64_t i = 0; i < n; i++) {
+        for (int f = 0; f < npf; f++, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        const float *vr = v + i * row;
+        const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+        __m256 v2 = v0, v3 = v0;
+        if (NC > 2) { v2 = _mm256_loadu_ps(vr + 16); v3 = _mm256_loadu_ps(vr + 24); }
+        PV_FMA(0)
+        if (G > 1) PV_FMA(1)
+        if (G > 2) PV_FMA(2)
+    }
+    PV_STORE(0)
+    if (G > 1) { PV_STORE(1) }
+    if (G > 2) { PV_STORE(2) }
+#undef PV_LOAD
+#undef PV_STORE
+#undef PV_FMA
+}
+
+static inline void prefetch_rows(const float *x, int64_t floats) {
+    for (int64_t c = 0; c < floats; c += 16) _mm_prefetch((const char *)(x + c), _MM_HINT_T0);
 }
 
 /* One query token per sequence against its paged K/V, read in place (no gather):
  * q, out [b, hq, d]; caches [num_blocks, block_size, hkv, d]; tables [b, max_blocks];
- * ctx [b] tokens to attend to. One sequence per task, walking its cache rows in order with
- * every head at once: a task per KV head would stride through rows that other tasks read,
- * and the prefetchers would fetch their neighbours for nothing. d % 8 == 0. */
+ * ctx [b] tokens to attend to. One sequence per task: all its K blocks, then all its V blocks,
+ * each block's rows in address order with every head at once (in a row the heads lie side by
+ * side), the next block prefetched a few lines per step of the current one: read head by head,
+ * or without the prefetch, each block costs the core its latency. Query heads sharing a KV
+ * head (GQA) share each load of it. d % 16 == 0; block_size % 4 == 0. */
 void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
                             const float *kc, const float *vc, int64_t block_size,
                             const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
                             float scale, float *out, int nthreads) {
-    const int64_t group = hq / hkv, row = hkv * d;
+    const int64_t group = hq / hkv, row = hkv * d, block_floats = block_size * row;
+    const int64_t block_lines = block_floats * (int64_t)sizeof(float) / 64;
+    const int64_t head_tiles = hkv * ((group + 2) / 3); /* (kv head, up to 3 query heads) */
+    /* Lines to prefetch per inner step: the K pass takes d/8 steps per 4 rows and head tile,
+     * the V pass a step per row, head tile and 32 dims. */
+    const int qk_pf = (int)((block_lines + block_size / 4 * head_tiles * (d / 8) - 1) / (block_size / 4 * head_tiles * (d / 8)));
+    const int pv_pf = (int)((block_lines + block_size * head_tiles * ((d + 31) / 32) - 1) / (block_size * head_tiles * ((d + 31) / 32)));
     int threads = b > 1 ? nthreads : 1;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t s = 0; s < b; s++) {
-        const int64_t len = ctx[s], padded = (len + 7) / 8 * 8;
+        const int64_t len = ctx[s], nblk = (len + block_size - 1) / block_size;
+        const int64_t stride = nblk * block_size; /* p[head][t], t < stride */
         const int64_t *table = tables + s * max_blocks;
-        float *p = malloc(hq * padded * sizeof(float)); /* p[head][t] */
-        const float **krow = malloc(2 * padded * sizeof(float *)), **vrow = krow + padded;
-        for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, blk++) {
-            const int64_t base = table[blk] * block_size;
-            for (int64_t j = 0; j < block_size && t0 + j < len; j++) {
-                krow[t0 + j] = kc + (base + j) * row;
-                vrow[t0 + j] = vc + (base + j) * row;
-            }
-        }
-        for (int64_t t = len; t < padded; t++) { /* past len: repeat the last row, weight 0 */
-            krow[t] = krow[len - 1];
-            vrow[t] = vrow[len - 1];
-        }
+        float *p = malloc(hq * stride * sizeof(float));
         const float *qs = q + s * hq * d;
         float *os = out + s * hq * d;
-        const float *ptr[8];
-        for (int64_t t = 0; t < padded; t += 8) {
-            for (int64_t h = 0; h < hkv; h++) {
-                for (int i = 0; i < 8; i++) ptr[i] = krow[t + i] + h * d;
-                for (int64_t g = 0; g < group; g++) {
-                    const int64_t head = h * group + g;
-                    _mm256_storeu_ps(p + head * padded + t,
-                                     _mm256_mul_ps(dot8_f32(qs + head * d, ptr, d), _mm256_set1_ps(scale)));
-                }
-            }
+        /* Scores of every row of each block, valid or not: a partial block's tail rows are in
+         * the cache, and their scores are never read. */
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const float *kb = kc + table[blk] * block_floats;
+            const char *pf = (const char *)(kc + table[blk + 1 < nblk ? blk + 1 : blk] * block_floats);
+            const int npf = blk + 1 < nblk ? qk_pf : 0;
+            for (int64_t i = 0; i < block_size; i += 4)
+                for (int64_t h = 0; h < hkv; h++)
+                    for (int64_t g = 0; g < group; g += 3) {
+                        const float *qh = qs + (h * group + g) * d, *kr = kb + i * row + h * d;
+                        float *ph = p + (h * group + g) * stride + blk * block_size + i;
+                        switch (group - g < 3 ? group - g : 3) {
+                            case 1: qk_tile(qh, kr, row, d, scale, ph, stride, 1, pf, npf); break;
+                            case 2: qk_tile(qh, kr, row, d, scale, ph, stride, 2, pf, npf); break;
+                            default: qk_tile(qh, kr, row, d, scale, ph, stride, 3, pf, npf); break;
+                        }
+                        pf += npf * (d / 8) * 64;
+                    }
         }
-        for (int64_t head = 0; head < hq; head++) {
-            softmax(p + head * padded, len);
-            for (int64_t t = len; t < padded; t++) p[head * padded + t] = 0.f;
-        }
+        for (int64_t head = 0; head < hq; head++) softmax(p + head * stride, len);
         for (int64_t j = 0; j < hq * d; j++) os[j] = 0.f;
-        for (int64_t t = 0; t < padded; t += 8) {
-            for (int64_t h = 0; h < hkv; h++) {
-                for (int i = 0; i < 8; i++) ptr[i] = vrow[t + i] + h * d;
-                for (int64_t g = 0; g < group; g++) {
+        /* Weighted values, over the valid rows only (a tail row may hold anything, NaN too). */
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const float *vb = vc + table[blk] * block_floats;
+            const int64_t n = len - blk * block_size < block_size ? len - blk * block_size : block_size;
+            const char *pf = (const char *)(vc + table[blk + 1 < nblk ? blk + 1 : blk] * block_floats);
+            const int npf = blk + 1 < nblk ? pv_pf : 0;
+            for (int64_t h = 0; h < hkv; h++)
+                for (int64_t g = 0; g < group; g += 3) {
+                    const int G = group - g < 3 ? (int)(group - g) : 3;
                     const int64_t head = h * group + g;
-                    const float *pt = p + head * padded + t;
-                    float *og = os + head * d;
-                    int64_t j0 = 0;
-                    for (; j0 + 64 <= d; j0 += 64) weighted_sum(pt, ptr, 8, j0, og + j0, 8);
-                    for (; j0 < d; j0 += 8) weighted_sum(pt, ptr, 8, j0, og + j0, 1);
+                    const float *pp = p + head * stride + blk * block_size;
+                    for (int64_t c = 0; c < d; c += 32) {
+                        const float *vr = vb + h * d + c;
+                        float *o = os + head * d + c;
+                        if (d - c >= 32) {
+                            if (G == 3) pv_tile(pp, stride, vr, row, n, o, d, 3, 4, pf, npf);
+                            else if (G == 2) pv_tile(pp, stride, vr, row, n, o, d, 2, 4, pf, npf);
+                            else pv_tile(pp, stride, vr, row, n, o, d, 1, 4, pf, npf);
+                        } else {
+                            if (G == 3) pv_tile(pp, stride, vr, row, n, o, d, 3, 2, pf, npf);
+                            else if (G == 2) pv_tile(pp, stride, vr, row, n, o, d, 2, 2, pf, npf);
+                            else pv_tile(pp, stride, vr, row, n, o, d, 1, 2, pf, npf);
+                        }
+                        pf += npf * n * 64;
+                    }
                 }
-            }
         }
-        free(krow);
         free(p);
     }
 }
