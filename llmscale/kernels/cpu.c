@@ -27,6 +27,9 @@
 #define MAX_ROWS 8
 #define QBLOCK 32
 #define ROW_TILE 64 /* output rows per tile: their weights stay in L2 across row chunks */
+/* Row-wise kernels (norms, rotary, SwiGLU) split rows over the threads from this many rows
+ * (prefill chunks); a decode batch's rows take less than waking the team. */
+#define ROWWISE_PARALLEL_MIN 128
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -387,6 +390,7 @@ void dequant_int4(const uint8_t *w, const float *s, const float *z, int64_t n, i
  * normalised and also written to `sum` (the decoder's residual stream). k % 8 == 0. */
 void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *w,
               float eps, float *sum, float *out) {
+#pragma omp parallel for if (m >= ROWWISE_PARALLEL_MIN)
     for (int64_t i = 0; i < m; i++) {
         const float *xr = x + i * k;
         float *src = (float *)xr;
@@ -704,6 +708,7 @@ void rope_and_cache(const float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_
                     const int64_t *slots, float *k_cache, float *v_cache, float *q_out,
                     float *k_out) {
     const int64_t width = (hq + 2 * hkv) * d;
+#pragma omp parallel for if (t >= ROWWISE_PARALLEL_MIN)
     for (int64_t i = 0; i < t; i++) {
         const float *row = qkv + i * width, *cs = cos + positions[i] * d, *sn = sin + positions[i] * d;
         for (int64_t h = 0; h < hq; h++) rope_head(row + h * d, cs, sn, d, q_out + (i * hq + h) * d);
@@ -724,6 +729,7 @@ void rope_and_cache(const float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_
 /* gate_up [m, 2 i] -> out [m, i] = silu(gate) * up. i % 8 == 0. */
 void silu_and_mul(const float *gate_up, int64_t m, int64_t i, float *out) {
     const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+#pragma omp parallel for if (m >= ROWWISE_PARALLEL_MIN)
     for (int64_t r = 0; r < m; r++) {
         const float *g = gate_up + r * 2 * i, *u = g + i;
         for (int64_t j = 0; j < i; j += 8) {
