@@ -164,6 +164,9 @@ static inline __attribute__((always_inline)) void panel_tile(
     const float *x, int64_t ldx, int64_t k, const float *wp, float *y, int64_t ldy, const int M) {
     __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
     PANEL_ROWS_DO(PANEL_ZERO)
+    /* Unrolled, the loop's own instructions stop sharing the cycles of its 12 FMAs: 3-5% faster
+     * from 1 to 2,048 rows (all decoder linears, medians, alternated in one process). */
+#pragma GCC unroll 4
     for (int64_t j = 0; j < k; j++) {
         __m256 w0 = _mm256_loadu_ps(wp + j * PANEL), w1 = _mm256_loadu_ps(wp + j * PANEL + 8);
         PANEL_ROWS_DO(PANEL_FMA)
