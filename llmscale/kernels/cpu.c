@@ -197,20 +197,39 @@ static void panel_rows_tail(const float *x, int rows, int64_t k, const float *wp
         for (int c = 0; c < cols; c++) y[i * ldy + c] = tail[i * PANEL + c];
 }
 
+/* Up to this many rows (decode batches) the first row tile of each group of panels would wait on
+ * memory for the group's weights, and the others find them in L2. Instead, the next group's
+ * lines are prefetched into L2 a few at a time before each (tile, panel) product, so the weights
+ * stream while the FMAs run; groups are smaller so that two fit in L2 beside the activations.
+ * All decoder linears at 32 and 64 rows: 3-7% faster (medians, alternated); level at 8. */
+#define PANEL_PREFETCH_MAX_ROWS 64
+#define PANEL_GROUP_PREFETCHED 2
+
 void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, float *y,
                        int nthreads) {
     const int64_t panels = (n + PANEL - 1) / PANEL;
+    const int prefetch = m <= PANEL_PREFETCH_MAX_ROWS;
+    const int64_t group = prefetch ? PANEL_GROUP_PREFETCHED : PANEL_GROUP;
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t first = panels * t / nt, p1 = panels * (t + 1) / nt;
         for (int64_t i0 = 0; i0 < m; i0 += PANEL_BLOCK_ROWS) {
             const int64_t i1 = i0 + PANEL_BLOCK_ROWS < m ? i0 + PANEL_BLOCK_ROWS : m;
-            for (int64_t g = first; g < p1; g += PANEL_GROUP) {
-                const int64_t g1 = g + PANEL_GROUP < p1 ? g + PANEL_GROUP : p1;
+            const int64_t tiles = (i1 - i0 + PANEL_ROWS - 1) / PANEL_ROWS;
+            for (int64_t g = first; g < p1; g += group) {
+                const int64_t g1 = g + group < p1 ? g + group : p1;
+                const int64_t g2 = g1 + group < p1 ? g1 + group : p1;
+                /* A panel is k lines of 64 bytes; the next group's, spread over this group's
+                 * tile x panel products. */
+                const int64_t lines = prefetch ? (g2 - g1) * k : 0, products = tiles * (g1 - g);
+                const int64_t per_product = (lines + products - 1) / products;
+                const char *pf = (const char *)(wp + g1 * k * PANEL), *pf_end = pf + lines * 64;
                 for (int64_t r = i0; r < i1; r += PANEL_ROWS) {
                     const int rows = i1 - r < PANEL_ROWS ? (int)(i1 - r) : PANEL_ROWS;
                     for (int64_t p = g; p < g1; p++) {
+                        for (int64_t l = 0; l < per_product && pf < pf_end; l++, pf += 64)
+                            _mm_prefetch(pf, _MM_HINT_T1);
                         const float *xr = x + r * k, *w = wp + p * k * PANEL;
                         float *yr = y + r * n + p * PANEL;
                         if (n - p * PANEL >= PANEL)
