@@ -233,24 +233,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def prefill_attention_workspace(length: int, num_kv_heads: int, head_dim: int) -> int:
+    """Floats of scratch memory `prefill_attention` needs for `length` keys."""
+    return library().prefill_attention_workspace(length, num_kv_heads, head_dim, torch.get_num_threads())
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      workspaces: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                      work: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a prompt chunk: q [n, hq, d] against k, v [len, hkv, d] (len >= n,
-    the chunk's own keys last), fp32, each head's values contiguous -> [n, hq, d]. Its scratch
-    memory is kept in `workspaces` for the next call."""
+    the chunk's own keys last), fp32, each head's values contiguous -> [n, hq, d]. `work`: fp32
+    scratch of at least `prefill_attention_workspace` floats, which the caller may reuse."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     assert all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v)), "heads must be contiguous"
-    threads = torch.get_num_threads()
-    lib = library()
-    size = lib.prefill_attention_workspace(length, hkv, d, threads)
-    workspaces = {} if workspaces is None else workspaces
-    work = workspaces.get("prefill_attention")
-    if work is None or work.numel() < size:
-        work = workspaces["prefill_attention"] = torch.empty(size, dtype=torch.float32)
+    if work is None:
+        work = torch.empty(prefill_attention_workspace(length, hkv, d), dtype=torch.float32)
     out = torch.empty((n, hq, d), dtype=torch.float32)
-    lib.prefill_attention(q.data_ptr(), q.stride(0), n, hq, hkv, d, k.data_ptr(), k.stride(0),
-                          v.data_ptr(), v.stride(0), length, scale, out.data_ptr(), work.data_ptr(), threads)
+    library().prefill_attention(q.data_ptr(), q.stride(0), n, hq, hkv, d, k.data_ptr(), k.stride(0),
+                                v.data_ptr(), v.stride(0), length, scale, out.data_ptr(), work.data_ptr(),
+                                torch.get_num_threads())
     return out
 
 

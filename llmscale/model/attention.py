@@ -112,7 +112,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if chunk.context_len != n:
                 kc = _gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:chunk.context_len]
                 vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:chunk.context_len]
-            out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n], kc, vc, scale, meta.workspaces)
+            size = cpu_kernels.prefill_attention_workspace(kc.shape[0], num_kv_heads, head_dim)
+            work = _workspace(meta.workspaces, "prefill_attention", size, kc)
+            out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n], kc, vc, scale, work)
             continue
         qc = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if chunk.context_len == n:
