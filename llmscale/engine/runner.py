@@ -11,6 +11,7 @@ import torch
 from llmscale.config import ModelConfig
 from llmscale.engine import fused_decode
 from llmscale.engine.cuda_graphs import DecodeGraphs
+from llmscale.engine.host_memory import keep_freed_memory
 from llmscale.engine.kv_cache import KVCacheManager
 from llmscale.engine.request import Request
 from llmscale.engine.scheduler import ScheduledBatch
@@ -50,6 +51,8 @@ class ModelRunner:
         self.device = device
         self.kv_dtype = kv_dtype
         self.workspaces: dict[str, torch.Tensor] = {}
+        if device.type == "cpu":
+            keep_freed_memory()
         # Attention runs llmscale's C kernels where they apply (see AttentionMetadata); the
         # cache has the model's dtype. Their decode kernel reads blocks 4 rows at a time.
         head_dim = model.layers[0].self_attn.head_dim
