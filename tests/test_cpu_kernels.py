@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llmscale import LLM, SamplingParams
 from llmscale.compress.quantize import quantize_model
-from llmscale.engine.fused_decode import FusedDecoder
+from llmscale.engine.fused_decode import PANELS_SWIGLU_F32, FusedDecoder
 from llmscale.kernels import cpu
 from llmscale.model.quant import dequantize_int4, dequantize_int8, pack_nibbles, quantize_int4, quantize_int8
 
@@ -42,6 +42,18 @@ def test_panel_matmul(n: int, k: int, m: int) -> None:
     packed = cpu.pack_panels(w)
     assert cpu.is_panels(packed) and packed.shape == (-(-n // cpu.PANEL), k, cpu.PANEL)
     torch.testing.assert_close(cpu.matmul_panels(x, packed, n), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("i,k", [(8, 64), (96, 576), (40, 1536)])  # one panel to many
+@pytest.mark.parametrize("m", [*ROWS, 130, 400])
+def test_swiglu_panel_matmul_fuses_silu_and_mul_exactly(i: int, k: int, m: int) -> None:
+    torch.manual_seed(m)
+    x, w = torch.randn(m, k), torch.randn(2 * i, k)  # gate rows, then up rows
+    fused = cpu.matmul_swiglu_panels(x, cpu.pack_swiglu_panels(w))
+    gate_up = cpu.matmul_panels(x, cpu.pack_panels(w), 2 * i)
+    assert torch.equal(fused, cpu.silu_and_mul(gate_up))
+    gate, up = gate_up.chunk(2, dim=1)
+    torch.testing.assert_close(fused, F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -155,6 +167,8 @@ def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: 
               kv_cache_memory="32MiB", prepack_weights=panels)
     runner = llm.llm_engine.runner
     assert runner.fused is not None
+    if panels:  # the gate-up GEMM yields the SwiGLU activation itself
+        assert runner.fused._layers[0].gate_up.kind == PANELS_SWIGLU_F32
     prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived",
                "1, 2, 3, 4,"]
     if variant in ("fp32", "panels"):  # past one pass of the C matmuls' rows, up to the

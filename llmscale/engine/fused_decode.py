@@ -16,7 +16,7 @@ import torch
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.llama import LlamaForCausalLM
 
-DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32 = 0, 1, 2, 3, 4
+DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32 = 0, 1, 2, 3, 4, 5
 # Decodes per step the fused path takes, by the weights' kind. Quantized: beyond these
 # dequantize + GEMM wins (llmscale.model.quant). Dense fp32: at 33-64 decodes the row-major
 # C matmuls and oneDNN's are close (see llmscale.model.matmul), and one C call still saves the
@@ -24,7 +24,7 @@ DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32 = 0, 1, 2, 3, 4
 # steps alternated in one process; 2-core AVX2 CPU, SmolLM2-135M). Prepacked fp32 panels are
 # what the per-op path would multiply with too, at any batch.
 MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64, INT8: 24, INT4: 16,  # bf16: weights only, fp32 activations
-            PANELS_F32: 1 << 20}
+            PANELS_F32: 1 << 20, PANELS_SWIGLU_F32: 1 << 20}
 
 
 class _Linear(ctypes.Structure):
@@ -60,7 +60,11 @@ def _linear(layer: torch.nn.Module) -> _Linear | None:
         return None
     quant = layer.quant
     packed = getattr(layer, "packed_weight", None)
-    if quant is None and packed is not None and cpu_kernels.is_panels(packed):
+    swiglu = getattr(layer, "swiglu_panels", None)
+    if quant is None and swiglu is not None:  # its product is the SwiGLU activation
+        desc = _Linear(kind=PANELS_SWIGLU_F32, n=layer.weight.shape[0], k=layer.weight.shape[1],
+                       w=swiglu.data_ptr())
+    elif quant is None and packed is not None and cpu_kernels.is_panels(packed):
         desc = _Linear(kind=PANELS_F32, n=layer.weight.shape[0], k=layer.weight.shape[1],
                        w=packed.data_ptr())
     elif quant is None:

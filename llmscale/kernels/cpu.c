@@ -128,6 +128,24 @@ void matmul_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_
     PARALLEL_ROW_TILES(n, m, DISPATCH_ROWS(rows_bf16, rows, x + r * k, k, w, t, t1, y + r * n, n))
 }
 
+/* e^x for 8 lanes, x clamped to [-87, 88]: 2^n * p(r) with a degree-6 polynomial, ~1e-7
+ * relative error. */
+static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 /* ---------------------------------------------------------------- fp32 weights in panels */
 
 /* The micro-kernel of a BLAS GEMM, for every row count: the weights are packed in panels of
@@ -160,8 +178,27 @@ void matmul_bf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_
 #define PANEL_STORE(i)                                                                          \
     PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
 
+/* silu(gate) * up for 8 lanes: `silu_and_mul` and the GEMM that fuses it (below) share it, so
+ * both give bit-identical activations. */
+static inline __attribute__((always_inline)) __m256 swiglu8(__m256 gate, __m256 up) {
+    const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.f),
+                                                          exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+    return _mm256_mul_ps(silu, up);
+}
+
+/* rows x [8 gate, 8 up] products (PANEL floats apart) -> y: 8 activations per row. Not inlined
+ * into the micro-kernel: there, the exp's registers made GCC spill accumulators inside the k
+ * loop (the whole gate-up GEMM 2x slower). */
+static __attribute__((noinline)) void swiglu_store(const float *acc, int rows, float *y, int64_t ldy) {
+    for (int i = 0; i < rows; i++)
+        _mm256_storeu_ps(y + i * ldy, swiglu8(_mm256_loadu_ps(acc + i * PANEL), _mm256_loadu_ps(acc + i * PANEL + 8)));
+}
+
+/* SWIGLU: the panel holds 8 gate then 8 up outputs (`pack_swiglu_panels`); each row stores the 8
+ * values silu(gate) * up instead of 16. */
 static inline __attribute__((always_inline)) void panel_tile(
-    const float *x, int64_t ldx, int64_t k, const float *wp, float *y, int64_t ldy, const int M) {
+    const float *x, int64_t ldx, int64_t k, const float *wp, float *y, int64_t ldy, const int M,
+    const int SWIGLU) {
     __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
     PANEL_ROWS_DO(PANEL_ZERO)
     /* Unrolled, the loop's own instructions stop sharing the cycles of its 12 FMAs: 3-5% faster
@@ -171,20 +208,28 @@ static inline __attribute__((always_inline)) void panel_tile(
         __m256 w0 = _mm256_loadu_ps(wp + j * PANEL), w1 = _mm256_loadu_ps(wp + j * PANEL + 8);
         PANEL_ROWS_DO(PANEL_FMA)
     }
-    PANEL_ROWS_DO(PANEL_STORE)
+    if (SWIGLU) {
+        float acc[PANEL_ROWS * PANEL], *out = y;
+        const int64_t ld = ldy;
+        y = acc, ldy = PANEL;
+        PANEL_ROWS_DO(PANEL_STORE)
+        swiglu_store(acc, M, out, ld);
+    } else {
+        PANEL_ROWS_DO(PANEL_STORE)
+    }
 }
 
 /* Up to PANEL_ROWS rows of x (ldx floats apart) times the first k rows of one panel. */
 static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, int rows,
                                                               int64_t k, const float *wp, float *y,
-                                                              int64_t ldy) {
+                                                              int64_t ldy, const int SWIGLU) {
     switch (rows) {
-        case 1: panel_tile(x, ldx, k, wp, y, ldy, 1); break;
-        case 2: panel_tile(x, ldx, k, wp, y, ldy, 2); break;
-        case 3: panel_tile(x, ldx, k, wp, y, ldy, 3); break;
-        case 4: panel_tile(x, ldx, k, wp, y, ldy, 4); break;
-        case 5: panel_tile(x, ldx, k, wp, y, ldy, 5); break;
-        default: panel_tile(x, ldx, k, wp, y, ldy, PANEL_ROWS); break;
+        case 1: panel_tile(x, ldx, k, wp, y, ldy, 1, SWIGLU); break;
+        case 2: panel_tile(x, ldx, k, wp, y, ldy, 2, SWIGLU); break;
+        case 3: panel_tile(x, ldx, k, wp, y, ldy, 3, SWIGLU); break;
+        case 4: panel_tile(x, ldx, k, wp, y, ldy, 4, SWIGLU); break;
+        case 5: panel_tile(x, ldx, k, wp, y, ldy, 5, SWIGLU); break;
+        default: panel_tile(x, ldx, k, wp, y, ldy, PANEL_ROWS, SWIGLU); break;
     }
 }
 
@@ -192,7 +237,7 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
 static void panel_rows_tail(const float *x, int rows, int64_t k, const float *wp, float *y,
                             int64_t ldy, int cols) {
     float tail[PANEL_ROWS * PANEL];
-    panel_rows(x, k, rows, k, wp, tail, PANEL);
+    panel_rows(x, k, rows, k, wp, tail, PANEL, 0);
     for (int i = 0; i < rows; i++)
         for (int c = 0; c < cols; c++) y[i * ldy + c] = tail[i * PANEL + c];
 }
@@ -205,8 +250,12 @@ static void panel_rows_tail(const float *x, int rows, int64_t k, const float *wp
 #define PANEL_PREFETCH_MAX_ROWS 64
 #define PANEL_GROUP_PREFETCHED 2
 
+/* x [m, k] times the packed weight of n outputs -> y [m, n]; with `swiglu` (the weight packed by
+ * `pack_swiglu_panels`, n % 16 == 0) -> y [m, n / 2] = silu(gate) * up, the gate-up product
+ * never stored. */
 void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, float *y,
-                       int nthreads) {
+                       int swiglu, int nthreads) {
+    const int64_t ldy = swiglu ? n / 2 : n;
     const int64_t panels = (n + PANEL - 1) / PANEL;
     const int prefetch = m <= PANEL_PREFETCH_MAX_ROWS;
     const int64_t group = prefetch ? PANEL_GROUP_PREFETCHED : PANEL_GROUP;
@@ -231,11 +280,12 @@ void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, in
                         for (int64_t l = 0; l < per_product && pf < pf_end; l++, pf += 64)
                             _mm_prefetch(pf, _MM_HINT_T1);
                         const float *xr = x + r * k, *w = wp + p * k * PANEL;
-                        float *yr = y + r * n + p * PANEL;
-                        if (n - p * PANEL >= PANEL)
-                            panel_rows(xr, k, rows, k, w, yr, n);
+                        if (swiglu)
+                            panel_rows(xr, k, rows, k, w, y + r * ldy + p * PANEL / 2, ldy, 1);
+                        else if (n - p * PANEL >= PANEL)
+                            panel_rows(xr, k, rows, k, w, y + r * n + p * PANEL, n, 0);
                         else
-                            panel_rows_tail(xr, rows, k, w, yr, n, (int)(n - p * PANEL));
+                            panel_rows_tail(xr, rows, k, w, y + r * n + p * PANEL, n, (int)(n - p * PANEL));
                     }
                 }
             }
@@ -436,24 +486,6 @@ void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const
 }
 
 /* ---------------------------------------------------------------- decode attention */
-
-/* e^x for 8 lanes, x clamped to [-87, 88]: 2^n * p(r) with a degree-6 polynomial, ~1e-7
- * relative error. */
-static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 /* softmax in place over p[0, len) */
 static void softmax(float *p, int64_t len) {
@@ -694,7 +726,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 const int64_t seen16 = (offset + r0 + i + m + PANEL - 1) / PANEL * PANEL;
                 for (int64_t p = 0; p < seen16 / PANEL; p++)
                     panel_rows(qb + i * d, d, m, d, kh_p + p * d * PANEL, sc + i * keys16 + p * PANEL,
-                               keys16);
+                               keys16, 0);
                 for (int64_t r = i; r < i + m; r++) { /* row r sees keys [0, offset + r0 + r] */
                     float *s = sc + r * keys16;
                     const int64_t seen = offset + r0 + r + 1;
@@ -703,7 +735,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 }
                 for (int64_t p = 0; p < d / PANEL; p++)
                     panel_rows(sc + i * keys16, keys16, m, seen16, vh_p + p * len16 * PANEL,
-                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d);
+                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0);
             }
         }
     }
@@ -750,21 +782,19 @@ void rope_and_cache(const float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_
 
 /* gate_up [m, 2 i] -> out [m, i] = silu(gate) * up. i % 8 == 0. */
 void silu_and_mul(const float *gate_up, int64_t m, int64_t i, float *out) {
-    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
 #pragma omp parallel for if (m >= ROWWISE_PARALLEL_MIN)
     for (int64_t r = 0; r < m; r++) {
         const float *g = gate_up + r * 2 * i, *u = g + i;
-        for (int64_t j = 0; j < i; j += 8) {
-            __m256 x = _mm256_loadu_ps(g + j);
-            __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(zero, x))));
-            _mm256_storeu_ps(out + r * i + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
-        }
+        for (int64_t j = 0; j < i; j += 8)
+            _mm256_storeu_ps(out + r * i + j, swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
     }
 }
 
 /* ---------------------------------------------------------------- a whole decode step */
 
-enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3, PANELS_F32 = 4 };
+/* PANELS_SWIGLU_F32: a gate-up weight in `pack_swiglu_panels` order (n = 2 * intermediate),
+ * whose product is the SwiGLU activation itself. */
+enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3, PANELS_F32 = 4, PANELS_SWIGLU_F32 = 5 };
 
 typedef struct {
     int32_t kind, pad;
@@ -791,7 +821,8 @@ static void linear_forward(const Linear *l, const float *x, int64_t m, float *y,
         case DENSE_F32: matmul_f32(x, m, l->k, l->w, l->n, y, nthreads); break;
         case DENSE_BF16: matmul_bf16(x, m, l->k, l->w, l->n, y, nthreads); break;
         case INT8: matmul_int8(x, m, l->k, l->w, l->s, l->n, y, nthreads); break;
-        case PANELS_F32: matmul_panels_f32(x, m, l->k, l->w, l->n, y, nthreads); break;
+        case PANELS_F32: matmul_panels_f32(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
+        case PANELS_SWIGLU_F32: matmul_panels_f32(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
         case INT4: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
     }
     if (l->bias)
@@ -825,8 +856,12 @@ void decode_step(const Decoder *dec, const float *x, int64_t m, const int64_t *p
                                dec->block_size, tables, max_blocks, ctx, dec->scale, attn, nthreads);
         linear_forward(&L->o, attn, m, tmp, nthreads);
         rms_norm(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h);
-        linear_forward(&L->gate_up, h, m, gate_up, nthreads);
-        silu_and_mul(gate_up, m, dec->inter, act);
+        if (L->gate_up.kind == PANELS_SWIGLU_F32) {
+            linear_forward(&L->gate_up, h, m, act, nthreads);
+        } else {
+            linear_forward(&L->gate_up, h, m, gate_up, nthreads);
+            silu_and_mul(gate_up, m, dec->inter, act);
+        }
         linear_forward(&L->down, act, m, tmp, nthreads);
     }
     rms_norm(tmp, residual, m, hs, dec->final_norm, dec->eps, residual, out);

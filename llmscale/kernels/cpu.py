@@ -34,7 +34,7 @@ _I = ctypes.c_int64
 _SIGNATURES = {
     "matmul_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
     "matmul_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
-    "matmul_panels_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
+    "matmul_panels_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int, ctypes.c_int],
     "matmul_int8": [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "matmul_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
     "dequant_int8": [_P, _P, _I, _I, _P, ctypes.c_int],
@@ -152,7 +152,26 @@ def matmul_panels(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor
     """x fp32 [m, k] contiguous, packed = pack_panels(w) for w [n, k] -> fp32 [m, n], any m."""
     y = _out(x, n)
     library().matmul_panels_f32(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n,
-                                y.data_ptr(), torch.get_num_threads())
+                                y.data_ptr(), 0, torch.get_num_threads())
+    return y
+
+
+def pack_swiglu_panels(gate_up: torch.Tensor) -> torch.Tensor:
+    """A gate-up weight [2 i, k] (gate rows, then up rows; i % 8 == 0) packed as `pack_panels`
+    with each panel holding 8 gate rows and the 8 matching up rows: the operand of
+    `matmul_swiglu_panels`."""
+    two_i, k = gate_up.shape
+    interleaved = gate_up.detach().view(2, two_i // 16, 8, k).transpose(0, 1).reshape(two_i, k)
+    return pack_panels(interleaved)
+
+
+def matmul_swiglu_panels(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x fp32 [m, k] contiguous, packed = pack_swiglu_panels(w) -> silu(x gate^T) * (x up^T),
+    fp32 [m, i], bit for bit `silu_and_mul(matmul_panels(x, pack_panels(w), 2 i))`."""
+    n = packed.shape[0] * PANEL
+    y = _out(x, n // 2)
+    library().matmul_panels_f32(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n,
+                                y.data_ptr(), 1, torch.get_num_threads())
     return y
 
 

@@ -68,6 +68,17 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PREPACK_BATCH_HINT)
 
 
+def prepack_swiglu(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """For a gate-up weight [2 i, k] (gate rows, then up rows): the C kernels' panels whose GEMM
+    yields silu(gate) * up directly (`cpu_kernels.matmul_swiglu_panels`), never storing the
+    [m, 2 i] product (a 2,048-row chunk: 25 MB written and read back per layer); None where
+    it does not apply."""
+    if (gate_up.dtype != torch.float32 or gate_up.device.type != "cpu" or gate_up.shape[0] % 16
+            or not cpu_kernels.available()):
+        return None
+    return cpu_kernels.pack_swiglu_panels(gate_up)
+
+
 def _c_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = C_KERNEL_MAX_ROWS.get(weight.dtype, 0)
     if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
