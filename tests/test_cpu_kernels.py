@@ -34,7 +34,7 @@ def test_dense_matmul(n: int, k: int, m: int) -> None:
     torch.testing.assert_close(cpu.matmul_dense(x, wb), x @ wb.float().t(), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("n,k", [*SHAPES, (49, 100), (7, 3)])  # a padded last panel, any k
+@pytest.mark.parametrize("n,k", [*SHAPES, (49, 100), (49, 300), (7, 3)])  # a padded last panel, any k
 @pytest.mark.parametrize("m", [*ROWS, 6, 12, 130, 400])  # whole and partial 6-row tiles and row blocks
 def test_panel_matmul(n: int, k: int, m: int) -> None:
     torch.manual_seed(m)
@@ -42,6 +42,17 @@ def test_panel_matmul(n: int, k: int, m: int) -> None:
     packed = cpu.pack_panels(w)
     assert cpu.is_panels(packed) and packed.shape == (-(-n // cpu.PANEL), k, cpu.PANEL)
     torch.testing.assert_close(cpu.matmul_panels(x, packed, n), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(49, 300), (96, 1536)])
+def test_panel_matmul_rows_do_not_depend_on_the_batch(n: int, k: int) -> None:
+    """Decode-sized batches multiply in k-blocks, larger ones over whole k: a row's result is
+    bit for bit the same either way (batch composition never changes a greedy token)."""
+    torch.manual_seed(n)
+    x, packed = torch.randn(200, k), cpu.pack_panels(torch.randn(n, k))
+    whole = cpu.matmul_panels(x, packed, n)
+    for rows in (1, 5, 8, 64):
+        assert torch.equal(cpu.matmul_panels(x[:rows], packed, n), whole[:rows])
 
 
 @pytest.mark.parametrize("i,k", [(8, 64), (96, 576), (40, 1536)])  # one panel to many
