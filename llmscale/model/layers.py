@@ -247,12 +247,12 @@ def dense_linear_bytes(model: nn.Module) -> int:
 
 def prepack_linears(model: nn.Module) -> int:
     """Give every dense linear (and the lm_head) a `packed_weight` for a faster GEMM (`matmul.prepack`),
-    or, for a gate-up linear (`swiglu_input`), `swiglu_panels` (`matmul.prepack_swiglu`);
+    or, for a gate-up linear (`feeds_swiglu`), `swiglu_panels` (`matmul.prepack_swiglu`);
     returns the bytes added. For inference: the copy does not follow later weight updates."""
     added = 0
     for module in _dense_linears(model):
         module.swiglu_panels = module.packed_weight = None
-        if getattr(module, "swiglu_input", False) and module.bias is None:
+        if getattr(module, "feeds_swiglu", False) and module.bias is None:
             module.swiglu_panels = matmul.prepack_swiglu(module.weight)
         if module.swiglu_panels is None:
             module.packed_weight = matmul.prepack(module.weight)

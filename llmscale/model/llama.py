@@ -75,7 +75,7 @@ class MLP(nn.Module):
         quant = cfg.quantization
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, tp_rank, tp_size,
                                                  quant)
-        self.gate_up_proj.swiglu_input = True  # prepack may fuse SwiGLU into its GEMM
+        self.gate_up_proj.feeds_swiglu = True  # prepack may fuse SwiGLU into its GEMM
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, tp_rank, tp_size, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
