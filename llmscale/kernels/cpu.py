@@ -148,12 +148,16 @@ def is_panels(packed: torch.Tensor) -> bool:
     return packed.dim() == 3 and packed.shape[2] == PANEL
 
 
+def _panels(x: torch.Tensor, packed: torch.Tensor, n: int, swiglu: bool) -> torch.Tensor:
+    y = _out(x, n // 2 if swiglu else n)
+    library().matmul_panels_f32(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n,
+                                y.data_ptr(), int(swiglu), torch.get_num_threads())
+    return y
+
+
 def matmul_panels(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """x fp32 [m, k] contiguous, packed = pack_panels(w) for w [n, k] -> fp32 [m, n], any m."""
-    y = _out(x, n)
-    library().matmul_panels_f32(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n,
-                                y.data_ptr(), 0, torch.get_num_threads())
-    return y
+    return _panels(x, packed, n, swiglu=False)
 
 
 def pack_swiglu_panels(gate_up: torch.Tensor) -> torch.Tensor:
@@ -168,11 +172,7 @@ def pack_swiglu_panels(gate_up: torch.Tensor) -> torch.Tensor:
 def matmul_swiglu_panels(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x fp32 [m, k] contiguous, packed = pack_swiglu_panels(w) -> silu(x gate^T) * (x up^T),
     fp32 [m, i], bit for bit `silu_and_mul(matmul_panels(x, pack_panels(w), 2 i))`."""
-    n = packed.shape[0] * PANEL
-    y = _out(x, n // 2)
-    library().matmul_panels_f32(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n,
-                                y.data_ptr(), 1, torch.get_num_threads())
-    return y
+    return _panels(x, packed, packed.shape[0] * PANEL, swiglu=True)
 
 
 def matmul_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
