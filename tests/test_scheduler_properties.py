@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from llmscale.config import SchedulerConfig
 from llmscale.engine.block_pool import BlockPool
-from llmscale.engine.kv_cache import KVCacheManager
+from llmscale.engine.kv_cache import KVCacheManager, hash_block
 from llmscale.engine.request import Request, RequestStatus
 from llmscale.engine.sampling_params import SamplingParams
 from llmscale.engine.scheduler import make_scheduler
@@ -37,6 +37,29 @@ def check_pool(kv: KVCacheManager, live: list[Request]) -> None:
     for r in live:
         if r.status != RequestStatus.RUNNING:
             assert not kv.block_ids(r.request_id)
+
+
+def write_kv(kv: KVCacheManager, slots: dict[int, list], req: Request, num_new: int) -> None:
+    """What a step does to the cache: each slot holds the prefix up to its position (its K/V
+    depend on every earlier token)."""
+    bs = kv.block_size
+    table = kv.block_ids(req.request_id)
+    for pos in range(req.num_computed_tokens, req.num_computed_tokens + num_new):
+        slots.setdefault(table[pos // bs], [None] * bs)[pos % bs] = tuple(req.all_token_ids[:pos + 1])
+
+
+def check_cached_blocks_hold_their_hash(kv: KVCacheManager, slots: dict[int, list]) -> None:
+    """Once a step's K/V is written, every block in the prefix cache is full and holds
+    exactly the prefix its chained hash names."""
+    bs = kv.block_size
+    for h, block in kv.pool.cached_blocks.items():
+        written = slots.get(block.block_id, [None] * bs)
+        assert None not in written, f"block {block.block_id} is cached but not fully written"
+        prefix = written[-1]
+        parent = None
+        for i in range(len(prefix) // bs):
+            parent = hash_block(parent, prefix[i * bs:(i + 1) * bs])
+        assert parent == h, f"block {block.block_id} holds another prefix than its hash"
 
 
 # (prompt length, max_tokens, shared-prefix id)
@@ -65,6 +88,7 @@ def test_scheduler_invariants(specs, num_blocks, block_size, budget, max_seqs, b
     sched = make_scheduler(config, kv)
     prefixes = [[rng.randrange(50) for _ in range(40)] for _ in range(4)]
     live: list[Request] = []
+    slots: dict[int, list] = {}  # block id -> what each of its slots holds
     for i, (plen, max_tokens, prefix) in enumerate(specs):
         plen = min(plen, capacity - 1)
         prompt = (prefixes[prefix] + [rng.randrange(50) for _ in range(plen)])[:plen]
@@ -89,6 +113,8 @@ def test_scheduler_invariants(specs, num_blocks, block_size, budget, max_seqs, b
             assert req.status == RequestStatus.RUNNING
             assert req.num_computed_tokens + n <= req.num_tokens
             assert len(kv.block_ids(req.request_id)) * block_size >= req.num_computed_tokens + n
+            write_kv(kv, slots, req, n)
+        check_cached_blocks_hold_their_hash(kv, slots)
         for req, n in batch.scheduled:
             req.num_computed_tokens += n
             if req.num_computed_tokens == req.num_tokens:

@@ -37,14 +37,19 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _block_hashes(self, request: Request, upto_tokens: int) -> list[int]:
-        """Chained hashes of the request's full blocks within its first `upto_tokens` tokens."""
+        """Chained hashes of the request's full blocks within its first `upto_tokens` tokens.
+
+        Memoized per request, and the memo may run further (admission hashes the whole prompt),
+        so the answer is sliced: a block past `upto_tokens` is not full yet.
+        """
         hashes = self.req_hashes.setdefault(request.request_id, [])
         bs = self.block_size
         tokens = request.all_token_ids
-        while (len(hashes) + 1) * bs <= upto_tokens:
+        num_full = upto_tokens // bs
+        while len(hashes) < num_full:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else None, tuple(tokens[i * bs:(i + 1) * bs])))
-        return hashes
+        return hashes[:num_full]
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of a new (or preempted) request: (blocks, tokens they hold).
@@ -86,9 +91,9 @@ class KVCacheManager:
             # within a step every layer writes its K/V before it reads any.
             hashes = self._block_hashes(request, num_tokens)
             start = self.req_num_offered.get(request.request_id, 0)
-            for block, h in zip(blocks[start:], hashes[start:], strict=False):
+            for block, h in zip(blocks[start:len(hashes)], hashes[start:], strict=True):
                 self.pool.cache_full_block(block, h)
-            self.req_num_offered[request.request_id] = min(len(blocks), len(hashes))
+            self.req_num_offered[request.request_id] = len(hashes)
         return True
 
     def block_ids(self, request_id: str) -> list[int]:
