@@ -135,11 +135,18 @@ AGREEMENT_PROMPTS = [
 # SmolLM2-135M: int8 0.97, int4 0.98. (Counting only up to each first divergence is fragile: one
 # near-tie early in a sequence moves it by a quarter.)
 MIN_AGREEMENT = {"int8": 0.9, "int4": 0.9}
-MIN_GREEDY_PREFIX = {"int8": 0.5, "int4": 0.5}
+# Free-running, the quantized model may leave the fp32 continuation only where fp32 itself
+# nearly tied: its top two tokens within this many nats. Measured divergences sit at gaps of
+# 0.02-0.19 on AVX2 and AVX-512 CPUs; a broken decode kernel leaves at confident tokens.
+MAX_DIVERGENCE_GAP = 0.5
 
 
 def _llm(folder: Path) -> LLM:
     return LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", max_model_len=512)
+
+
+def _first_divergence(got: list[int], want: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -151,12 +158,24 @@ def test_quantized_model_agrees_with_the_dense_one(method: str, quantized: dict[
     assert sum(sizes.values()) < dense_size / (3.5 if method == "int8" else 4.5)
     dense = _llm(smollm_folder)
     prompts = [dense.tokenizer.encode(p) for p in AGREEMENT_PROMPTS]
-    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    refs = [o.outputs[0].token_ids for o in dense.generate(
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+    dense_runs = [o.outputs[0] for o in dense.generate(
         [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
-    # Feed prompt + the dense model's continuation; at each continuation position compare the
-    # quantized model's argmax with the dense model's token.
+    refs = [run.token_ids for run in dense_runs]
     quantized = _llm(folder)
+    # Free-running greedy decode first, from a cold prefix cache (the decode kernels,
+    # activations quantized per 32 values): where it leaves the dense continuation, the
+    # dense model's own top two tokens were close.
+    runs = [o.outputs[0].token_ids for o in quantized.generate(
+        [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+    gaps = []
+    for run, dense_run in zip(runs, dense_runs, strict=True):
+        i = _first_divergence(run, dense_run.token_ids)
+        if i is not None:
+            top2 = sorted(dense_run.logprobs[i].values(), reverse=True)[:2]
+            gaps.append(top2[0] - top2[1])
+    # Teacher-forced: feed prompt + the dense model's continuation; at each continuation
+    # position compare the quantized model's argmax with the dense model's token.
     scored = quantized.generate([{"prompt_token_ids": p + r} for p, r in zip(prompts, refs, strict=True)],
                                 SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
     same = total = 0
@@ -166,16 +185,10 @@ def test_quantized_model_agrees_with_the_dense_one(method: str, quantized: dict[
             same += max(entry, key=entry.get) == token
             total += 1
     agreement = same / total
-    # Free-running greedy decode (the decode kernels, activations quantized per 32 values):
-    # tokens before the first divergence from the dense model's continuation.
-    runs = [o.outputs[0].token_ids for o in quantized.generate(
-        [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
-    prefix = sum(next((i for i, (a, b) in enumerate(zip(q, r, strict=True)) if a != b), len(r))
-                 for q, r in zip(runs, refs, strict=True)) / sum(map(len, refs))
-    print(f"{method}: teacher-forced top-1 agreement with fp32 {agreement:.2f}, "
-          f"greedy tokens before the first divergence {prefix:.2f}")
+    print(f"{method}: teacher-forced top-1 agreement with fp32 {agreement:.2f}, free-running "
+          f"divergences at fp32 top-2 gaps {[round(g, 3) for g in gaps]}")
     assert agreement >= MIN_AGREEMENT[method]
-    assert prefix >= MIN_GREEDY_PREFIX[method]
+    assert all(g < MAX_DIVERGENCE_GAP for g in gaps)
 
 
 @pytest.mark.parametrize("argv, message", [
