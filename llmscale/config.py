@@ -7,12 +7,15 @@ the CLI prints them as they are.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -129,13 +132,33 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
                 qk_norm=family == "qwen3",
-                sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+                sliding_window=_sliding_window(cfg, family),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
                 quantization=QuantConfig.from_hf(cfg.get("quantization_config")),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    def context_len(self, max_model_len: int | None) -> int:
+        """The context to serve: `max_model_len`, else the model's, never past a sliding window.
+
+        No attention path masks to a window, and within one attention is exact, so a window
+        smaller than the context caps the default and refuses a larger `max_model_len`.
+        """
+        window = self.sliding_window
+        if max_model_len is not None:
+            if window is not None and max_model_len > window:
+                raise ConfigError(
+                    f"the model attends over a sliding window of {window} tokens, which this engine "
+                    f"does not apply; pass --max-model-len <= {window} (got {max_model_len})")
+            return max_model_len
+        if window is not None and window < self.max_position_embeddings:
+            log.info("max_model_len capped to the model's sliding window of %d tokens "
+                     "(context %d): attention past the window is not implemented",
+                     window, self.max_position_embeddings)
+            return window
+        return self.max_position_embeddings
 
     def validate(self) -> None:
         if self.quantization is not None:
@@ -146,6 +169,16 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+
+
+def _sliding_window(cfg: dict[str, Any], family: str) -> int | None:
+    """The attention window of an HF config, or None. Qwen2 and Qwen3 configs carry one but use
+    it only with `use_sliding_window`, which their transformers classes default to false."""
+    window = cfg.get("sliding_window")
+    use = cfg.get("use_sliding_window")
+    if use is None:
+        use = family not in ("qwen2", "qwen3")
+    return int(window) if window is not None and use else None
 
 
 @functools.cache

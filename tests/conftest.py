@@ -49,7 +49,12 @@ TINY_CONFIGS: dict[str, dict] = {
                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
                     sliding_window=None),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True),
 }
+# Its window is far below its context (max_position_embeddings 1024), so the engine caps to it.
+TINY_CONFIGS["mistral-window"] = {**TINY_CONFIGS["mistral"], "sliding_window": 32}
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +83,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_folder: Path)
             bos_token_id=1, eos_token_id=2, initializer_range=0.2, **spec)
         torch.manual_seed(1234)
         model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        _randomize_qk_norms(model)
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         model.save_pretrained(folder, safe_serialization=True)
         for name in TOKENIZER_FILES:
@@ -89,6 +95,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_folder: Path)
         return folder
 
     return make
+
+
+@torch.no_grad()
+def _randomize_qk_norms(model: torch.nn.Module) -> None:
+    """transformers starts norm weights at ones, under which a QK-norm commutes with rotary and
+    q's weight is k's: random ones make parity tests see where and which norm is applied."""
+    for name, param in model.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            param.uniform_(0.5, 1.5)
 
 
 PROMPTS = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from llmscale import LLM, SamplingParams
-from llmscale.config import ConfigError, EngineConfig, SchedulerConfig
+from llmscale.config import ConfigError, EngineConfig, ModelConfig, SchedulerConfig
 from llmscale.engine.async_engine import AsyncLLMEngine
 
 
@@ -182,6 +183,30 @@ def test_missing_and_corrupt_files(tmp_path: Path, tiny_model) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="safetensors"):
         LLM(model=str(folder), kv_cache_memory="16MiB")
+
+
+def test_sliding_window_bounds_the_context(tiny_model, caplog: pytest.LogCaptureFixture) -> None:
+    """No attention path masks to a window, so the engine serves only contexts within it."""
+    folder = str(tiny_model("mistral-window"))  # window 32, context 1024
+    with pytest.raises(ConfigError, match=r"^the model attends over a sliding window of 32 tokens, "
+                                          r".*; pass --max-model-len <= 32 \(got 64\)$"):
+        LLM(model=folder, kv_cache_memory="16MiB", max_model_len=64)
+    with caplog.at_level(logging.INFO, logger="llmscale.config"):
+        llm = LLM(model=folder, kv_cache_memory="16MiB")
+    assert llm.llm_engine.max_model_len == 32
+    assert "max_model_len capped to the model's sliding window of 32 tokens" in caplog.text
+
+
+@pytest.mark.parametrize("arch,use,window", [
+    ("MistralForCausalLM", None, 32), ("Qwen2ForCausalLM", None, None), ("Qwen2ForCausalLM", False, None),
+    ("Qwen2ForCausalLM", True, 32), ("Qwen3ForCausalLM", None, None)])
+def test_qwen_windows_apply_only_when_used(arch: str, use: bool | None, window: int | None) -> None:
+    """As in transformers, Qwen2/Qwen3 ignore `sliding_window` unless `use_sliding_window` is set."""
+    raw = dict(architectures=[arch], vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+               num_attention_heads=1, sliding_window=32)
+    if use is not None:
+        raw["use_sliding_window"] = use
+    assert ModelConfig.from_hf(raw).sliding_window == window
 
 
 def test_unknown_engine_argument() -> None:

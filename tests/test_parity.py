@@ -35,15 +35,26 @@ def _encode(folder: Path, prompts: list[str]) -> list[list[int]]:
     return [tok.encode(p) for p in prompts]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "mistral", "qwen3"])
 def test_tiny_models_match_transformers(kind: str, tiny_model, prompts: list[str]) -> None:
     folder = tiny_model(kind)
     ids = _encode(folder, prompts)
     llm, got = _generate(folder, [{"prompt_token_ids": p} for p in ids], kv_cache_memory="64MiB")
-    # Decode steps ran every layer in one C call wherever the kernels build.
-    assert (llm.llm_engine.runner.fused is not None) == cpu_kernels.available()
+    # Decode steps ran every layer in one C call wherever the kernels build (it has no QK-norm).
+    fusable = cpu_kernels.available() and not llm.llm_engine.model_config.qk_norm
+    assert (llm.llm_engine.runner.fused is not None) == fusable
     for p, g in zip(ids, got, strict=True):
         assert g == hf_greedy(folder, p, NUM_TOKENS)
+
+
+def test_sliding_window_model_matches_transformers_within_its_window(tiny_model, prompts: list[str]) -> None:
+    folder = tiny_model("mistral-window")  # window 32
+    ids = _encode(folder, prompts[:1])[0]
+    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="16MiB", max_model_len=32)
+    until_full = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    got = llm.generate([{"prompt_token_ids": ids}], until_full, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(ids) + len(got) == 32
+    assert got == hf_greedy(folder, ids, len(got))
 
 
 @pytest.fixture
@@ -56,7 +67,7 @@ def torch_kernels_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     cpu_kernels.library.cache_clear()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_torch_fallback_matches_transformers(kind: str, tiny_model, prompts: list[str],
                                              torch_kernels_only: None) -> None:
     folder = tiny_model(kind)

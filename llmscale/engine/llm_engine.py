@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -45,7 +44,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         model_cfg = read_model_config(self.model_path)
-        self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
+        self.max_model_len = model_cfg.context_len(config.max_model_len)
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
         self.model, self.model_config, self.load_time_s = load_model(
@@ -107,10 +106,30 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any],
                     params: SamplingParams | None = None, arrival_time_s: float | None = None) -> None:
+        """Queues the request's n samples together; if any of them is invalid, none is queued."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ConfigError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
+        self._check_prompt(ids)
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        arrival = time.monotonic() if arrival_time_s is None else arrival_time_s
+        # Unique while group ids are: i is what follows the last '#'. Nothing parses these ids.
+        members = [Request(f"{request_id}#{i}", ids, params.for_sample(i), max_tokens,
+                           self.eos_token_ids, arrival, parent_id=request_id, index=i)
+                   for i in range(params.n)]
+        detokenizers = {m.request_id: IncrementalDetokenizer(
+            self.tokenizer, ids, skip_special_tokens=m.sampling_params.skip_special_tokens)
+            for m in members if self.stream_text or m.sampling_params.stop}
+        for req in members:
+            self.requests[req.request_id] = req
+            self.scheduler.add(req)
+        self.detokenizers.update(detokenizers)
+        self.groups[request_id] = members
+        self.group_prompts[request_id] = text
+
+    def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ConfigError("prompt is empty")
         vocab = self.model_config.vocab_size
@@ -120,23 +139,6 @@ class LLMEngine:
             raise ConfigError(
                 f"prompt has {len(ids)} tokens but the context window is {self.max_model_len} "
                 f"(at least one must be left to generate)")
-        room = self.max_model_len - len(ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        arrival = time.monotonic() if arrival_time_s is None else arrival_time_s
-        members = []
-        for i in range(params.n):
-            child_params = params if params.n == 1 else replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i)
-            rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, child_params, max_tokens, self.eos_token_ids, arrival)
-            members.append(req)
-            self.requests[rid] = req
-            self.scheduler.add(req)
-            if self.stream_text or child_params.stop:
-                self.detokenizers[rid] = IncrementalDetokenizer(
-                    self.tokenizer, ids, skip_special_tokens=child_params.skip_special_tokens)
-        self.groups[request_id] = members
-        self.group_prompts[request_id] = text
 
     def abort_request(self, request_id: str) -> None:
         for req in self.groups.pop(request_id, []):
@@ -181,7 +183,7 @@ class LLMEngine:
         changed: dict[str, None] = {}
         for req, res in zip(sampled, results, strict=True):
             self._append(req, res.token_id, res.logprob, res.top_logprobs, now)
-            changed[req.request_id.split("#")[0]] = None
+            changed[req.group_id] = None
         self.stats["generation_tokens"] += len(sampled)
         outputs = []
         for gid in changed:
@@ -265,14 +267,14 @@ class LLMEngine:
 
     def _make_output(self, gid: str, members: list[Request], finished: bool) -> RequestOutput:
         outs = []
-        for i, m in enumerate(members):
+        for m in members:
             text = m.output_text
             if m.request_id not in self.detokenizers and m.is_finished:
                 text = self.tokenizer.decode(m.output_token_ids,
                                              skip_special_tokens=m.sampling_params.skip_special_tokens)
                 m.output_text = text
             outs.append(CompletionOutput(
-                index=i, text=text, token_ids=list(m.output_token_ids),
+                index=m.index, text=text, token_ids=list(m.output_token_ids),
                 cumulative_logprob=sum(m.sampled_logprobs) if m.logprobs is not None else None,
                 logprobs=list(m.logprobs) if m.logprobs is not None else None,
                 finish_reason=m.finish_reason, stop_reason=m.stop_reason))

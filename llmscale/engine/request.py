@@ -38,7 +38,7 @@ class RequestTimes:
 
 @dataclass(eq=False)  # a request is itself, not its fields: `in` and `remove` compare identity
 class Request:
-    request_id: str
+    request_id: str  # unique among the engine's live requests: the KV cache's key
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     max_tokens: int  # already capped by the context window
@@ -58,6 +58,9 @@ class Request:
     # Index i holds token i's logprob given tokens < i (and the top-N); the first is None.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     sampled_logprobs: list[float] = field(default_factory=list)
+    # The caller's request this is one of `n` samples of, and which one; None: it is its own.
+    parent_id: str | None = None
+    index: int = 0
     times: RequestTimes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,11 @@ class Request:
             self.logprobs = []
         if self.sampling_params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
+
+    @property
+    def group_id(self) -> str:
+        """The caller's request id, which its outputs carry."""
+        return self.request_id if self.parent_id is None else self.parent_id
 
     @property
     def num_prompt_tokens(self) -> int:

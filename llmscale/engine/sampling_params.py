@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmscale.config import ConfigError
 
 # vLLM's threshold: below it a temperature means argmax, and dividing by it would overflow fp32.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -66,6 +67,8 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
              f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"),
             ("" not in (self.stop or []), f"stop strings must be non-empty, got {self.stop!r}"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -74,6 +77,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The params of sample `index` of n: one sample, seeded `seed + index`, which wraps
+        around past SEED_MAX so that every seed's n samples can be seeded."""
+        if self.n == 1:
+            return self
+        seed = self.seed
+        if seed is not None:
+            seed = seed + index if seed + index <= SEED_MAX else seed + index - 2**64
+        return replace(self, n=1, seed=seed)
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)
