@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmscale.bench import report
@@ -39,8 +37,9 @@ from llmscale.bench.load import INTERRUPTED, LoadPlan
 from llmscale.bench.metrics import Run, max_rate_meeting_slo, parse_slo
 from llmscale.bench.offline import offline_sweep
 from llmscale.config import BATCHING_POLICIES, ConfigError, EngineConfig
+from llmscale.console import stdout_console
 
-console = Console(width=None if sys.stdout.isatty() else 200)
+console = stdout_console()
 
 
 def main() -> None:

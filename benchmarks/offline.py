@@ -46,9 +46,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from llmscale.console import stdout_console
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("peer_worker.py")
@@ -66,7 +67,7 @@ PROBE_LEN = 128  # single-stream probe: prompt tokens and generated tokens
 PROBE_REPEATS = 3
 HF_BATCH = 16
 
-console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get the full table
+console = stdout_console()
 
 
 @dataclass

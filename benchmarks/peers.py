@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmscale.bench import report
@@ -52,6 +51,7 @@ from llmscale.bench.lengths import parse_length
 from llmscale.bench.load import INTERRUPTED, LoadPlan, MakeWorkload, run_sweep
 from llmscale.bench.metrics import Run, parse_slo, summarize
 from llmscale.config import ConfigError
+from llmscale.console import stdout_console
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("llmscale", "llmscale-q4", "vllm", "llamacpp")
@@ -77,7 +77,7 @@ if "use_extra_bufts" in {name for name, *_ in low.llama_model_params._fields_}:
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
 
-console = Console(width=None if sys.stdout.isatty() else 200)
+console = stdout_console()
 
 
 @dataclass

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmscale.config import BATCHING_POLICIES, DTYPE_CHOICES, DTYPE_HELP, ConfigError, EngineConfig
+from llmscale.console import set_quiet, status
 
 # Commands that live with their layer: each module has `register(subparsers)`, which adds its
 # parser(s) and sets `func`. Registration imports only what building the parser needs.
@@ -108,7 +109,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("chat with the model; empty line or Ctrl-D to quit", file=sys.stderr)
+    status("chat with the model; empty line or Ctrl-D to quit")
     while True:
         try:
             user = input("> ")
@@ -117,8 +118,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not user.strip():
             break
         history.append({"role": "user", "content": user})
-        text = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        prompt = {"prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
+        _, ids = engine.tokenizer.encode_chat(history, add_generation_prompt=True)
+        prompt = {"prompt_token_ids": ids}
         reply = ""
         for delta in stream_tokens(engine, prompt, params):
             reply += delta
@@ -133,10 +134,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(args, engine_config_from_args(args))
 
 
+class Parser(argparse.ArgumentParser):
+    """Takes -v/-q itself and gives them to every command it holds, so they go before or after
+    a command's name (`llmscale -q serve`, `llmscale serve -q`, `make serve ARGS=-q`)."""
+
+    def __init__(self, *args: Any, talk_default: Any = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A command's parser leaves the top level's value alone unless the flag is given to it.
+        talk = self.add_mutually_exclusive_group()
+        talk.add_argument("-v", "--verbose", action="store_true", default=talk_default,
+                          help="also log engine and server details (model loading, each HTTP request)")
+        talk.add_argument("-q", "--quiet", action="store_true", default=talk_default,
+                          help="print only results, warnings and errors: no startup lines, hints or "
+                               "progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmscale", description="Serve LLMs fast, within a budget.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log engine progress")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="llmscale", description="Serve LLMs fast, within a budget.", talk_default=False)
+    sub = parser.add_subparsers(dest="command", required=True)  # its parsers are `Parser`s too
 
     p = sub.add_parser("generate", help="generate from one prompt, streaming to the terminal")
     p.add_argument("prompt")
@@ -164,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    set_quiet(args.quiet)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import IO
 
 import httpx
 
@@ -17,11 +18,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(*args: str, timeout_s: float = 180) -> tuple[str, subprocess.Popen[bytes]]:
-    """`llmscale serve --port <free> *args`; returns (base url, process) once it is healthy."""
+def start_server(*args: str, timeout_s: float = 180,
+                 stderr: IO[bytes] | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """`llmscale serve --port <free> *args`; returns (base url, process) once it is healthy.
+    Its stderr goes to `stderr` when given (a file: a pipe nobody reads could fill and block it)."""
     port = free_port()
     cmd = [sys.executable, "-m", "llmscale.cli", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,15 @@ import torch
 from llmscale.bench.roofline import Chunk, CostModel, Peaks, attainable, classify, measure_peaks
 from llmscale.cli import main
 from llmscale.config import ModelConfig, activation_dtype, parse_dtype
+
+from .test_cli import header_cells, run_cli
+
+
+def small_profile(model: Path, dtype: str, out: Path) -> list[str]:
+    """`llmscale profile` arguments for a run of a few seconds on a tiny model."""
+    return ["profile", "--model", str(model), "--dtype", dtype, "--out", str(out), "--num-requests", "3",
+            "--prompt-len", "24", "--output-len", "4", "--batch-sizes", "1,2", "--context-lens", "16,40",
+            "--steps", "2", "--matmul-size", "256", "--max-num-batched-tokens", "32"]
 
 
 @pytest.fixture()
@@ -83,10 +93,7 @@ def test_measured_peaks_are_plausible() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_profile_end_to_end(tiny_model, tmp_path, dtype: str) -> None:
     out = tmp_path / "profile"
-    main(["profile", "--model", str(tiny_model("llama")), "--dtype", dtype, "--out", str(out),
-          "--num-requests", "3", "--prompt-len", "24", "--output-len", "4", "--batch-sizes", "1,2",
-          "--context-lens", "16,40", "--steps", "2", "--matmul-size", "256",
-          "--max-num-batched-tokens", "32"])
+    main(small_profile(tiny_model("llama"), dtype, out))
     report = json.loads((out / "profile.json").read_text())
     for png in ("roofline.png", "step_latency.png"):
         assert (out / png).stat().st_size > 10_000
@@ -114,6 +121,20 @@ def test_profile_end_to_end(tiny_model, tmp_path, dtype: str) -> None:
     for p in report["prefill_sweep"]:
         # 40 tokens exceed the 32-token budget: two chunks.
         assert p["tokens"] == p["context_len"] and p["steps"] == (2 if p["context_len"] == 40 else 1)
+
+
+def test_tables_stay_whole_in_a_pipe(tiny_model, tmp_path) -> None:
+    out = run_cli(*small_profile(tiny_model("llama"), "float32", tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "…" not in out.stdout and "\x1b" not in out.stdout
+    assert header_cells(out.stdout, "phase") == [
+        "phase", "steps", "tokens", "time (s)", "share", "ms/step", "GFLOP/s", "GB/s", "FLOP/B",
+        "% peak FLOP/s", "% peak B/s", "bound"]
+    for phase in ("prefill", "decode", "mixed"):
+        assert f"│ {phase} " in out.stdout
+    # However long its paths, a line of text stays one line.
+    wrote = ", ".join(str(tmp_path / name) for name in ("profile.json", "roofline.png", "step_latency.png"))
+    assert f"\nwrote {wrote}\n" in out.stdout
 
 
 def test_bad_arguments_give_one_line_errors(capsys) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,13 +140,12 @@ def _progress() -> tuple[Any, Callable[[str, int], Callable[[], None]]]:
 
 def _finish(args: argparse.Namespace, runs: list[Any], title: str, kind: str,
             extra: dict[str, Any] | None = None) -> None:
-    from rich.console import Console
-
     from llmscale.bench import report
     from llmscale.bench.load import fmt_rate
     from llmscale.bench.metrics import max_rate_meeting_slo, parse_slo
+    from llmscale.console import stdout_console
 
-    console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes get whole rows
+    console = stdout_console()
     if not runs:
         console.print("[yellow]nothing was measured[/yellow]")
         return

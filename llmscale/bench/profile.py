@@ -79,11 +79,11 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from rich.console import Console
+    from llmscale.console import stdout_console
 
     report = run_profile(args)
     out = Path(args.out)
-    console = Console()
+    console = stdout_console()
     print_report(report, console)
     console.print(f"wrote {out / 'profile.json'}, {out / 'roofline.png'}, {out / 'step_latency.png'}")
 

@@ -54,9 +54,9 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rich.console import Console
+    from llmscale.console import stdout_console
 
-    console = Console()
+    console = stdout_console()
     report = run_eval(args)
     out = Path(args.out)
     print_table(report, console)

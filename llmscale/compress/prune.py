@@ -275,10 +275,11 @@ def prune(model: str | None, method: str, sparsity: float, out: str | Path,
 
 
 def print_report(r: PruneReport) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from llmscale.console import stdout_console
+
+    console = stdout_console()
     table = Table(title=f"{r.method} pruning -> {r.out}")
     table.add_column("layer 0 linear")
     table.add_column("shape before")

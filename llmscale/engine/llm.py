@@ -64,11 +64,10 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
+        # Message text stays text: only the template's own markers become special tokens.
+        encoded = [self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt)
                    for c in conversations]
-        # The template already holds the special tokens, so encode without adding more.
-        token_prompts = [{"prompt": p, "prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)}
-                         for p in prompts]
+        token_prompts = [{"prompt": text, "prompt_token_ids": ids} for text, ids in encoded]
         return self.generate(token_prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:

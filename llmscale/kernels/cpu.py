@@ -51,7 +51,7 @@ _SIGNATURES = {
 }
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -86,7 +86,7 @@ def _build(compiler: str, flags: set[str]) -> Path:
 def library() -> ctypes.CDLL | None:
     if os.environ.get("LLMSCALE_CPU_KERNELS", "1") == "0":
         return None
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))

@@ -11,8 +11,10 @@ transformers (5.x) drops `add_bos_token`/`add_eos_token` from tokenizer_config.j
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,22 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # jinja's own tojson HTML-escapes (<, >, &), which would change the prompt text.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _map_strings(value: Any, f: Callable[[str], str]) -> Any:
+    """`value` with `f` applied to every string in it, through nested lists and dicts."""
+    if isinstance(value, str):
+        return f(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, f) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, f) for v in value]
+    return value
+
+
+def _unused_char(text: str) -> str:
+    """A private-use character that `text` does not contain."""
+    return next(c for c in map(chr, range(0xF0000, 0xFFFFE)) if c not in text)
 
 
 @lru_cache(maxsize=16)
@@ -202,6 +220,80 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             # raise_exception in a template rejects the conversation (e.g. roles not alternating).
             raise ConfigError(f"chat template rejected the messages: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> tuple[str, list[int]]:
+        """Render a conversation and tokenize it: (prompt text, token ids).
+
+        Only the template's own markers become special tokens. Special-token text inside the
+        messages or tools (a user typing `<|im_end|>` to forge a system turn) stays text: it is
+        swapped for a placeholder before rendering, so the render's special tokens are the
+        template's alone. A conversation without such text takes the plain path, token for token
+        what transformers gives.
+        """
+        mark = _unused_char(json.dumps([messages, tools], ensure_ascii=False, default=str)
+                            + self._template_source(tools))
+        hidden_messages, hidden_tools = self._hide_specials(messages, mark), self._hide_specials(tools, mark)
+        text = self.apply_chat_template(hidden_messages, add_generation_prompt, hidden_tools, **kwargs)
+        if (hidden_messages, hidden_tools) == (messages, tools):
+            return text, self.encode(text, add_special_tokens=False)
+        return self._encode_hidden(text, mark)
+
+    def _hide_specials(self, value: Any, mark: str) -> Any:
+        """`value` with each special token's text in its strings replaced by `mark`, the token's
+        index in `_special_texts`, `mark`."""
+        if not self._special_texts:
+            return value
+        index = {t: i for i, t in enumerate(self._special_texts)}
+
+        def hide(m: re.Match[str]) -> str:
+            return f"{mark}{index[m[0]]}{mark}"
+
+        return _map_strings(value, lambda s: self._special_pattern.sub(hide, s))
+
+    def _encode_hidden(self, text: str, mark: str) -> tuple[str, list[int]]:
+        """A render with hidden special-token text: its special tokens, the template's, kept as
+        they are; the text between them encoded with the hidden text put back and special-token
+        matching off. Returns (the text as rendered with the real messages, token ids)."""
+        placeholder = re.compile(f"{mark}(\\d+){mark}")
+
+        def restore(part: str) -> str:
+            return placeholder.sub(lambda m: self._special_texts[int(m[1])], part)
+
+        ids: list[int] = []
+        start = 0
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        for token_id, (begin, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token_id in self._special_ids:
+                ids += self._encode_as_text(restore(text[start:begin]))
+                ids.append(token_id)
+                start = end
+        ids += self._encode_as_text(restore(text[start:]))
+        return restore(text), ids
+
+    @cached_property
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    @cached_property
+    def _special_texts(self) -> list[str]:
+        # Longest first, so that in `_special_pattern` a token wins over any token it starts with.
+        texts = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        return sorted(texts, key=lambda t: (-len(t), t))
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern[str]:
+        return re.compile("|".join(map(re.escape, self._special_texts)))
+
+    @cached_property
+    def _text_backend(self) -> BackendTokenizer:
+        # A copy: the flag is tokenizer state, and the engine thread encodes with the original.
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True  # special-token text is split like any other text
+        return backend
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        return self._text_backend.encode(text, add_special_tokens=False).ids if text else []
 
 
 class IncrementalDetokenizer:

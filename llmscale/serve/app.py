@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -17,8 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmscale.config import ConfigError
 from llmscale.engine.async_engine import AsyncLLMEngine, EngineDeadError
@@ -28,6 +30,7 @@ from llmscale.serve.cost import CostModel
 from llmscale.serve.metrics import ServerMetrics
 from llmscale.serve.protocol import (
     CHAT_ROLES,
+    INVALID_VALUE,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -52,6 +55,8 @@ from llmscale.serve.protocol import (
 
 log = logging.getLogger(__name__)
 COST_HEADER = "x-llmscale-cost-usd"
+OPEN_PATHS = ("/health", "/metrics")  # liveness probes and Prometheus scrapes carry no API key
+SHUTTING_DOWN = "the server shut down before this request finished (its drain timeout ran out)"
 
 
 class ApiError(Exception):
@@ -73,15 +78,33 @@ class _ClosingStreamingResponse(StreamingResponse):
     """Closes its body iterator and its run however the response ends. Starlette cancels the
     send when the client disconnects, which can leave the generator suspended at a `yield`,
     unclosed until garbage collection; closing now aborts the engine request and frees its KV
-    blocks (and closes a run whose stream never started)."""
+    blocks (and closes a run whose stream never started).
+
+    A client leaving is handled inside Starlette's task group; a cancellation that reaches us
+    is the server's drain timeout running out, and the stream then ends with an error event
+    instead of a cut connection."""
 
     def __init__(self, content: AsyncGenerator[str, None], run: _Run) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = ended = False
+
+        async def noting_send(message: Message) -> None:
+            nonlocal started, ended
+            await send(message)
+            started = True
+            ended = message["type"] == "http.response.body" and not message.get("more_body", False)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, noting_send)
+        except asyncio.CancelledError:
+            if not started:
+                await error_response(503, SHUTTING_DOWN, "server_error")(scope, receive, send)
+            elif not ended:
+                await send({"type": "http.response.body", "body": _sse_error(SHUTTING_DOWN).encode(),
+                            "more_body": False})
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             await self.run.close()
@@ -91,6 +114,39 @@ def _sse(payload: BaseModel | dict[str, Any]) -> str:
     if isinstance(payload, BaseModel):
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _sse_error(message: str) -> str:
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _watching_client(request: Request, handler: Awaitable[Response]) -> Response:
+    """Runs a request's handler until it answers or its client disconnects, and then cancels it:
+    that closes its engine stream, which aborts the request. A streaming response notices a
+    departed client itself; without this a non-streaming one would run to its end.
+
+    Neither path waits for the cancelled handler to unwind: once the drain timeout has cancelled
+    the requests in flight, the server exits within a few turns of the event loop, and the
+    answer must be out by then."""
+    work = asyncio.ensure_future(handler)
+    gone = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # only the server's drain timeout cancels a request
+        work.cancel()
+        return error_response(503, SHUTTING_DOWN, "server_error")
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        # Nobody reads this answer; 499 (nginx's "client closed request") marks it in access logs.
+        return error_response(499, "client closed the request")
+    return work.result()
 
 
 class _Run:
@@ -118,12 +174,14 @@ class _Run:
 
 
 class _Server:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_queue: int, cost: CostModel) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_queue: int, max_n: int,
+                 cost: CostModel) -> None:
         self.engine = engine
         self.llm = engine.engine
         self.tokenizer = self.llm.tokenizer
         self.model_name = model_name
         self.max_queue = max_queue
+        self.max_n = max_n
         self.cost = cost
         self.metrics = ServerMetrics(self.llm, model_name)
         self.num_waiting = 0  # admitted, no output yet (includes those still in the engine's inbox)
@@ -166,6 +224,8 @@ class _Server:
 
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
+        if req.n > self.max_n:  # each choice is a sequence in the engine: n bounds one request's share
+            raise ApiError(400, f"n must be <= {self.max_n} on this server, got {req.n}", param="n")
         optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty")
         kwargs = {k: v for k in optional if (v := getattr(req, k)) is not None}
@@ -270,9 +330,9 @@ class _Server:
             if isinstance(content, list):  # content parts: keep the text ones
                 content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
             conversation.append({"role": m.role, "content": content or ""})
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
-        # The template already holds the special tokens (as LLM.chat does).
-        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        # Special-token text in a message stays text: users cannot forge the template's turns.
+        text, ids = self.tokenizer.encode_chat(conversation, add_generation_prompt=True)
+        return {"prompt": text, "prompt_token_ids": ids}
 
     def chat_logprobs(self, o: CompletionOutput, start: int, k: int) -> ChatLogprobs:
         content = []
@@ -355,8 +415,7 @@ class _Server:
                     async for c in chunks:
                         yield c
                 except EngineDeadError as e:
-                    yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
-                                          "code": None}})
+                    yield _sse_error(str(e))
 
         return _ClosingStreamingResponse(guarded(), run)
 
@@ -378,20 +437,70 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
+def _validation_status(exc: RequestValidationError) -> int:
+    """400 when every error is a refused value (protocol's INVALID_VALUE), else 422 (a bad shape)."""
+    return 400 if all(err.get("type") == INVALID_VALUE for err in exc.errors()) else 422
+
+
+class _RequireApiKey:
+    """401 without `Authorization: Bearer <key>` on every path but OPEN_PATHS: denying by default
+    covers /openapi.json (a map of the API) and any route added later."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            auth = Headers(scope=scope).get("authorization", "").encode()
+            if not secrets.compare_digest(auth, self.expected):
+                response = error_response(401, "Incorrect API key provided", code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _LimitBody:
+    """413 for a request body over `max_bytes`, read no further than the limit: a declared
+    Content-Length is refused before any of the body is read, a chunked body once its bytes pass
+    the limit (uvicorn buffers only a little ahead of the reader)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = f"request body is larger than this server's limit of {max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, self.message)(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # FastAPI hands an HTTPException raised while it reads the body to the handlers.
+                raise StarletteHTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
 def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-               max_queue: int = 1024, cost: CostModel | None = None) -> FastAPI:
-    server = _Server(engine, served_model_name or engine.engine.model_name, max_queue, cost or CostModel())
+               max_queue: int = 1024, cost: CostModel | None = None, *, max_n: int,
+               max_body_bytes: int) -> FastAPI:
+    server = _Server(engine, served_model_name or engine.engine.model_name, max_queue, max_n,
+                     cost or CostModel())
+    # /openapi.json stays (behind the key, if any); /docs and /redoc stay off: they load their
+    # scripts from a CDN, and their pages fetch /openapi.json without the key.
     app = FastAPI(title="llmscale", docs_url=None, redoc_url=None)
     app.state.server = server
-
-    @app.middleware("http")
-    async def check_api_key(request: Request,
-                            call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            if not secrets.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "Incorrect API key provided", code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(_RequireApiKey, api_key=api_key)  # added last, so it runs first
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -404,7 +513,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(e)
-        return error_response(422, message, param=param)
+        return error_response(_validation_status(e), message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -420,12 +529,12 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
         return error_response(500, "internal server error", "server_error")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Response:
-        return await server.completions(req)
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await _watching_client(request, server.completions(req))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest) -> Response:
-        return await server.chat(req)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await _watching_client(request, server.chat(req))
 
     @app.get("/v1/models")
     async def models() -> ModelList:

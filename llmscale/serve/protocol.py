@@ -1,18 +1,69 @@
 """Request and response bodies in the OpenAI wire format (the subset llmscale serves).
 
 Value checks (temperature >= 0, top_p in (0, 1], ...) are left to `SamplingParams`, so they
-answer 400 with its message; the schema only rejects wrong shapes and types (422), as OpenAI
-does.
+answer 400 with its message; the schema rejects wrong shapes and types (422), as OpenAI does.
+The few value checks made here, on what must not reach the engine at all (infinite floats,
+seeds outside torch's range, text that is not Unicode), raise `INVALID_VALUE`: also a 400.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from llmscale.engine.sampling_params import SEED_MAX, SEED_MIN
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+INVALID_VALUE = "invalid_value"  # the error type of a well-formed field whose value is refused
+
+
+def _finite(x: float) -> float:
+    # Python's json reads `Infinity`, `NaN` and 1e999; no sampling setting means anything there.
+    if not math.isfinite(x):
+        raise PydanticCustomError(INVALID_VALUE, "must be a finite number, got {value}", {"value": x})
+    return x
+
+
+def _seed_in_range(seed: int) -> int:
+    # Refused before the request is built: past torch's range, seeding a sample would fail.
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise PydanticCustomError(INVALID_VALUE, "must be in [{low}, {high}], got {value}",
+                                  {"low": SEED_MIN, "high": SEED_MAX, "value": seed})
+    return seed
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where in a decoded JSON body a string holds a lone surrogate (JSON may spell `\\ud800`)."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else path
+    if isinstance(value, dict):
+        if not all(_is_unicode(k) for k in value):
+            return path  # a bad key: name the object, not the unprintable key
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if (found := _lone_surrogate(item, f"{path}.{key}" if path else str(key))) is not None:
+            return found
+    return None
+
+
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
 class _Lenient(BaseModel):
@@ -27,18 +78,29 @@ class StreamOptions(_Lenient):
 class _SamplingFields(_Lenient):
     model: str | None = None
     n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
     top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
+    min_p: FiniteFloat | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # A lone surrogate can be neither tokenized nor written back into a response, wherever
+        # in the body it sits (a prompt, a message, the model name echoed in an error).
+        if (where := _lone_surrogate(data, "")) is not None:
+            raise PydanticCustomError(
+                INVALID_VALUE, "{where} is not valid Unicode text: it holds a lone surrogate",
+                {"where": where or "the request body"})
+        return data
 
 
 class CompletionRequest(_SamplingFields):
