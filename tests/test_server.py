@@ -366,9 +366,9 @@ def test_full_queue_answers_429() -> None:
 
     from llmscale.serve.app import create_app
 
-    inner = SimpleNamespace(tokenizer=None, model_name="m", max_model_len=8, scheduler=None, kv=None)
-    app = create_app(SimpleNamespace(engine=inner, is_running=True), max_queue=0,  # type: ignore[arg-type]
-                     max_n=1, max_body_bytes=1 << 20)
+    engine = SimpleNamespace(tokenizer=None, model_name="m", max_model_len=8, is_running=True,
+                             states=dict)
+    app = create_app(engine, max_queue=0, max_n=1, max_body_bytes=1 << 20)  # type: ignore[arg-type]
     r = TestClient(app).post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 1})
     assert r.status_code == 429 and r.headers["Retry-After"]
     assert r.json()["error"]["type"] == "rate_limit_exceeded"

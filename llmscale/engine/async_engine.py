@@ -17,9 +17,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from llmscale.config import EngineConfig
-from llmscale.engine.llm_engine import LLMEngine
+from llmscale.engine.llm_engine import EngineState, LLMEngine
 from llmscale.engine.outputs import RequestOutput
 from llmscale.engine.sampling_params import SamplingParams
+from llmscale.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 _FINISHED = object()
@@ -48,6 +49,22 @@ class AsyncLLMEngine:
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    # What the HTTP API needs besides `generate` (see serve/engine_client.py).
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def states(self) -> dict[str, EngineState]:
+        return {"": self.engine.state()}
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stop = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,18 @@ from llmscale.model.loader import load_model, read_model_config
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What an engine is doing now: what metrics export, and what a cluster routes and scales on."""
+
+    running: int
+    waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    prefix_hit_rate: float  # fraction of looked-up prompt tokens found in the prefix cache
+    num_preemptions: int
+    requests_served: int  # finished requests (groups of n samples count once)
 
 
 class LLMEngine:
@@ -79,7 +92,8 @@ class LLMEngine:
         self.groups: dict[str, list[Request]] = {}  # parent id -> its n samples
         self.group_prompts: dict[str, str | None] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                                        "requests_served": 0}
         self.startup_time_s = time.perf_counter() - start
         log.info("engine ready in %.2fs (weights %.2fs), %d KV blocks of %d tokens, %d tokens per step",
                  self.startup_time_s, self.load_time_s, num_blocks, cache.block_size,
@@ -151,6 +165,13 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
         self.detokenizers.pop(req.request_id, None)
 
+    def state(self) -> EngineState:
+        """A snapshot; read from another thread it may be a step stale, never torn per field."""
+        sched, kv = self.scheduler, self.kv
+        return EngineState(running=len(sched.running), waiting=len(sched.waiting), kv_usage=kv.usage,
+                           prefix_hit_rate=kv.prefix_hit_rate, num_preemptions=sched.num_preemptions,
+                           requests_served=int(self.stats["requests_served"]))
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -194,6 +215,7 @@ class LLMEngine:
             if finished or include_unfinished:
                 outputs.append(self._make_output(gid, members, finished))
             if finished:
+                self.stats["requests_served"] += 1
                 for m in members:
                     self._forget(m)
                 del self.groups[gid]

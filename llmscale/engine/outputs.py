@@ -42,3 +42,5 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # With `prompt_logprobs`: per prompt token {token_id: logprob}, None for the first one.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # The engine replica that produced it, where several serve one endpoint; None for one engine.
+    served_by: str | None = None

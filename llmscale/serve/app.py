@@ -23,10 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmscale.config import ConfigError
-from llmscale.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from llmscale.engine.async_engine import EngineDeadError
 from llmscale.engine.outputs import CompletionOutput, RequestOutput
 from llmscale.engine.sampling_params import SamplingParams
 from llmscale.serve.cost import CostModel
+from llmscale.serve.engine_client import EngineClient
 from llmscale.serve.metrics import ServerMetrics
 from llmscale.serve.protocol import (
     CHAT_ROLES,
@@ -55,6 +56,7 @@ from llmscale.serve.protocol import (
 
 log = logging.getLogger(__name__)
 COST_HEADER = "x-llmscale-cost-usd"
+REPLICA_HEADER = "x-llmscale-replica"  # which engine replica served the response, behind a cluster
 OPEN_PATHS = ("/health", "/metrics")  # liveness probes and Prometheus scrapes carry no API key
 SHUTTING_DOWN = "the server shut down before this request finished (its drain timeout ran out)"
 
@@ -85,7 +87,8 @@ class _ClosingStreamingResponse(StreamingResponse):
     instead of a cut connection."""
 
     def __init__(self, content: AsyncGenerator[str, None], run: _Run) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", **run.headers()})
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -167,6 +170,11 @@ class _Run:
         finally:
             await self.close()
 
+    def headers(self) -> dict[str, str]:
+        """Known once the first output is in: the replica that serves the request, if several may."""
+        served_by = self.last.served_by
+        return {REPLICA_HEADER: served_by} if served_by is not None else {}
+
     async def close(self) -> None:
         if self.usage is None:
             await self.gen.aclose()  # type: ignore[attr-defined]
@@ -174,16 +182,15 @@ class _Run:
 
 
 class _Server:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_queue: int, max_n: int,
-                 cost: CostModel) -> None:
+    def __init__(self, engine: EngineClient, model_name: str, max_queue: int, max_n: int,
+                 cost: CostModel, replica_metrics: bool) -> None:
         self.engine = engine
-        self.llm = engine.engine
-        self.tokenizer = self.llm.tokenizer
+        self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_queue = max_queue
         self.max_n = max_n
         self.cost = cost
-        self.metrics = ServerMetrics(self.llm, model_name)
+        self.metrics = ServerMetrics(engine.states, model_name, replica_metrics)
         self.num_waiting = 0  # admitted, no output yet (includes those still in the engine's inbox)
 
     # ----- shared request path ----------------------------------------------------------------
@@ -292,7 +299,7 @@ class _Server:
                 o, 0, k, len(echo), self.prompt_logprobs(run.last, k) if echo else None))
             for o in run.last.outputs]
         body = CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=run.usage)
-        return self.json(body, run.usage)
+        return self.json(body, run)
 
     async def completion_chunks(self, req: CompletionRequest, params: SamplingParams, run: _Run, rid: str,
                                 echo: str) -> AsyncGenerator[str, None]:
@@ -363,7 +370,7 @@ class _Server:
                               logprobs=self.chat_logprobs(o, 0, top_k) if req.logprobs else None)
                    for o in run.last.outputs]
         body = ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=run.usage)
-        return self.json(body, run.usage)
+        return self.json(body, run)
 
     async def chat_chunks(self, req: ChatCompletionRequest, params: SamplingParams, run: _Run,
                           rid: str) -> AsyncGenerator[str, None]:
@@ -420,8 +427,9 @@ class _Server:
         return _ClosingStreamingResponse(guarded(), run)
 
     @staticmethod
-    def json(body: BaseModel, usage: Usage) -> JSONResponse:
-        headers = {COST_HEADER: f"{usage.cost_usd or 0.0:.10f}"}
+    def json(body: BaseModel, run: _Run) -> JSONResponse:
+        assert run.usage is not None
+        headers = {COST_HEADER: f"{run.usage.cost_usd or 0.0:.10f}", **run.headers()}
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
 
@@ -489,11 +497,12 @@ class _LimitBody:
         await self.app(scope, counting_receive, send)
 
 
-def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
+def create_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None,
                max_queue: int = 1024, cost: CostModel | None = None, *, max_n: int,
-               max_body_bytes: int) -> FastAPI:
-    server = _Server(engine, served_model_name or engine.engine.model_name, max_queue, max_n,
-                     cost or CostModel())
+               max_body_bytes: int, replica_metrics: bool = False) -> FastAPI:
+    """The OpenAI API in front of `engine`; `replica_metrics`: label engine gauges per replica."""
+    server = _Server(engine, served_model_name or engine.model_name, max_queue, max_n,
+                     cost or CostModel(), replica_metrics)
     # /openapi.json stays (behind the key, if any); /docs and /redoc stay off: they load their
     # scripts from a CDN, and their pages fetch /openapi.json without the key.
     app = FastAPI(title="llmscale", docs_url=None, redoc_url=None)
@@ -538,7 +547,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=server.model_name, max_model_len=server.llm.max_model_len)])
+        return ModelList(data=[ModelCard(id=server.model_name, max_model_len=engine.max_model_len)])
 
     @app.get("/health")
     async def health() -> Response:

@@ -6,50 +6,57 @@ histograms are fed by the server as requests finish.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from llmscale.engine.llm_engine import EngineState
 from llmscale.engine.outputs import RequestOutput
 
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
-class _EngineCollector(Collector):
-    def __init__(self, engine: Any, labels: dict[str, str]) -> None:
-        self.engine = engine  # an LLMEngine; read from the HTTP thread, values may be a step stale
-        self.labels = labels
+# EngineState field -> (metric type, name, help), named like vLLM's.
+_STATE_METRICS: dict[str, tuple[type, str, str]] = {
+    "running": (GaugeMetricFamily, "llmscale:num_requests_running", "Requests running in the engine"),
+    "waiting": (GaugeMetricFamily, "llmscale:num_requests_waiting", "Requests waiting to be scheduled"),
+    "kv_usage": (GaugeMetricFamily, "llmscale:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)"),
+    "prefix_hit_rate": (GaugeMetricFamily, "llmscale:prefix_cache_hit_rate",
+                        "Fraction of looked-up prompt tokens found in the prefix cache"),
+    "num_preemptions": (CounterMetricFamily, "llmscale:num_preemptions", "Preemptions since start"),
+}
 
-    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
-        g = GaugeMetricFamily(name, doc, labels=list(self.labels))
-        g.add_metric(list(self.labels.values()), value)
-        return g
+
+class _EngineCollector(Collector):
+    """Each engine's state as gauges, read when Prometheus scrapes (values may be a step stale).
+    Several engines (a cluster's replicas) are told apart by a `replica` label."""
+
+    def __init__(self, states: Callable[[], dict[str, EngineState]], labels: dict[str, str],
+                 per_replica: bool) -> None:
+        self.states = states
+        self.labels = labels
+        self.names = [*labels, "replica"] if per_replica else list(labels)
 
     def collect(self) -> Iterator[Any]:
-        sched, kv = self.engine.scheduler, self.engine.kv
-        yield self._gauge("llmscale:num_requests_running", "Requests running in the engine",
-                          len(sched.running))
-        yield self._gauge("llmscale:num_requests_waiting", "Requests waiting to be scheduled",
-                          len(sched.waiting))
-        yield self._gauge("llmscale:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", kv.usage)
-        yield self._gauge("llmscale:prefix_cache_hit_rate",
-                          "Fraction of looked-up prompt tokens found in the prefix cache",
-                          kv.prefix_hit_rate)
-        c = CounterMetricFamily("llmscale:num_preemptions", "Preemptions since start",
-                                labels=list(self.labels))
-        c.add_metric(list(self.labels.values()), sched.num_preemptions)
-        yield c
+        families = {field: kind(name, doc, labels=self.names)
+                    for field, (kind, name, doc) in _STATE_METRICS.items()}
+        for replica, state in sorted(self.states().items()):
+            values = [*self.labels.values(), replica][:len(self.names)]
+            for field, family in families.items():
+                family.add_metric(values, getattr(state, field))
+        yield from families.values()
 
 
 class ServerMetrics:
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, states: Callable[[], dict[str, EngineState]], model_name: str,
+                 per_replica: bool = False) -> None:
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name}
-        self.registry.register(_EngineCollector(engine, labels))
+        self.registry.register(_EngineCollector(states, labels, per_replica))
         names = list(labels)
 
         def counter(name: str, doc: str) -> Any:
