@@ -16,7 +16,8 @@ from llmscale.console import set_quiet, status
 # parser(s) and sets `func`. Registration imports only what building the parser needs.
 COMMAND_MODULES: tuple[str, ...] = ("llmscale.bench.profile", "llmscale.bench.cli",
                                      "llmscale.compress.evaluate", "llmscale.compress.prune",
-                                     "llmscale.compress.distill", "llmscale.compress.quantize")
+                                     "llmscale.compress.distill", "llmscale.compress.quantize",
+                                     "llmscale.cluster.cli")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

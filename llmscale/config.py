@@ -388,6 +388,11 @@ class EngineConfig:
         return cfg
 
     @property
+    def model_name(self) -> str:
+        """The name the model is served under by default."""
+        return str(self.model) if self.model else "SmolLM2-135M-Instruct"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
 

@@ -43,6 +43,18 @@ class EngineState:
     requests_served: int  # finished requests (groups of n samples count once)
 
 
+def tokenize_prompt(tokenizer: Tokenizer, prompt: str | list[int] | dict[str, Any]
+                    ) -> tuple[str | None, list[int]]:
+    """(prompt text if known, token ids) of a text, token ids, or {"prompt", "prompt_token_ids"}."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        prompt = prompt["prompt"]
+    if isinstance(prompt, str):
+        return prompt, tokenizer.encode(prompt)
+    return None, list(prompt)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, stream_text: bool = False, online: bool = False) -> None:
         """`stream_text`: detokenize every step (servers); otherwise text is decoded once at the
@@ -51,7 +63,7 @@ class LLMEngine:
         self.config = config
         self.stream_text = stream_text
         self.model_path = resolve_model(config.model, config.keep_quantized)
-        self.model_name = str(config.model) if config.model else "SmolLM2-135M-Instruct"
+        self.model_name = config.model_name
         self.dtype = config.torch_dtype
         self.device = config.torch_device
         torch.manual_seed(config.seed)
@@ -109,22 +121,13 @@ class LLMEngine:
 
     # ----- requests -------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str | list[int] | dict[str, Any]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
-
     def add_request(self, request_id: str, prompt: str | list[int] | dict[str, Any],
                     params: SamplingParams | None = None, arrival_time_s: float | None = None) -> None:
         """Queues the request's n samples together; if any of them is invalid, none is queued."""
         params = params or SamplingParams()
         if request_id in self.groups:
             raise ConfigError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize_prompt(prompt)
+        text, ids = tokenize_prompt(self.tokenizer, prompt)
         self._check_prompt(ids)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

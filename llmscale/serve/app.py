@@ -192,6 +192,9 @@ class _Server:
         self.cost = cost
         self.metrics = ServerMetrics(engine.states, model_name, replica_metrics)
         self.num_waiting = 0  # admitted, no output yet (includes those still in the engine's inbox)
+        # Set where the server drains without closing its listener (a cluster's ingress behind
+        # Serve's proxy): requests in flight finish, new ones get 503.
+        self.draining = False
 
     # ----- shared request path ----------------------------------------------------------------
 
@@ -203,6 +206,8 @@ class _Server:
     async def start(self, prompt: Any, params: SamplingParams, request_id: str) -> _Run:
         """Admit a request and wait for its first output, so validation errors from the engine
         (prompt longer than the context window, ...) still become a plain 400."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down and takes no new requests", "server_error")
         if self.num_waiting >= self.max_queue:
             raise ApiError(429, f"server is busy: {self.num_waiting} requests are waiting",
                            type_="rate_limit_exceeded", headers={"Retry-After": "1"})

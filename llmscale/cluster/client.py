@@ -1,0 +1,78 @@
+"""`ClusterEngineClient`: the `EngineClient` the ingress serves the OpenAI API on, backed by the
+engine replicas behind a Ray Serve handle.
+
+Prompts are tokenized here, so the router sees token ids and can match cached prefixes. A
+replica that dies before a request produced anything costs that request nothing: it is sent
+once more, to another replica. One that dies mid-stream ends the stream with an error (the
+client already holds tokens that no other replica would continue exactly).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from llmscale.cluster.routing import ReplicaRequest
+from llmscale.config import ConfigError
+from llmscale.engine.async_engine import EngineDeadError
+from llmscale.engine.llm_engine import EngineState, tokenize_prompt
+from llmscale.engine.outputs import RequestOutput
+from llmscale.engine.sampling_params import SamplingParams
+from llmscale.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# A replica gone (process died, node lost, being replaced): the request may go elsewhere.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+ATTEMPTS = 2  # the first try and one retry on another replica
+
+
+class ClusterEngineClient:
+    def __init__(self, replicas: DeploymentHandle, tokenizer: Tokenizer, model_name: str,
+                 max_model_len: int, states: Callable[[], dict[str, EngineState]]) -> None:
+        """`states`: the replicas' last reported engine states by replica id."""
+        self.replicas = replicas.options(stream=True)
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.states = states
+
+    @property
+    def is_running(self) -> bool:
+        return True  # the ingress is up; whether a replica can serve shows per request
+
+    async def generate(self, prompt: Any, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        text, ids = tokenize_prompt(self.tokenizer, prompt)
+        request = ReplicaRequest(request_id or f"req-{uuid.uuid4().hex}", ids, text, params)
+        for attempt in range(1, ATTEMPTS + 1):
+            stream = self.replicas.generate.remote(request)
+            produced = False
+            try:
+                async for out in stream:
+                    produced = True
+                    yield out
+                return
+            except RayTaskError as e:
+                raise _replica_error(e) from None
+            except REPLICA_LOST as e:
+                if produced or attempt == ATTEMPTS:
+                    raise EngineDeadError(f"the replica serving this request was lost: {e}") from None
+                log.warning("request %s: replica lost before any output, sent again", request.request_id)
+            finally:
+                stream.cancel()  # a client gone mid-stream aborts the request on its replica
+
+
+def _replica_error(e: RayTaskError) -> Exception:
+    """What the replica raised, as the API answers it: a refused request (400) stays a
+    `ConfigError`, anything else is an engine that cannot serve (503)."""
+    cause = e.cause
+    if isinstance(cause, ConfigError):
+        return ConfigError(str(cause))
+    return EngineDeadError(f"replica failed: {type(cause).__name__}: {cause}")

@@ -1,0 +1,177 @@
+"""`llmscale cluster serve` as a user runs it: a local Ray cluster, two engine replicas of the
+default model behind one OpenAI endpoint, the prefix router. One cluster for the module: Ray
+and two engines take tens of seconds to start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llmscale.cluster.ray_cluster import is_loopback
+
+from .live_server import free_port
+from .test_cli import run_cli
+from .test_ray_cluster import _children, _listeners
+from .test_server import API_KEY, BAD_INPUTS, MAX_BODY_BYTES, MAX_MODEL_LEN, MAX_N, MODEL
+
+REPLICAS = {"replica-0", "replica-1"}
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _status(url: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/cluster/status", headers=HEADERS, timeout=10).json()["replicas"]
+
+
+def _wait(ok: Any, what: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return {r["replica_id"] for r in _status(url) if r["state"] == "ready"} == REPLICAS
+    except (httpx.HTTPError, KeyError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("cluster") / "stderr.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmscale.cli", "cluster", "serve", "--num-replicas", "2",
+         "--replica-cpus", "1", "--port", str(port), "--api-key", API_KEY, "--max-n", str(MAX_N),
+         "--max-body-bytes", str(MAX_BODY_BYTES), "--dtype", "float32", "--kv-cache-memory", "128MiB",
+         "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "10"],
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: proc.poll() is not None or _ready(url), "two ready replicas")
+        assert proc.poll() is None, "cluster serve exited during start-up"
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def url(cluster: tuple[str, subprocess.Popen[bytes]]) -> str:
+    return cluster[0]
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_answers_name_the_replica_streamed_or_not(url: str, client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="The capital of France is",
+                                                      max_tokens=8, temperature=0)
+    assert raw.headers["x-llmscale-replica"] in REPLICAS
+    assert raw.parse().usage.completion_tokens == 8
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers=HEADERS, timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}) as r:
+        assert r.headers["x-llmscale-replica"] in REPLICAS
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_status_shows_every_replica(url: str) -> None:
+    replicas = _status(url)
+    assert {r["replica_id"] for r in replicas} == REPLICAS
+    assert len({r["pid"] for r in replicas}) == 2
+    for r in replicas:
+        assert r["state"] == "ready" and r["node"] and 0 <= r["kv_usage"] <= 1
+    out = run_cli("cluster", "status", "--url", url, "--api-key", API_KEY)
+    assert out.returncode == 0, out.stderr
+    for r in replicas:
+        assert re.search(rf"{r['replica_id']}\s.*ready.*\s{r['pid']}\s", out.stdout), out.stdout
+
+
+def test_prefix_router_keeps_a_shared_prompt_on_one_replica(client: openai.OpenAI) -> None:
+    """Requests sharing a long system prompt go where its blocks are cached; requests with
+    distinct prompts still use both replicas."""
+    served: dict[str, Counter[str]] = {}
+    for system in ("You are a pirate. " * 20, "You answer in French only. " * 20):
+        served[system] = Counter()
+        for i in range(6):
+            raw = client.completions.with_raw_response.create(
+                model=MODEL, prompt=f"{system}Question {i}: what is {i} + {i}?", max_tokens=2)
+            served[system][raw.headers["x-llmscale-replica"]] += 1
+    for counts in served.values():
+        assert max(counts.values()) >= 5, served
+    spread = Counter()
+    for i in range(8):
+        words = " ".join(str(j * i) for j in range(40))
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt=f"{i} unrelated: {words}",
+                                                          max_tokens=2)
+        spread[raw.headers["x-llmscale-replica"]] += 1
+    assert set(spread) == REPLICAS, spread
+
+
+def test_metrics_label_each_replica(url: str) -> None:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for replica in REPLICAS:
+        assert re.search(rf'llmscale:num_requests_running\{{.*replica="{replica}".*\}} ', text), text
+    assert "llmscale:generation_tokens_total" in text
+
+
+@pytest.mark.parametrize("name,path,body,status,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_the_same_error_as_one_server(url: str, name: str, path: str, body: Any, status: int,
+                                                     needle: str) -> None:
+    key = "wrong" if name == "wrong key" else API_KEY
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else None
+    r = httpx.post(f"{url}/v1/{'chat/completions' if path == 'chat' else path}", headers=headers,
+                   content=content, json=None if content else body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in error["message"]
+
+
+def test_cluster_listens_on_loopback_and_sigterm_drains_then_stops_it(
+        cluster: tuple[str, subprocess.Popen[bytes]]) -> None:
+    """Last in the module: it stops the cluster. Every listener of every process the command
+    started is on loopback; SIGTERM lets a stream in flight finish, then nothing is left."""
+    url, proc = cluster
+    tree = _descendants(proc.pid)
+    listening = {(x.host, x.port, x.pid) for x in _listeners() if x.pid in tree}
+    assert len({pid for _, _, pid in listening}) >= 4  # the command, GCS, raylet, replicas, ...
+    assert all(is_loopback(host) for host, _, _ in listening), listening
+    with httpx.stream("POST", f"{url}/v1/completions", headers=HEADERS, timeout=120, json={
+            "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert proc.wait(timeout=120) == 0
+    left = {(x.host, x.port, x.pid) for x in _listeners() if x.pid in tree}
+    assert not left, left
+
+
+def _descendants(root: int) -> set[int]:
+    children = _children()
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
