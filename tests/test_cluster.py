@@ -13,6 +13,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -48,15 +50,18 @@ def _ready(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+@contextmanager
+def _cluster_serve(tmp_path_factory: pytest.TempPathFactory, *flags: str
+                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`llmscale cluster serve` with two replicas of the default model, the server suite's
+    limits and `flags`; yields once both replicas are ready, SIGTERMs it after."""
     port = free_port()
     log = (tmp_path_factory.mktemp("cluster") / "stderr.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmscale.cli", "cluster", "serve", "--num-replicas", "2",
          "--replica-cpus", "1", "--port", str(port), "--api-key", API_KEY, "--max-n", str(MAX_N),
          "--max-body-bytes", str(MAX_BODY_BYTES), "--dtype", "float32", "--kv-cache-memory", "128MiB",
-         "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "10"],
+         "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "10", *flags],
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -68,6 +73,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, sub
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    with _cluster_serve(tmp_path_factory) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +136,55 @@ def test_prefix_router_keeps_a_shared_prompt_on_one_replica(client: openai.OpenA
     assert set(spread) == REPLICAS, spread
 
 
+SYSTEMS = [f"You are assistant number {k}. " + "Answer briefly and politely, in plain words. " * 8
+           for k in range(3)]
+
+
+def _send_workload(url: str, prompts: list[str], concurrency: int, max_tokens: int = 4
+                   ) -> list[tuple[str, int]]:
+    """(replica, cached prompt tokens) of each request, sent `concurrency` at a time."""
+    def one(prompt: str) -> tuple[str, int]:
+        r = httpx.post(f"{url}/v1/completions", headers=HEADERS, timeout=180,
+                       json={"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.headers["x-llmscale-replica"], r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, prompts))
+
+
+def _affinity(prompts: list[str], served: list[tuple[str, int]]) -> float:
+    """Mean over system prompts of the share of their requests on their most used replica."""
+    shares = []
+    for system in SYSTEMS:
+        replicas = Counter(rep for p, (rep, _) in zip(prompts, served, strict=True) if p.startswith(system))
+        shares.append(max(replicas.values()) / sum(replicas.values()))
+    return sum(shares) / len(shares)
+
+
+def test_prefix_router_beats_round_robin_on_shared_system_prompts(
+        url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same workload on this cluster and on one under the round-robin router (a second
+    Ray cluster, stopped after): the prefix router keeps each system prompt on one replica and
+    so serves more prompt tokens from the prefix cache."""
+    prompts = [f"{SYSTEMS[i % 3]}Question {i}: name a colour." for i in range(18)]
+    by_router = {"prefix": _send_workload(url, prompts, concurrency=2)}
+    with _cluster_serve(tmp_path_factory, "--router", "round-robin") as (round_robin_url, _):
+        by_router["round-robin"] = _send_workload(round_robin_url, prompts, concurrency=2)
+    affinity = {name: _affinity(prompts, served) for name, served in by_router.items()}
+    cached = {name: sum(c for _, c in served) for name, served in by_router.items()}
+    assert affinity["prefix"] >= 0.8 and affinity["prefix"] > affinity["round-robin"], affinity
+    assert cached["prefix"] > cached["round-robin"], cached
+
+
+def test_one_hot_prefix_still_spreads_over_both_replicas(url: str) -> None:
+    """The load guard: with every request on one system prompt and several in flight, no
+    replica takes more than three quarters of them."""
+    prompts = [f"{SYSTEMS[0]}Request {i}: count to five." for i in range(24)]
+    served = Counter(rep for rep, _ in _send_workload(url, prompts, concurrency=6, max_tokens=24))
+    assert max(served.values()) <= 0.75 * len(prompts), served
+
+
 def test_metrics_label_each_replica(url: str) -> None:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for replica in REPLICAS:
@@ -144,6 +204,42 @@ def test_bad_input_gets_the_same_error_as_one_server(url: str, name: str, path: 
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert needle in error["message"]
+
+
+def _plain(url: str, i: int) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", headers=HEADERS, timeout=180, json={
+        "prompt": f"Story {i}: once upon a time", "max_tokens": 48, "ignore_eos": True})
+
+
+def _streamed(url: str, i: int) -> list[str]:
+    with httpx.stream("POST", f"{url}/v1/completions", headers=HEADERS, timeout=180, json={
+            "prompt": f"Tale {i}: long ago", "max_tokens": 48, "ignore_eos": True, "stream": True}) as r:
+        return [line for line in r.iter_lines() if line]
+
+
+def test_a_killed_replica_loses_no_request_and_is_replaced(url: str) -> None:
+    """SIGKILL one replica under load: plain requests all complete (retried elsewhere), streams
+    complete or end with an error event, and Serve starts a replacement under the same id."""
+    pids = {r["replica_id"]: r["pid"] for r in _status(url)}
+    with ThreadPoolExecutor(10) as pool:
+        plain = [pool.submit(_plain, url, i) for i in range(8)]
+        streams = [pool.submit(_streamed, url, i) for i in range(2)]
+        _wait(lambda: sum(r["running"] for r in _status(url)) >= 4, "requests running on the replicas", 60)
+        os.kill(pids["replica-0"], signal.SIGKILL)
+        for f in plain:
+            r = f.result(timeout=180)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 48
+        for f in streams:
+            lines = f.result(timeout=180)
+            assert lines[-1] == "data: [DONE]" or '"error"' in lines[-1], lines[-3:]
+
+    def replaced() -> bool:
+        now = {r["replica_id"]: r for r in _status(url)}
+        return now["replica-0"]["state"] == "ready" and now["replica-0"]["pid"] != pids["replica-0"]
+
+    _wait(replaced, "a replacement for replica-0", 180)
+    assert _plain(url, 99).status_code == 200
 
 
 def test_cluster_listens_on_loopback_and_sigterm_drains_then_stops_it(

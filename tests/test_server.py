@@ -251,6 +251,15 @@ def test_bad_input_gets_openai_error(url: str, name: str, path: str, body: Any, 
     assert needle in error["message"]
 
 
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(client: openai.OpenAI) -> None:
+    prompt = "A long shared preamble about the weather in spring, summer and autumn. " * 4
+    first, second = (client.completions.create(model=MODEL, prompt=prompt + q, max_tokens=1)
+                     for q in ("Rain?", "Snow?"))
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens_details.cached_tokens >= 48  # the preamble's full blocks
+    assert first.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens_details.cached_tokens
+
+
 def test_good_request_after_bad_ones(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_p=2)

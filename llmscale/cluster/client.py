@@ -56,23 +56,17 @@ class ClusterEngineClient:
             produced = False
             try:
                 async for out in stream:
+                    if isinstance(out, ConfigError):  # the engine refused the request
+                        raise ConfigError(str(out))
                     produced = True
                     yield out
                 return
             except RayTaskError as e:
-                raise _replica_error(e) from None
+                raise EngineDeadError(f"replica failed: {type(e.cause).__name__}: {e.cause}") from None
             except REPLICA_LOST as e:
                 if produced or attempt == ATTEMPTS:
-                    raise EngineDeadError(f"the replica serving this request was lost: {e}") from None
+                    raise EngineDeadError(f"the replica serving this request was lost "
+                                          f"({type(e).__name__})") from None
                 log.warning("request %s: replica lost before any output, sent again", request.request_id)
             finally:
                 stream.cancel()  # a client gone mid-stream aborts the request on its replica
-
-
-def _replica_error(e: RayTaskError) -> Exception:
-    """What the replica raised, as the API answers it: a refused request (400) stays a
-    `ConfigError`, anything else is an engine that cannot serve (503)."""
-    cause = e.cause
-    if isinstance(cause, ConfigError):
-        return ConfigError(str(cause))
-    return EngineDeadError(f"replica failed: {type(cause).__name__}: {cause}")

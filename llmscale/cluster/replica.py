@@ -22,7 +22,7 @@ from ray.actor import ActorHandle
 
 from llmscale.cluster.board import REPORT_PERIOD_S
 from llmscale.cluster.routing import ReplicaRequest
-from llmscale.config import EngineConfig
+from llmscale.config import ConfigError, EngineConfig
 from llmscale.engine.async_engine import AsyncLLMEngine
 from llmscale.engine.llm_engine import EngineState
 from llmscale.engine.outputs import RequestOutput
@@ -45,12 +45,17 @@ class EngineReplica:
         self.state = "ready"
         threading.Thread(target=self._report_loop, name="llmscale-report", daemon=True).start()
 
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput | ConfigError]:
+        """The engine's outputs; a request the engine refuses yields its `ConfigError` instead:
+        a refusal is an answer (400), and raised, Serve would log it as this replica failing."""
         assert self.engine is not None
         prompt = {"prompt": request.prompt_text, "prompt_token_ids": request.prompt_token_ids}
-        async for out in self.engine.generate(prompt, request.params, request.request_id):
-            out.served_by = self.replica_id
-            yield out
+        try:
+            async for out in self.engine.generate(prompt, request.params, request.request_id):
+                out.served_by = self.replica_id
+                yield out
+        except ConfigError as e:
+            yield e
 
     def describe(self) -> dict[str, Any]:
         """Who and where this replica is, and what its engine is doing."""

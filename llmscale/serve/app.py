@@ -50,6 +50,7 @@ from llmscale.serve.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
 )
@@ -170,6 +171,12 @@ class _Run:
         finally:
             await self.close()
 
+    async def drain(self) -> None:
+        """Consume every output; `usage` is set after."""
+        async with aclosing(self.outputs()) as outputs:
+            async for _ in outputs:
+                pass
+
     def headers(self) -> dict[str, str]:
         """Known once the first output is in: the replica that serves the request, if several may."""
         served_by = self.last.served_by
@@ -225,14 +232,28 @@ class _Server:
             self.num_waiting -= 1
         return _Run(self, gen, first, start_s)
 
+    async def run_to_end(self, run: _Run, prompt: Any, params: SamplingParams, request_id: str) -> _Run:
+        """A plain (non-streamed) request, finished. Its client has seen nothing yet, so when its
+        engine is lost midway (a cluster replica that died) it runs once more from the start."""
+        try:
+            await run.drain()
+            return run
+        except EngineDeadError as e:
+            log.warning("request %s: %s; running it again", request_id, e)
+        retry = await self.start(prompt, params, request_id)
+        await retry.drain()
+        return retry
+
     def finish(self, out: RequestOutput, start_s: float) -> Usage:
         prompt_tokens = len(out.prompt_token_ids)
         completion_tokens = sum(len(o.token_ids) for o in out.outputs)
         self.cost.request_finished(completion_tokens)
         cost = self.cost.cost_usd(prompt_tokens, completion_tokens)
         self.metrics.observe(out, prompt_tokens, completion_tokens, cost, time.monotonic() - start_s)
+        cached = out.metrics.num_cached_tokens if out.metrics is not None else 0
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens, cost_usd=cost)
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached), cost_usd=cost)
 
     def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
@@ -293,10 +314,7 @@ class _Server:
             echo = run.last.prompt or self.tokenizer.decode(run.last.prompt_token_ids)
         if req.stream:
             return self.stream(self.completion_chunks(req, params, run, rid, echo), run)
-        async with aclosing(run.outputs()) as outputs:
-            async for _ in outputs:
-                pass
-        assert run.usage is not None
+        run = await self.run_to_end(run, prompt, params, rid)
         k = req.logprobs
         choices = [CompletionChoice(
             index=o.index, text=echo + o.text, finish_reason=o.finish_reason,
@@ -366,10 +384,7 @@ class _Server:
         run = await self.start(prompt, params, rid)
         if req.stream:
             return self.stream(self.chat_chunks(req, params, run, rid), run)
-        async with aclosing(run.outputs()) as outputs:
-            async for _ in outputs:
-                pass
-        assert run.usage is not None
+        run = await self.run_to_end(run, prompt, params, rid)
         choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
                               finish_reason=o.finish_reason,
                               logprobs=self.chat_logprobs(o, 0, top_k) if req.logprobs else None)

@@ -125,10 +125,15 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     cost_usd: float | None = None  # llmscale extension
 
 
