@@ -46,6 +46,9 @@ def test_generate_and_chat(smollm_folder) -> None:
     (["generate", "hi", "--model", "/no/such/model"], "not found"),
     (["generate", "hi", "--batching", "fifo"], "invalid choice"),
     (["generate", "hi", "--kv-cache-memory", "lots"], "cannot read memory size 'lots'"),
+    (["cluster", "serve", "--num-replicas", "0"], "--num-replicas must be >= 1"),
+    (["cluster", "serve", "--router", "random"], "invalid choice: 'random'"),
+    (["cluster", "status", "--url", "http://127.0.0.1:9"], "cannot reach http://127.0.0.1:9"),
 ])
 def test_bad_arguments_give_one_line_errors(args: list[str], message: str, smollm_folder) -> None:
     out = run_cli(*args)

@@ -26,7 +26,15 @@ from llmscale.cluster.ray_cluster import is_loopback
 from .live_server import free_port
 from .test_cli import run_cli
 from .test_ray_cluster import _children, _listeners
-from .test_server import API_KEY, BAD_INPUTS, MAX_BODY_BYTES, MAX_MODEL_LEN, MAX_N, MODEL
+from .test_server import (
+    API_KEY,
+    BAD_INPUTS,
+    MAX_BODY_BYTES,
+    MAX_MODEL_LEN,
+    MAX_N,
+    MODEL,
+    assert_openai_error,
+)
 
 REPLICAS = {"replica-0", "replica-1"}
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -195,15 +203,7 @@ def test_metrics_label_each_replica(url: str) -> None:
 @pytest.mark.parametrize("name,path,body,status,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_gets_the_same_error_as_one_server(url: str, name: str, path: str, body: Any, status: int,
                                                      needle: str) -> None:
-    key = "wrong" if name == "wrong key" else API_KEY
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    content = body if isinstance(body, str) else None
-    r = httpx.post(f"{url}/v1/{'chat/completions' if path == 'chat' else path}", headers=headers,
-                   content=content, json=None if content else body, timeout=60)
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert needle in error["message"]
+    assert_openai_error(url, name, path, body, status, needle)
 
 
 def _plain(url: str, i: int) -> httpx.Response:

@@ -240,6 +240,11 @@ BAD_INPUTS: list[tuple[str, str, Any, int, str | None]] = [
 @pytest.mark.parametrize("name,path,body,status,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_gets_openai_error(url: str, name: str, path: str, body: Any, status: int,
                                      needle: str) -> None:
+    assert_openai_error(url, name, path, body, status, needle)
+
+
+def assert_openai_error(url: str, name: str, path: str, body: Any, status: int, needle: str) -> None:
+    """One BAD_INPUTS case against the server at `url` (also run against a cluster)."""
     key = "wrong" if name == "wrong key" else API_KEY
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     content = body if isinstance(body, str) else None
