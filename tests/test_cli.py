@@ -57,6 +57,16 @@ def test_bad_arguments_give_one_line_errors(args: list[str], message: str, smoll
     assert "Traceback" not in out.stderr
 
 
+def test_a_replica_that_cannot_start_is_a_one_line_error() -> None:
+    out = run_cli("cluster", "serve", "--port", str(free_port()), "--kv-cache-memory", "1MiB",
+                  "--max-model-len", "512")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1] == (
+        "llmscale: error: a replica could not start: KV cache holds 32 tokens (2 blocks of 16), less "
+        "than one request of max_model_len 512; raise --kv-cache-memory or lower --max-model-len")
+    assert "Traceback" not in out.stderr
+
+
 def header_cells(table_text: str, first: str) -> list[str]:
     """The header cells of the printed table whose first header cell is `first`."""
     header = next(line for line in table_text.splitlines() if re.match(rf"┃ {re.escape(first)} +┃", line))

@@ -23,9 +23,17 @@ class StatusBoard:
     def __init__(self) -> None:
         self.reports: dict[str, dict[str, Any]] = {}
         self.draining = False
+        self.failure: str | None = None
 
     def report(self, stats: dict[str, Any]) -> None:
         self.reports[stats["replica_id"]] = {**stats, "reported_s": time.time()}
+
+    def report_failure(self, message: str) -> None:
+        """A replica could not start (a user error: the engine's one-line `ConfigError`)."""
+        self.failure = message
+
+    def start_failure(self) -> str | None:
+        return self.failure
 
     def drain(self) -> None:
         """The cluster is shutting down: the ingress answers new requests with 503."""

@@ -9,6 +9,7 @@ stops Ray if it started it. Engine and server flags mean what they mean for `llm
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import threading
@@ -57,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--num-replicas must be >= 1 and --replica-cpus > 0")
     config = engine_config_from_args(args)
     # Ray and Serve load only to serve, not to build the CLI parser.
+    import ray
     from ray import serve
 
     from llmscale.cluster.app import ApiOptions, build_app
@@ -64,7 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llmscale.cluster.ray_cluster import connect
     from llmscale.serve.cost import CostModel
 
-    cluster = connect(args.address, host=args.host)
+    # The replicas' and Serve's own logs (tracebacks of refused starts included) only with -v;
+    # without it the command says what happened in its own lines.
+    cluster = connect(args.address, host=args.host, log_to_driver=args.verbose)
+    if not args.verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # After ray.init, which installs a SIGTERM handler that exits at once.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,7 +85,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         drain_timeout_s=args.drain_timeout)
         status(f"llmscale cluster serve: starting {args.num_replicas} replica(s) of {config.model_name} "
                f"({args.replica_cpus:g} CPU each), router {args.router}, Ray at {cluster.address}")
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError:
+            failure = ray.get(board.start_failure.remote())
+            if failure is None:
+                raise
+            raise ConfigError(f"a replica could not start: {failure}") from None
         status(f"llmscale cluster serve: ready at http://{args.host}:{args.port}/v1 "
                f"(status: /cluster/status; Ctrl-C to stop)")
         stop.wait()

@@ -106,15 +106,17 @@ class RayCluster:
             shutil.rmtree(self.temp_dir or "", ignore_errors=True)
 
 
-def connect(address: str | None, num_cpus: int | None = None, host: str = LOOPBACK) -> RayCluster:
+def connect(address: str | None, num_cpus: int | None = None, host: str = LOOPBACK,
+            log_to_driver: bool = True) -> RayCluster:
     """Join the cluster at `address`, or start a loopback-only head here when it is None.
 
     `host` is where the Serve HTTP proxy will bind (`RayCluster.start_serve`); the listeners of
     a head started here stay on loopback whatever it is. That head lives as long as this process.
+    `log_to_driver`: print the cluster's workers' logs here (Ray's default).
     """
     if address is not None:
-        return _join(address, host)
-    return _start_head(num_cpus, host)
+        return _join(address, host, log_to_driver)
+    return _start_head(num_cpus, host, log_to_driver)
 
 
 def serve_options(host: str = LOOPBACK, port: int = SERVE_PORT) -> dict[str, Any]:
@@ -180,23 +182,23 @@ def _job_runtime_env() -> dict[str, str]:
     return {"worker_process_setup_hook": GRPC_HOOK}
 
 
-def _join(address: str, host: str) -> RayCluster:
+def _join(address: str, host: str, log_to_driver: bool) -> RayCluster:
     import ray
 
     _reread_auth_env()
     if is_loopback(address.rpartition(":")[0]):
         _resolve_localhost_to_loopback()
     # Only this driver's job gets the hook; the cluster's own settings are left as they are.
-    context = ray.init(address=address, runtime_env=_job_runtime_env())
+    context = ray.init(address=address, runtime_env=_job_runtime_env(), log_to_driver=log_to_driver)
     return RayCluster(address=context.address_info["gcs_address"], started=False, host=host)
 
 
-def _start_head(num_cpus: int | None, host: str) -> RayCluster:
+def _start_head(num_cpus: int | None, host: str, log_to_driver: bool) -> RayCluster:
     temp_dir = tempfile.mkdtemp(prefix="llmscale-ray-")
     token = os.environ.get(AUTH_TOKEN_VAR) or secrets.token_hex(32)
     saved = _apply_env(_head_env(token))
     try:
-        gcs_address = _init_head(num_cpus, temp_dir)
+        gcs_address = _init_head(num_cpus, temp_dir, log_to_driver)
     except BaseException:
         _restore_env(saved)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -213,14 +215,14 @@ def _head_env(token: str) -> dict[str, str]:
     return {**HEAD_ENV, AUTH_MODE_VAR: "token", AUTH_TOKEN_VAR: token}
 
 
-def _init_head(num_cpus: int | None, temp_dir: str) -> str:
+def _init_head(num_cpus: int | None, temp_dir: str, log_to_driver: bool) -> str:
     import ray
 
     _reread_auth_env()
     _resolve_localhost_to_loopback()
     with _dashboard_agent_port(DASHBOARD_AGENT_PORT):
         context = ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
-                           runtime_env=_job_runtime_env())
+                           runtime_env=_job_runtime_env(), log_to_driver=log_to_driver)
     return context.address_info["gcs_address"]
 
 

@@ -41,7 +41,11 @@ class EngineReplica:
         self.state = "starting"
         self.engine: AsyncLLMEngine | None = None
         self.board.report.remote(self.describe())
-        self.engine = AsyncLLMEngine.from_config(config)
+        try:
+            self.engine = AsyncLLMEngine.from_config(config)
+        except ConfigError as e:  # the command reports it in one line; Serve would dump a traceback
+            ray.get(self.board.report_failure.remote(str(e)))
+            raise
         self.state = "ready"
         threading.Thread(target=self._report_loop, name="llmscale-report", daemon=True).start()
 
