@@ -69,7 +69,7 @@ def _cluster_serve(tmp_path_factory: pytest.TempPathFactory, *flags: str
         [sys.executable, "-m", "llmscale.cli", "cluster", "serve", "--num-replicas", "2",
          "--replica-cpus", "1", "--port", str(port), "--api-key", API_KEY, "--max-n", str(MAX_N),
          "--max-body-bytes", str(MAX_BODY_BYTES), "--dtype", "float32", "--kv-cache-memory", "128MiB",
-         "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "10", *flags],
+         "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "10", "-v", *flags],
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -218,14 +218,21 @@ def _streamed(url: str, i: int) -> list[str]:
 
 
 def test_a_killed_replica_loses_no_request_and_is_replaced(url: str) -> None:
-    """SIGKILL one replica under load: plain requests all complete (retried elsewhere), streams
-    complete or end with an error event, and Serve starts a replacement under the same id."""
-    pids = {r["replica_id"]: r["pid"] for r in _status(url)}
+    """SIGKILL a replica with requests in flight: plain requests all complete (run again
+    elsewhere), streams complete or end with an error event, and Serve starts a replacement
+    under the same id."""
+    busy: list[dict[str, Any]] = []
+
+    def some_replica_busy() -> bool:
+        busy[:] = [r for r in _status(url) if r["state"] == "ready" and r["running"] >= 2]
+        return bool(busy)
+
     with ThreadPoolExecutor(10) as pool:
         plain = [pool.submit(_plain, url, i) for i in range(8)]
         streams = [pool.submit(_streamed, url, i) for i in range(2)]
-        _wait(lambda: sum(r["running"] for r in _status(url)) >= 4, "requests running on the replicas", 60)
-        os.kill(pids["replica-0"], signal.SIGKILL)
+        _wait(some_replica_busy, "a replica running requests", 60)
+        victim = busy[0]
+        os.kill(victim["pid"], signal.SIGKILL)
         for f in plain:
             r = f.result(timeout=180)
             assert r.status_code == 200, r.text
@@ -235,10 +242,10 @@ def test_a_killed_replica_loses_no_request_and_is_replaced(url: str) -> None:
             assert lines[-1] == "data: [DONE]" or '"error"' in lines[-1], lines[-3:]
 
     def replaced() -> bool:
-        now = {r["replica_id"]: r for r in _status(url)}
-        return now["replica-0"]["state"] == "ready" and now["replica-0"]["pid"] != pids["replica-0"]
+        now = {r["replica_id"]: r for r in _status(url)}[victim["replica_id"]]
+        return now["state"] == "ready" and now["pid"] != victim["pid"]
 
-    _wait(replaced, "a replacement for replica-0", 180)
+    _wait(replaced, f"a replacement for {victim['replica_id']}", 180)
     assert _plain(url, 99).status_code == 200
 
 

@@ -134,8 +134,8 @@ def test_guard_boundary() -> None:
     slack = routing.GUARD_MIN_SLACK  # the mean stays small here, so the fixed slack applies
     assert policy.rank({"a": slack, "b": 0.0}, hashes)[0] == "a"
     assert policy.rank({"a": slack + 0.5, "b": 0.0}, hashes)[0] == "b"
-    assert within_guard({"a": 30.0, "b": 10.0}) == ["b"]  # slack is half the mean, 10
-    assert within_guard({"a": 25.0, "b": 15.0}) == ["a", "b"]
+    assert within_guard({"a": 40.0, "b": 10.0}) == ["b"]  # slack is the mean, 25
+    assert within_guard({"a": 30.0, "b": 10.0}) == ["a", "b"]
 
 
 def test_longest_match_wins_and_ties_go_to_less_loaded() -> None:
@@ -154,7 +154,8 @@ def test_guard_caps_a_hot_prefix() -> None:
     for i in range(600):
         cluster.route(policy, prompt(SYSTEM, i))
         queued = [len(cluster.queues[r]) for r in cluster.replicas]
-        # high - low <= max(2, mean / 2) in score units (running requests weigh 1).
+        # The guard allows high - low <= max(4, mean) in score units (running requests weigh 1);
+        # with requests finishing at a steady pace the replicas stay closer than that.
         assert max(queued) <= math.ceil(5 / 8 * sum(queued)) + 1
     assert max(cluster.sent.values()) / 600 <= 0.625
     assert cluster.hits >= 598  # once spilled, both replicas hold the prefix: every later request hits

@@ -33,11 +33,12 @@ KV_SOFT_LIMIT = 0.8  # past this a new prompt evicts cached prefixes, and near 1
 KV_FULL_PENALTY = 8.0  # a full cache looks like four more waiting requests
 
 # A prefix hit saves the shared prompt's prefill. With short queues that is worth waiting behind
-# one more request (2 score units); with long queues the allowed excess grows with the mean but
-# stays a fraction of it: with two replicas, high - low <= (high + low) / 4 caps the replica
-# holding a hot prefix at 5/8 of the queued work.
-GUARD_MIN_SLACK = 2.0
-GUARD_MEAN_FRACTION = 0.5
+# two more requests (4 score units); with long queues the allowed excess grows with the mean: with
+# two replicas, high - low <= (high + low) / 2 caps the replica holding a hot prefix at 3/4 of the
+# queued work. A tighter guard (2 units, half the mean) spilled prefixes between replicas under
+# ordinary load and cut the hit rate's gain over round-robin (BENCHMARKS.md, cluster routing).
+GUARD_MIN_SLACK = 4.0
+GUARD_MEAN_FRACTION = 1.0
 
 # A pick never confirmed as sent stops counting after this; by then a request that did go out
 # shows in its replica's own report (sent every request_routing_stats_period_s, 10 s by default).
