@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from llmscale.config import ConfigError
+from llmscale.config import ConfigError, EngineConfig
 from llmscale.console import status, stdout_console
 
 APP_NAME = "llmscale"
@@ -58,13 +58,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--num-replicas must be >= 1 and --replica-cpus > 0")
     config = engine_config_from_args(args)
     # Ray and Serve load only to serve, not to build the CLI parser.
-    import ray
     from ray import serve
 
-    from llmscale.cluster.app import ApiOptions, build_app
     from llmscale.cluster.board import StatusBoard
     from llmscale.cluster.ray_cluster import connect
-    from llmscale.serve.cost import CostModel
 
     # The replicas' and Serve's own logs (tracebacks of refused starts included) only with -v;
     # without it the command says what happened in its own lines.
@@ -78,20 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         cluster.start_serve(args.port)
         board = StatusBoard.remote()
-        cost = CostModel(args.price_input_per_1m, args.price_output_per_1m, args.hardware_cost_per_hour)
-        api = ApiOptions(args.served_model_name, args.api_key, args.max_queue, args.max_n,
-                         args.max_body_bytes, cost)
-        app = build_app(config, board, args.num_replicas, args.replica_cpus, args.router, api,
-                        drain_timeout_s=args.drain_timeout)
         status(f"llmscale cluster serve: starting {args.num_replicas} replica(s) of {config.model_name} "
                f"({args.replica_cpus:g} CPU each), router {args.router}, Ray at {cluster.address}")
-        try:
-            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        except RuntimeError:
-            failure = ray.get(board.start_failure.remote())
-            if failure is None:
-                raise
-            raise ConfigError(f"a replica could not start: {failure}") from None
+        deploy(args, config, board)
         status(f"llmscale cluster serve: ready at http://{args.host}:{args.port}/v1 "
                f"(status: /cluster/status; Ctrl-C to stop)")
         stop.wait()
@@ -102,6 +88,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
     finally:
         cluster.shutdown()
     status("llmscale cluster serve: stopped")
+
+
+def deploy(args: argparse.Namespace, config: EngineConfig, board: Any) -> None:
+    """Run the application and wait until it serves; a replica whose engine refused its config
+    ends the command with that one-line error."""
+    import ray
+    from ray import serve
+
+    from llmscale.cluster.app import ApiOptions, build_app
+    from llmscale.serve.cost import CostModel
+
+    cost = CostModel(args.price_input_per_1m, args.price_output_per_1m, args.hardware_cost_per_hour)
+    api = ApiOptions(args.served_model_name, args.api_key, args.max_queue, args.max_n, args.max_body_bytes,
+                     cost)
+    app = build_app(config, board, args.num_replicas, args.replica_cpus, args.router, api,
+                    drain_timeout_s=args.drain_timeout)
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError:
+        failure = ray.get(board.start_failure.remote())
+        if failure is None:
+            raise
+        raise ConfigError(f"a replica could not start: {failure}") from None
 
 
 def drain(board: Any, timeout_s: float) -> None:
