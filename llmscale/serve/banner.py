@@ -11,6 +11,7 @@ import socket
 import torch
 import uvicorn
 
+from llmscale.config import cpu_flags
 from llmscale.console import status
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.engine.runner import kv_bytes_per_block
@@ -42,7 +43,7 @@ def model_line(engine: LLMEngine) -> str:
 
 def cpu_kernels_path() -> str:
     """Which ops run the CPU decode path, and why torch's where they are not llmscale's."""
-    flags = cpu_kernels.cpu_flags()
+    flags = cpu_flags()
     features = " ".join(f.upper() for f in SHOWN_CPU_FLAGS if f in flags) or "no AVX2"
     if cpu_kernels.available():
         return f"llmscale C kernels ({features})"
