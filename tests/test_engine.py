@@ -159,6 +159,38 @@ def test_async_engine_streams_and_aborts(smollm_folder: Path) -> None:
         engine.shutdown()
 
 
+def test_async_engine_builds_its_engine_on_its_loop_thread(tiny_model, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Every OpenMP region runs on the loop's thread, loading included (see AsyncLLMEngine);
+    a build error reaches the caller."""
+    import threading
+
+    from llmscale.engine import async_engine
+
+    threads: dict[str, set[int]] = {"built": set(), "stepped": set()}
+
+    class Recording(async_engine.LLMEngine):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            threads["built"].add(threading.get_ident())
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+        def step(self, *args: object, **kwargs: object) -> object:
+            threads["stepped"].add(threading.get_ident())
+            return super().step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(async_engine, "LLMEngine", Recording)
+    folder = str(tiny_model("llama"))
+    engine = AsyncLLMEngine.from_config(EngineConfig.from_kwargs(model=folder, dtype="float32"))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        assert len(asyncio.run(_collect(engine, "Hello", params))) == 3
+    finally:
+        engine.shutdown()
+    assert threads["built"] == threads["stepped"] and threading.get_ident() not in threads["built"]
+    with pytest.raises(ConfigError, match="less than one request"):
+        AsyncLLMEngine.from_config(EngineConfig.from_kwargs(model=folder, kv_cache_memory="1KiB"))
+
+
 async def _collect(engine: AsyncLLMEngine, prompt: str, params: SamplingParams) -> list[int]:
     last = None
     async for out in engine.generate(prompt, params):

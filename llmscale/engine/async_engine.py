@@ -12,7 +12,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -31,20 +31,40 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
+        """`engine`, or a function that builds one: it then runs on the loop's thread, so that
+        thread is the only one that ever started OpenMP work. Once another thread has (the
+        main thread, loading the model), this one's parallel regions run markedly slower
+        (BENCHMARKS.md, "the engine's thread"). Waits for the build; its errors raise here."""
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._ids = itertools.count()
         self._stop = False
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="llmscale-engine", daemon=True)
+        built: Future[LLMEngine] = Future()
+        if isinstance(engine, LLMEngine):
+            self.engine = engine
+            built.set_result(engine)
+        self._thread = threading.Thread(target=self._run, args=(engine, built), name="llmscale-engine",
+                                        daemon=True)
         self._thread.start()
+        self.engine = built.result()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
-        return cls(LLMEngine(config, stream_text=True, online=True))
+        return cls(lambda: LLMEngine(config, stream_text=True, online=True))
+
+    def _run(self, engine: LLMEngine | Callable[[], LLMEngine], built: Future[LLMEngine]) -> None:
+        if not built.done():
+            try:
+                assert callable(engine)
+                self.engine = engine()
+            except BaseException as e:  # the constructor re-raises it
+                built.set_exception(e)
+                return
+            built.set_result(self.engine)
+        self._loop()
 
     @property
     def is_running(self) -> bool:
