@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,10 +14,14 @@ from typing import Any
 
 from llmscale.config import ConfigError
 
+DEFAULT_NUM_PROMPTS = 100
+NO_CAP = sys.maxsize  # a rate schedule's run draws as many requests as it draws
+
 SERVE_EPILOG = """\
 examples:
   llmscale bench serve --request-rate 2 --num-prompts 50
   llmscale bench serve --sweep-rates 0.5,1,2,inf --slo ttft_ms=2000,tpot_ms=200 --out results/sweep
+  llmscale bench serve --rate-schedule steps:1x30,4x30,1x30 --slo ttft_ms=2000 --out results/burst
   llmscale bench serve --dataset jsonl sharegpt.jsonl --endpoint chat --max-concurrency 8
   llmscale bench serve --dataset prefix-share --num-prefixes 4 --prefix-len 512"""
 
@@ -37,7 +42,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--num-prefixes", type=int, default=4, help="prefix-share: distinct system prompts")
     g.add_argument("--prefix-len", type=int, default=512, help="prefix-share: tokens per system prompt")
-    g.add_argument("--num-prompts", type=int, default=100, help="requests per run (default: %(default)s)")
+    g.add_argument("--num-prompts", type=int, default=None,
+                   help=f"requests per run (default: {DEFAULT_NUM_PROMPTS}; with --rate-schedule, every "
+                        "request the schedule draws)")
     g.add_argument("--seed", type=int, default=0, help="seeds prompts, lengths and arrivals")
     g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly the drawn output lengths (default: on)")
@@ -52,6 +59,14 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     g.add_argument("--sweep-rates", default=None, metavar="R1,R2,...",
                    help="one run per rate (e.g. 0.5,1,2,4,inf) instead of --request-rate")
+    g.add_argument("--rate-schedule", default=None, metavar="FILE|SPEC",
+                   help="one run whose rate varies with time, instead of --request-rate or --sweep-rates: "
+                        "steps:R1xS1,R2xS2,... (R req/s for S seconds, e.g. steps:1x30,4x30,1x30), "
+                        "diurnal:LOW,HIGH,PERIOD_S[,DURATION_S] (a sinusoid from LOW at 0 s to HIGH at "
+                        "PERIOD_S/2 and back, in 1/96-period steps; one period by default, e.g. "
+                        "diurnal:0.5,4,600), or a FILE of 'SECONDS,RATE' (or 'SECONDS RATE') lines: each the "
+                        "start of a segment and its rate, from 0 s, increasing, the last 'END_SECONDS,0' "
+                        "where the schedule ends; '#' starts a comment. --burstiness applies")
     g.add_argument("--warmup", type=int, default=1, help="requests sent first and left out of the stats")
     g.add_argument("--max-duration", type=float, default=None, metavar="S",
                    help="stop each run after S seconds, keeping what was measured")
@@ -95,7 +110,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_offline)
 
 
-def _workload_spec(args: argparse.Namespace) -> Any:
+def workload_spec(args: argparse.Namespace) -> Any:
     from llmscale.bench.datasets import DATASETS, WorkloadSpec
     from llmscale.bench.lengths import parse_length
 
@@ -111,21 +126,32 @@ def _workload_spec(args: argparse.Namespace) -> Any:
     return spec
 
 
-def _plan(args: argparse.Namespace) -> Any:
-    from llmscale.bench.arrivals import parse_rates
+def load_plan(args: argparse.Namespace) -> Any:
+    from llmscale.bench.arrivals import parse_rate_schedule, parse_rates
     from llmscale.bench.load import LoadPlan
 
-    rates = parse_rates(args.sweep_rates) if args.sweep_rates else \
-        parse_rates(str(args.request_rate), "--request-rate")
-    plan = LoadPlan(rates, args.num_prompts, args.burstiness, args.max_concurrency, args.seed, args.warmup,
-                    args.max_duration, getattr(args, "request_timeout", 600.0))
+    schedule = None
+    if args.rate_schedule is not None:
+        if args.sweep_rates or args.request_rate != math.inf:
+            raise ConfigError("--rate-schedule sets the rate over time; it cannot go with --sweep-rates "
+                              "or --request-rate")
+        schedule = parse_rate_schedule(args.rate_schedule)
+        rates = [schedule.mean_rate]
+    elif args.sweep_rates:
+        rates = parse_rates(args.sweep_rates)
+    else:
+        rates = parse_rates(str(args.request_rate), "--request-rate")
+    num_prompts = args.num_prompts if args.num_prompts is not None else \
+        NO_CAP if schedule else DEFAULT_NUM_PROMPTS
+    plan = LoadPlan(rates, num_prompts, args.burstiness, args.max_concurrency, args.seed, args.warmup,
+                    args.max_duration, getattr(args, "request_timeout", 600.0), schedule)
     plan.validate()
     if not 0 < args.slo_attainment <= 1:
         raise ConfigError("--slo-attainment must be in (0, 1]")
     return plan
 
 
-def _progress() -> tuple[Any, Callable[[str, int], Callable[[], None]]]:
+def progress_bars() -> tuple[Any, Callable[[str, int], Callable[[], None]]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -138,7 +164,7 @@ def _progress() -> tuple[Any, Callable[[str, int], Callable[[], None]]]:
     return progress, start
 
 
-def _finish(args: argparse.Namespace, runs: list[Any], title: str, kind: str,
+def finish_runs(args: argparse.Namespace, runs: list[Any], title: str, kind: str,
             extra: dict[str, Any] | None = None) -> None:
     from llmscale.bench import report
     from llmscale.bench.load import fmt_rate
@@ -164,7 +190,7 @@ def _finish(args: argparse.Namespace, runs: list[Any], title: str, kind: str,
     console.print(f"wrote {out / 'results.json'} and {', '.join(p.name for p in pngs)}")
 
 
-def _exit_if_interrupted(runs: list[Any]) -> None:
+def exit_if_interrupted(runs: list[Any]) -> None:
     from llmscale.bench.load import INTERRUPTED
 
     if any(r.interrupted == INTERRUPTED for r in runs):
@@ -180,8 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llmscale.bench.datasets import Codec, make_requests
     from llmscale.bench.load import run_sweep
 
-    spec = _workload_spec(args)
-    plan = _plan(args)
+    spec = workload_spec(args)
+    plan = load_plan(args)
     from llmscale.bench.metrics import parse_slo
 
     parse_slo(args.slo)  # a typo should fail before the run, not after it
@@ -200,11 +226,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         codec = Codec.load(resolve_model(None))
     target = Target(base_url, model, args.endpoint, args.api_key, args.ignore_eos)
     label = args.label or model.rstrip("/").rsplit("/", 1)[-1]  # servers may name a model by its path
-    progress, start = _progress()
+    progress, start = progress_bars()
     with progress:
         runs = run_sweep(target, plan, lambda n, seed: make_requests(spec, codec, n, seed), label, start)
-    _finish(args, runs, f"bench serve {base_url} ({args.endpoint})", "serve", {"model": model})
-    _exit_if_interrupted(runs)
+    finish_runs(args, runs, f"bench serve {base_url} ({args.endpoint})", "serve", {"model": model})
+    exit_if_interrupted(runs)
 
 
 def cmd_offline(args: argparse.Namespace) -> None:
@@ -216,15 +242,15 @@ def cmd_offline(args: argparse.Namespace) -> None:
     from llmscale.cli import engine_config_from_args
     from llmscale.engine.llm_engine import LLMEngine
 
-    spec = _workload_spec(args)
-    plan = _plan(args)
+    spec = workload_spec(args)
+    plan = load_plan(args)
     parse_slo(args.slo)
     engine = LLMEngine(engine_config_from_args(args))
     spec = replace(spec, max_total_len=min(spec.max_total_len, engine.max_model_len))
     codec = Codec(engine.tokenizer.backend)
-    progress, start = _progress()
+    progress, start = progress_bars()
     with progress:
         runs = offline_sweep(engine, plan, lambda n, seed: make_requests(spec, codec, n, seed), args.label,
                              start, args.ignore_eos)
-    _finish(args, runs, f"bench offline ({args.label}, {args.batching} batching)", "offline")
-    _exit_if_interrupted(runs)
+    finish_runs(args, runs, f"bench offline ({args.label}, {args.batching} batching)", "offline")
+    exit_if_interrupted(runs)

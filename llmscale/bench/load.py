@@ -1,5 +1,6 @@
 """Open-loop load against a server: requests leave at their arrival times whatever the server
-is doing (or, with a concurrency cap, as soon as a slot frees up after that time)."""
+is doing (or, with a concurrency cap, as soon as a slot frees up after that time). A sweep is
+one run per fixed rate, or a single run that follows a rate schedule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from llmscale.bench.arrivals import arrival_times
+from llmscale.bench.arrivals import RateSchedule, arrival_times
 from llmscale.bench.client import Target, send
 from llmscale.bench.datasets import BenchRequest
 from llmscale.bench.metrics import RequestResult, Run
@@ -24,14 +25,15 @@ MakeWorkload = Callable[[int, int], list[BenchRequest]]  # (count, seed) -> requ
 
 @dataclass(frozen=True)
 class LoadPlan:
-    rates: list[float]
-    num_prompts: int
+    rates: list[float]  # with a rate schedule: its mean rate alone
+    num_prompts: int  # requests per run; with a rate schedule, the most it may draw
     burstiness: float = 1.0
     max_concurrency: int | None = None
     seed: int = 0
     warmup: int = 1
     max_duration_s: float | None = None  # per run
     request_timeout_s: float = 600.0  # longest silence allowed within one response
+    rate_schedule: RateSchedule | None = None  # time-varying rate: one run that follows it
 
     def validate(self) -> None:
         if self.num_prompts < 1 or self.warmup < 0:
@@ -42,6 +44,22 @@ class LoadPlan:
             raise ConfigError("--max-duration must be > 0")
         if not 0 < self.burstiness < math.inf:
             raise ConfigError(f"--burstiness must be a positive number, got {self.burstiness}")
+        if self.rate_schedule is not None and self.rates != [self.rate_schedule.mean_rate]:
+            raise ConfigError("--rate-schedule is one run at the schedule's mean rate; it cannot go with "
+                              "--sweep-rates or --request-rate")
+
+    def run_arrivals(self, rate: float, seed: int) -> list[float]:
+        """Send times of one run. Fixed rate: num_prompts arrivals (arrival_times). With a rate
+        schedule: the schedule's arrivals, at most num_prompts."""
+        if self.rate_schedule is not None:
+            return self.rate_schedule.arrival_times(self.num_prompts, self.burstiness, seed)
+        return arrival_times(self.num_prompts, rate, self.burstiness, seed)
+
+    def describe(self, label: str, rate: float) -> str:
+        """A run's name in progress bars."""
+        if self.rate_schedule is not None:
+            return f"{label} @ {self.rate_schedule.spec} (mean {fmt_rate(rate)} req/s)"
+        return f"{label} @ {fmt_rate(rate)} req/s"
 
 
 class Stop:
@@ -63,9 +81,16 @@ def run_seed(plan: LoadPlan, i: int) -> int:
     return plan.seed + i
 
 
+def schedule_spec(plan: LoadPlan) -> str | None:
+    return plan.rate_schedule.spec if plan.rate_schedule is not None else None
+
+
 async def run_one(client: httpx.AsyncClient, target: Target, requests: list[BenchRequest], rate: float,
-                  plan: LoadPlan, seed: int, stop: Stop, on_done: Callable[[], None], label: str) -> Run:
-    arrivals = arrival_times(len(requests), rate, plan.burstiness, seed)
+                  plan: LoadPlan, seed: int, stop: Stop, on_done: Callable[[], None], label: str,
+                  arrivals: list[float] | None = None) -> Run:
+    """One run; `arrivals` default to the first len(requests) of `plan.run_arrivals`."""
+    if arrivals is None:
+        arrivals = plan.run_arrivals(rate, seed)[:len(requests)]
     results = [RequestResult(i, r.prompt_len, r.output_len, at)
                for i, (r, at) in enumerate(zip(requests, arrivals, strict=True))]
     slots = asyncio.Semaphore(plan.max_concurrency or len(requests))
@@ -111,12 +136,14 @@ async def run_one(client: httpx.AsyncClient, target: Target, requests: list[Benc
     for r in sent:
         if not r.success and r.error is None:
             r.error = f"cancelled: {run_stop.reason}"
-    return Run(label, rate, plan.burstiness, plan.max_concurrency, seed, duration, sent, run_stop.reason)
+    return Run(label, rate, plan.burstiness, plan.max_concurrency, seed, duration, sent, run_stop.reason,
+               schedule_spec(plan))
 
 
 async def sweep(target: Target, plan: LoadPlan, make_workload: MakeWorkload, label: str,
                 progress_factory: Callable[[str, int], Callable[[], None]], stop: Stop) -> list[Run]:
-    """Warm up, then one run per rate, until the rates are done or `stop` is set."""
+    """Warm up, then one run per rate (or the rate schedule's one run), until the rates are done
+    or `stop` is set."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(plan.request_timeout_s, connect=30.0)
     runs: list[Run] = []
@@ -132,9 +159,11 @@ async def sweep(target: Target, plan: LoadPlan, make_workload: MakeWorkload, lab
             if stop.event.is_set():
                 break
             seed = run_seed(plan, i)
-            requests = make_workload(plan.num_prompts, seed)
-            on_done = progress_factory(f"{label} @ {fmt_rate(rate)} req/s", len(requests))
-            runs.append(await run_one(client, target, requests, rate, plan, seed, stop, on_done, label))
+            arrivals = plan.run_arrivals(rate, seed)
+            requests = make_workload(len(arrivals), seed)  # a schedule decides how many
+            on_done = progress_factory(plan.describe(label, rate), len(requests))
+            runs.append(await run_one(client, target, requests, rate, plan, seed, stop, on_done, label,
+                                      arrivals))
     return runs
 
 

@@ -45,7 +45,7 @@ class RequestResult:
 
 @dataclass
 class Run:
-    """One load run at one request rate."""
+    """One load run at one request rate (with a rate schedule: its mean rate)."""
     label: str  # what ran (a system, a policy); the same for every run of a sweep
     request_rate: float
     burstiness: float
@@ -54,6 +54,7 @@ class Run:
     duration_s: float  # first send -> last response (or the interruption)
     requests: list[RequestResult]
     interrupted: str | None = None  # why the run stopped early, if it did
+    rate_schedule: str | None = None  # the --rate-schedule spec the run followed, if any
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -7,19 +7,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from llmscale.bench.arrivals import arrival_times
 from llmscale.bench.datasets import BenchRequest
-from llmscale.bench.load import INTERRUPTED, LoadPlan, MakeWorkload, fmt_rate, run_seed
+from llmscale.bench.load import INTERRUPTED, LoadPlan, MakeWorkload, run_seed, schedule_spec
 from llmscale.bench.metrics import RequestResult, Run
 
 
 def run_engine(engine: Any, requests: list[BenchRequest], rate: float, plan: LoadPlan, seed: int,
-               label: str, on_done: Callable[[], None], ignore_eos: bool = True) -> Run:
-    """Drive an `LLMEngine` step by step, adding each request at its arrival time. A request
-    that falls due during a step joins after it, but its clock started at its arrival time."""
+               label: str, on_done: Callable[[], None], ignore_eos: bool = True,
+               arrivals: list[float] | None = None) -> Run:
+    """Drive an `LLMEngine` step by step, adding each request at its arrival time (by default the
+    first len(requests) of `plan.run_arrivals`). A request that falls due during a step joins
+    after it, but its clock started at its arrival time."""
     from llmscale.engine.sampling_params import SamplingParams
 
-    arrivals = arrival_times(len(requests), rate, plan.burstiness, seed)
+    if arrivals is None:
+        arrivals = plan.run_arrivals(rate, seed)[:len(requests)]
     results = [RequestResult(i, r.prompt_len, r.output_len, at)
                for i, (r, at) in enumerate(zip(requests, arrivals, strict=True))]
     arrived: dict[str, float] = {}  # request id -> arrival (monotonic)
@@ -74,22 +76,26 @@ def run_engine(engine: Any, requests: list[BenchRequest], rate: float, plan: Loa
     for rid in list(arrived):
         engine.abort_request(rid)
         results[int(rid)].error = f"cancelled: {reason}"
-    return Run(label, rate, plan.burstiness, plan.max_concurrency, seed, duration, results[:nxt], reason)
+    return Run(label, rate, plan.burstiness, plan.max_concurrency, seed, duration, results[:nxt], reason,
+               schedule_spec(plan))
 
 
 def offline_sweep(engine: Any, plan: LoadPlan, make_workload: MakeWorkload, label: str,
                   progress_factory: Callable[[str, int], Callable[[], None]],
                   ignore_eos: bool = True) -> list[Run]:
-    """Warm up, then one run per rate; Ctrl-C ends the sweep with what was measured."""
+    """Warm up, then one run per rate (or the rate schedule's one run); Ctrl-C ends the sweep
+    with what was measured."""
     if plan.warmup:
         warm = make_workload(plan.warmup, plan.seed + len(plan.rates))
-        run_engine(engine, warm, float("inf"), plan, 0, "warm-up", lambda: None, ignore_eos)
+        run_engine(engine, warm, float("inf"), plan, 0, "warm-up", lambda: None, ignore_eos,
+                   [0.0] * len(warm))  # all at once, whatever the plan's rates
     runs: list[Run] = []
     for i, rate in enumerate(plan.rates):
         seed = run_seed(plan, i)
-        requests = make_workload(plan.num_prompts, seed)
-        on_done = progress_factory(f"{label} @ {fmt_rate(rate)} req/s", len(requests))
-        runs.append(run_engine(engine, requests, rate, plan, seed, label, on_done, ignore_eos))
+        arrivals = plan.run_arrivals(rate, seed)
+        requests = make_workload(len(arrivals), seed)  # a schedule decides how many
+        on_done = progress_factory(plan.describe(label, rate), len(requests))
+        runs.append(run_engine(engine, requests, rate, plan, seed, label, on_done, ignore_eos, arrivals))
         if runs[-1].interrupted == INTERRUPTED:
             break
     return runs

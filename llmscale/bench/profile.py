@@ -75,12 +75,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--matmul-size", type=int, default=2048, help="peak FLOP/s: side of the square GEMM")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead: time a grid of step shapes and fit the planner's performance model; "
+                        "--out is then the calibration file (default: results/profile/calib.json) and a "
+                        "PNG of the fit goes beside it")
+    p.add_argument("--repeats", type=int, default=5, help="calibration: timed runs per step shape (median)")
     p.set_defaults(func=cmd_profile)
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
     from llmscale.console import stdout_console
 
+    if args.calibrate:
+        from llmscale.plan.calibrate import run_calibration
+
+        run_calibration(args)
+        return
     report = run_profile(args)
     out = Path(args.out)
     console = stdout_console()

@@ -1,5 +1,6 @@
 """What a benchmark leaves behind: a rich table, a JSON file with every request's timings, and
-PNG plots (latency percentiles and throughput against request rate, the CDF of TTFT)."""
+PNG plots (latency percentiles and throughput against request rate, the CDF of TTFT, and for a
+run that followed a rate schedule, the offered load, throughput and TTFT over time)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from typing import Any
 
 from rich.table import Table
 
+from llmscale.bench.arrivals import RateSchedule, parse_rate_schedule
 from llmscale.bench.load import fmt_rate
-from llmscale.bench.metrics import Run, summarize
+from llmscale.bench.metrics import Run, percentile, summarize
+from llmscale.config import ConfigError
+
+TIME_WINDOWS = 20  # load_over_time.png: windows over a run, by send time
 
 
 def _cell(stats: dict[str, float], keys: tuple[str, ...]) -> str:
@@ -51,10 +56,24 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def _schedule(run: Run) -> RateSchedule | None:
+    """The run's rate schedule, parsed again from its spec (None if it has none, or its file is gone)."""
+    if run.rate_schedule is None:
+        return None
+    try:
+        return parse_rate_schedule(run.rate_schedule)
+    except ConfigError:
+        return None
+
+
 def run_json(run: Run, slo: dict[str, float]) -> dict[str, Any]:
-    return {"label": run.label, "request_rate": run.request_rate, "burstiness": run.burstiness,
-            "max_concurrency": run.max_concurrency, "seed": run.seed, "interrupted": run.interrupted,
-            "summary": summarize(run, slo), "requests": [r.to_json() for r in run.requests]}
+    doc = {"label": run.label, "request_rate": run.request_rate, "burstiness": run.burstiness,
+           "max_concurrency": run.max_concurrency, "seed": run.seed, "interrupted": run.interrupted}
+    if run.rate_schedule is not None:
+        schedule = _schedule(run)
+        doc["rate_schedule"] = {"spec": run.rate_schedule,
+                                "segments": [list(s) for s in schedule.segments] if schedule else None}
+    return {**doc, "summary": summarize(run, slo), "requests": [r.to_json() for r in run.requests]}
 
 
 def write_json(path: Path, config: dict[str, Any], runs: list[Run], slo: dict[str, float],
@@ -81,7 +100,8 @@ def _save(fig: Any, path: Path, suptitle: str | None = None) -> Path:
 
 
 def plot(runs: list[Run], out_dir: Path, slo: dict[str, float], title: str) -> list[Path]:
-    """Three PNGs; runs sharing a label form one line across their request rates."""
+    """Three PNGs, and load_over_time.png when a run followed a rate schedule; runs sharing a
+    label form one line across their request rates."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -148,4 +168,61 @@ def plot(runs: list[Run], out_dir: Path, slo: dict[str, float], title: str) -> l
     _legend(ax)
     ax.set_title(f"{title}: CDF of TTFT")
     paths.append(_save(fig, out_dir / "ttft_cdf.png"))
+    scheduled = [(run, sched) for run in runs if (sched := _schedule(run)) is not None]
+    if scheduled:
+        paths.append(_plot_over_time(scheduled, out_dir / "load_over_time.png", slo, title))
     return paths
+
+
+def _windows(run: Run, end_s: float) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per window of send time: its middle, completed requests/s, TTFT p50 and p99 (ms). Windows
+    the run never reached (it stopped early) are left out rather than drawn as zero."""
+    width = end_s / TIME_WINDOWS
+    mids, tput, p50, p99 = [], [], [], []
+    for k in range(TIME_WINDOWS):
+        lo, hi = k * width, (k + 1) * width
+        if lo >= run.duration_s:
+            break
+        ok = [r for r in run.requests
+              if r.success and (lo <= r.start_s < hi or (k == TIME_WINDOWS - 1 and r.start_s >= hi))]
+        ttft = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
+        mids.append(lo + width / 2)
+        tput.append(len(ok) / width)
+        p50.append(percentile(ttft, 50))
+        p99.append(percentile(ttft, 99))
+    return mids, tput, p50, p99
+
+
+def _plot_over_time(scheduled: list[tuple[Run, RateSchedule]], path: Path, slo: dict[str, float],
+                    title: str) -> Path:
+    """Top: the offered rate (the schedule) and the completed requests/s by send time. Bottom:
+    TTFT p50/p99 by send time: how latency follows the load."""
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    drawn: set[str] = set()
+    for i, (run, sched) in enumerate(scheduled):
+        color = f"C{i}"
+        if sched.spec not in drawn:  # runs on one schedule share its line
+            drawn.add(sched.spec)
+            starts = [0.0]
+            for d, _ in sched.segments:
+                starts.append(starts[-1] + d)
+            rates = [r for _, r in sched.segments]
+            top.step(starts, rates + rates[-1:], where="post", color="black", lw=1.2,
+                     ls=("-", "--", ":", "-.")[(len(drawn) - 1) % 4], label=f"offered ({sched.spec})")
+        end = max([sched.duration_s, *(r.start_s for r in run.requests)])
+        mids, tput, p50, p99 = _windows(run, end)
+        top.plot(mids, tput, "-o", color=color, ms=3, label=f"{run.label} completed")
+        bottom.plot(mids, p50, "-o", color=color, ms=3, label=f"{run.label} TTFT p50")
+        bottom.plot(mids, p99, "--s", color=color, ms=3, label=f"{run.label} TTFT p99")
+    if "ttft_ms" in slo:
+        bottom.axhline(slo["ttft_ms"], color="red", lw=0.8, ls=":", label="SLO")
+    top.set_ylabel("requests/s")
+    bottom.set_ylabel("TTFT (ms)")
+    bottom.set_yscale("log")
+    bottom.set_xlabel(f"send time (s), {TIME_WINDOWS} windows")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    return _save(fig, path, f"{title}: load over time")
