@@ -182,16 +182,33 @@ def _sliding_window(cfg: dict[str, Any], family: str) -> int | None:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags, read once: everything that picks a CPU path asks here."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:
-        return frozenset()
+        return fields
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not line.strip():
+            break
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags, read once: everything that picks a CPU path asks here."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("AMD EPYC", "Intel(R) Xeon(R) ..."), or
+    the platform's processor string where there is no /proc/cpuinfo."""
+    import platform
+
+    return _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
 
 
 def cpu_has_bf16_math() -> bool:

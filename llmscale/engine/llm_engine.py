@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from llmscale.config import (
+    CacheConfig,
     ConfigError,
     EngineConfig,
+    ModelConfig,
     available_memory_bytes,
     parse_cpu_list,
     parse_memory,
@@ -41,6 +43,23 @@ class EngineState:
     prefix_hit_rate: float  # fraction of looked-up prompt tokens found in the prefix cache
     num_preemptions: int
     requests_served: int  # finished requests (groups of n samples count once)
+
+
+def kv_cache_blocks(cache: CacheConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype,
+                    max_model_len: int) -> int:
+    """How many KV blocks `cache` asks for (a size, or a fraction of free memory now); a one-line
+    error when they hold less than one request of `max_model_len`."""
+    if cache.num_gpu_blocks_override:
+        num_blocks = cache.num_gpu_blocks_override
+    else:
+        per_block = kv_bytes_per_block(model_cfg, cache.block_size, kv_dtype)
+        num_blocks = parse_memory(cache.kv_cache_memory, available_memory_bytes()) // per_block
+    if num_blocks * cache.block_size < max_model_len:
+        raise ConfigError(
+            f"KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} blocks of "
+            f"{cache.block_size}), less than one request of max_model_len {max_model_len}; "
+            f"raise --kv-cache-memory or lower --max-model-len")
+    return num_blocks
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str | list[int] | dict[str, Any]
@@ -77,16 +96,8 @@ class LLMEngine:
         self.prepacked_bytes = self._prepack(config.prepack_weights)
 
         cache = config.cache
-        per_block = kv_bytes_per_block(self.model_config, cache.block_size, self.model.activation_dtype)
-        if cache.num_gpu_blocks_override:
-            num_blocks = cache.num_gpu_blocks_override
-        else:
-            num_blocks = parse_memory(cache.kv_cache_memory, available_memory_bytes()) // per_block
-        if num_blocks * cache.block_size < self.max_model_len:
-            raise ConfigError(
-                f"KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} blocks of "
-                f"{cache.block_size}), less than one request of max_model_len {self.max_model_len}; "
-                f"raise --kv-cache-memory or lower --max-model-len")
+        num_blocks = kv_cache_blocks(cache, self.model_config, self.model.activation_dtype,
+                                     self.max_model_len)
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = make_scheduler(config.scheduler.resolved(self.device, online), self.kv)

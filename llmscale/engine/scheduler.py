@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmscale.config import SchedulerConfig
@@ -35,9 +36,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: what "now" is (wall time; a simulator passes its own)."""
         self.config = config
         self.kv = kv
+        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -105,7 +109,7 @@ class Scheduler:
         if request.num_preemptions == 0:
             request.num_cached_tokens = num_computed
         if request.times.first_scheduled_s is None:
-            request.times.first_scheduled_s = time.monotonic()
+            request.times.first_scheduled_s = self.clock()
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         batch.scheduled.append((request, num_new))
@@ -139,7 +143,7 @@ class StaticScheduler(Scheduler):
             return batch
         if not self.waiting:
             return batch
-        waited = time.monotonic() - self.waiting[0].arrival_time_s
+        waited = self.clock() - self.waiting[0].arrival_time_s
         if len(self.waiting) < self.target_batch_size() and waited < self.config.batch_timeout_s:
             return batch
         budget = self.config.max_num_batched_tokens
@@ -163,6 +167,7 @@ class DynamicScheduler(StaticScheduler):
         return self.config.max_num_seqs
 
 
-def make_scheduler(config: SchedulerConfig, kv: KVCacheManager) -> Scheduler:
+def make_scheduler(config: SchedulerConfig, kv: KVCacheManager,
+                   clock: Callable[[], float] = time.monotonic) -> Scheduler:
     cls = {"continuous": Scheduler, "static": StaticScheduler, "dynamic": DynamicScheduler}[config.batching]
-    return cls(config, kv)
+    return cls(config, kv, clock)

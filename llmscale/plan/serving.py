@@ -1,0 +1,150 @@
+"""What serving over HTTP adds to the engine's steps, measured through a real `llmscale serve`.
+
+The engine shares this machine's cores with the HTTP server's event loop (every token becomes
+an SSE event) and with the client. On a few cores that shows in every step: the measured
+inter-token gap of b streams exceeds the engine's own step time for b decodes by a fixed
+cost per step plus a cost per streamed token. `measure` starts the server as a subprocess on
+a free loopback port, streams b = 1..32 concurrent requests, and fits both costs (least
+squares, non-negative) against the calibrated curve; a lone request's time to first token
+less its prefill step gives the request's own overhead (HTTP, tokenizing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmscale.bench.roofline import Chunk
+from llmscale.config import ConfigError
+from llmscale.plan.step_model import StepModel
+
+BATCHES = (1, 2, 4, 8, 16, 32)
+PROMPT_REPEATS = 40  # "Once upon a time " x 40: ~200 prompt tokens (see prompt_text)
+OUTPUT_TOKENS = 48
+SKIP_TOKENS = 8  # gaps while other streams still prefill are not steady decode steps
+
+
+@dataclass(frozen=True)
+class ServingOverhead:
+    step_s: float  # added to every step
+    per_token_s: float  # added per token streamed in the step
+    request_s: float  # a request's way in: HTTP, tokenizing, queueing into the engine
+
+
+@dataclass(frozen=True)
+class Served:
+    """A step model as a server runs it: the engine's time plus what serving adds."""
+
+    engine: StepModel
+    overhead: ServingOverhead
+
+    def step_seconds(self, chunks: Sequence[Chunk]) -> float:
+        if not chunks:
+            return 0.0
+        sampled = sum(1 for c in chunks if c.samples)
+        return self.engine.step_seconds(chunks) + self.overhead.step_s + self.overhead.per_token_s * sampled
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prompt_text(i: int) -> str:
+    """~200 tokens whose first block differs between streams, so none hits the prefix cache."""
+    return f"Story number {i}: " + "Once upon a time " * PROMPT_REPEATS
+
+
+async def _stream(client: object, url: str, model: str, prompt: str, gaps: list[float],
+                  ttfts: list[float]) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": OUTPUT_TOKENS,
+            "stream": True, "ignore_eos": True, "temperature": 0.0}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:  # type: ignore[attr-defined]
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.perf_counter())
+    if stamps:
+        ttfts.append(stamps[0] - start)
+    gaps += [b - a for a, b in zip(stamps[SKIP_TOKENS:], stamps[SKIP_TOKENS + 1:], strict=False)]
+
+
+async def _round(url: str, model: str, batch: int, first: int) -> tuple[float, float]:
+    """Median steady gap between tokens of `batch` concurrent streams, and the median TTFT."""
+    import httpx
+
+    gaps: list[float] = []
+    ttfts: list[float] = []
+    async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+        await asyncio.gather(*[_stream(client, url, model, prompt_text(first + i), gaps, ttfts)
+                               for i in range(batch)])
+    if not gaps:
+        raise ConfigError("the calibration server streamed no tokens")
+    return statistics.median(gaps), statistics.median(ttfts)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> str:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"the calibration server exited with code {proc.returncode}")
+        try:
+            r = httpx.get(f"{url}/v1/models", timeout=2, trust_env=False)
+            if r.status_code == 200:
+                return str(r.json()["data"][0]["id"])
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise ConfigError("the calibration server did not start within 5 minutes")
+
+
+def measure(serve_args: list[str], engine_model: StepModel, encode: Callable[[str], list[int]],
+            advance: Callable[[], None] = lambda: None) -> ServingOverhead:
+    """Start `llmscale serve` with `serve_args`, measure, stop it, fit."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", "from llmscale.cli import main; main()", "serve", "-q",
+           "--host", "127.0.0.1", "--port", str(port), *serve_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        model = _wait_ready(url, proc)
+        asyncio.run(_round(url, model, 1, 0))  # warm-up
+        advance()
+        rows = []
+        ttft = 0.0
+        sent = 1
+        for b in BATCHES:
+            gap, first = asyncio.run(_round(url, model, b, sent))
+            sent += b
+            if b == 1:
+                ttft = first
+            rows.append((b, gap))
+            advance()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    prompt = len(encode(prompt_text(1)))
+    context = prompt + (SKIP_TOKENS + OUTPUT_TOKENS) // 2
+    engine = np.array([engine_model.step_seconds([Chunk(context, 1, True)] * b) for b, _ in rows])
+    excess = np.array([gap for _, gap in rows]) - engine
+    a = np.array([[1.0, float(b)] for b, _ in rows])
+    from llmscale.plan.calibrate import nnls
+
+    step_s, per_token_s = nnls(a, excess)
+    request_s = max(0.0, ttft - engine_model.step_seconds([Chunk(0, prompt, True)]) - step_s - per_token_s)
+    return ServingOverhead(float(step_s), float(per_token_s), float(request_s))

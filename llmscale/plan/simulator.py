@@ -1,0 +1,276 @@
+"""Serving in simulated time: the engine's real scheduler and KV cache, a modelled step time.
+
+`SimEngine` is one replica. It holds a real `Scheduler` (whose clock is the simulation's)
+over a real `KVCacheManager`, and steps exactly as `LLMEngine.step` does (schedule, advance
+every scheduled request, append a token to each request that reached the end of its known
+tokens, finish it at its length), except that no model runs: the step lasts what the
+performance model says, and the token appended is a stand-in (a function of the prompt and
+the position, so identical prompts still share blocks, as greedy decoding would make them).
+Batching, chunked prefill, preemption and prefix caching therefore decide exactly as in
+the engine.
+
+`simulate` is the discrete-event loop over arrivals and step ends of N replicas behind a
+router (the cluster's routing policies), in the shape of `llmscale bench serve`: each request
+gets TTFT, inter-token gaps and E2E as a client would measure them, and a `Run` comes out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from llmscale.bench.metrics import RequestResult, Run
+from llmscale.bench.roofline import Chunk
+from llmscale.config import SchedulerConfig
+from llmscale.engine.kv_cache import KVCacheManager
+from llmscale.engine.request import Request, RequestStatus
+from llmscale.engine.sampling_params import SamplingParams
+from llmscale.engine.scheduler import ScheduledBatch, make_scheduler
+from llmscale.plan.step_model import StepModel
+
+STAND_IN_VOCAB = 1 << 20  # stand-in output tokens never collide with another prompt's tokens
+IDLE_POLL_S = 0.002  # a batching policy waiting for its batch: the engine loop polls this often
+
+
+@dataclass
+class SimStep:
+    batch: ScheduledBatch
+    seconds: float
+
+
+@dataclass
+class Emitted:
+    """A token reaching its request at the end of a step."""
+
+    request_id: str
+    finished: bool
+
+
+class SimEngine:
+    """One engine replica without a model (see the module docstring)."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool, max_model_len: int, step_model: StepModel) -> None:
+        self.now = 0.0
+        self.max_model_len = max_model_len
+        self.step_model = step_model
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = make_scheduler(scheduler_config, self.kv, clock=lambda: self.now)
+        self.requests: dict[str, Request] = {}
+        self.stand_in_seeds: dict[str, int] = {}
+        self.num_steps = 0
+        self.busy_s = 0.0
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int,
+                    arrival_s: float | None = None) -> None:
+        """As `LLMEngine.add_request` for one sample, greedy, ignoring EOS."""
+        ids = list(prompt_token_ids)
+        room = self.max_model_len - len(ids)
+        if not ids or room < 1:
+            raise ValueError(f"request {request_id}: {len(ids)} prompt tokens do not fit "
+                             f"max_model_len {self.max_model_len}")
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        req = Request(f"{request_id}#0", ids, params, min(max_tokens, room),
+                      arrival_time_s=self.now if arrival_s is None else arrival_s,
+                      parent_id=request_id, index=0)
+        self.stand_in_seeds[req.request_id] = hash(tuple(ids))
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def load(self) -> tuple[int, int, float]:
+        """(waiting, running, KV usage), what replicas report to the router."""
+        return len(self.scheduler.waiting), len(self.scheduler.running), self.kv.usage
+
+    def begin_step(self) -> SimStep:
+        """Schedule one step and price it; nothing advances until `end_step`."""
+        batch = self.scheduler.schedule()
+        chunks = [Chunk(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
+                  for r, n in batch.scheduled]
+        return SimStep(batch, self.step_model.step_seconds(chunks) if chunks else 0.0)
+
+    def end_step(self, step: SimStep) -> list[Emitted]:
+        """Apply the step, as LLMEngine.step does after the model ran."""
+        if not step.batch:
+            return []
+        self.num_steps += 1
+        self.busy_s += step.seconds
+        for req, n in step.batch.scheduled:
+            req.num_computed_tokens += n
+        # The runner's row order: decodes first, then prefill chunks, each in scheduled order.
+        ordered = ([r for r, n in step.batch.scheduled if n == 1]
+                   + [r for r, n in step.batch.scheduled if n > 1])
+        emitted = []
+        for req in ordered:
+            if req.num_computed_tokens != req.num_tokens:
+                continue
+            req.append_token(hash((self.stand_in_seeds[req.request_id], req.num_tokens)) % STAND_IN_VOCAB)
+            done = len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len
+            if done:
+                self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+                del self.requests[req.group_id]
+                del self.stand_in_seeds[req.request_id]
+            emitted.append(Emitted(req.group_id, done))
+        return emitted
+
+    def step(self) -> tuple[SimStep, list[Emitted]]:
+        """One whole step at the current time (the clock moves by its length)."""
+        step = self.begin_step()
+        self.now += step.seconds
+        return step, self.end_step(step)
+
+
+# ----- routing -----------------------------------------------------------------------------
+
+Route = Callable[[list[int], list[SimEngine], dict[int, int]], int]  # -> replica index
+
+
+def make_router(policy: str, seed: int = 0) -> Route:
+    """The cluster's routing policies over simulated replicas' live load (their reports
+    are taken as fresh: the cluster's arrive up to a second late)."""
+    rng = random.Random(seed)
+    state: dict[str, object] = {}
+
+    def route(prompt: list[int], replicas: list[SimEngine], inflight: dict[int, int]) -> int:
+        if len(replicas) == 1:
+            return 0
+        from llmscale.cluster import routing  # Ray Serve's router API comes with it: only when needed
+
+        if policy == "round-robin":
+            rr = state.setdefault("rr", routing.RoundRobin())
+            return rr.rank(list(range(len(replicas))))[0]  # type: ignore[attr-defined]
+        scores = {i: routing.load_score(routing.ReplicaLoad(*e.load), inflight.get(i, 0))
+                  for i, e in enumerate(replicas)}
+        if policy == "pow2":
+            return routing.pow2_rank(scores, rng)[0]
+        prefix = state.setdefault("prefix", routing.PrefixPolicy(rng=rng))
+        hashes = routing.block_hashes(prompt)
+        pick = prefix.rank(scores, hashes)[0]  # type: ignore[attr-defined]
+        prefix.record(pick, hashes)  # type: ignore[attr-defined]
+        return int(pick)
+
+    return route
+
+
+ROUTING_POLICIES = ("prefix", "pow2", "round-robin")
+
+
+# ----- the event loop ----------------------------------------------------------------------
+
+@dataclass
+class SimWorkload:
+    prompts: list[list[int]]  # token ids as the server would encode them
+    max_tokens: list[int]
+    arrivals: list[float]  # planned send times from the run's start, non-decreasing
+
+
+@dataclass
+class _Replica:
+    engine: SimEngine
+    inbox: list[tuple[str, list[int], int, float]] = field(default_factory=list)
+    step: SimStep | None = None  # the step running now
+
+
+def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: SimWorkload,
+             route: Route, label: str, rate: float, burstiness: float, seed: int,
+             max_concurrency: int | None = None, request_overhead_s: float = 0.0,
+             on_done: Callable[[], None] = lambda: None, rate_schedule: str | None = None) -> Run:
+    """One load run in simulated time. `request_overhead_s`: how long a request takes to reach
+    its engine (HTTP, tokenizing, the proxy); it counts in TTFT and E2E."""
+    replicas = [_Replica(make_engine()) for _ in range(num_replicas)]
+    n = len(workload.prompts)
+    results = [RequestResult(i, len(p), m, at) for i, (p, m, at) in
+               enumerate(zip(workload.prompts, workload.max_tokens, workload.arrivals, strict=True))]
+    inflight: dict[int, int] = {}
+    where: dict[str, tuple[int, int]] = {}  # request id -> (its index, replica)
+    last_token: dict[str, float] = {}
+    events: list[tuple[float, int, int, int]] = []  # (time, order, kind, payload)
+    order = 0
+    ARRIVE, DELIVER, STEP_END, POLL = 0, 1, 2, 3
+    cap = max_concurrency or n
+    queued: list[int] = []  # requests waiting for a concurrency slot
+    active = 0
+
+    def push(t: float, kind: int, payload: int) -> None:
+        nonlocal order
+        heapq.heappush(events, (t, order, kind, payload))
+        order += 1
+
+    def send(i: int, t: float) -> None:
+        nonlocal active
+        active += 1
+        results[i].start_s = t
+        k = route(workload.prompts[i], [r.engine for r in replicas], inflight)
+        inflight[k] = inflight.get(k, 0) + 1
+        where[str(i)] = (i, k)
+        push(t + request_overhead_s, DELIVER, i)
+
+    def start_step(k: int, t: float) -> None:
+        rep = replicas[k]
+        eng = rep.engine
+        eng.now = t
+        for rid, prompt, max_tokens, at in rep.inbox:
+            eng.add_request(rid, prompt, max_tokens, at)
+        rep.inbox.clear()
+        if not eng.has_unfinished_requests():
+            return
+        step = eng.begin_step()
+        if not step.batch:
+            push(t + IDLE_POLL_S, POLL, k)  # a request-level policy waits for its batch
+            return
+        rep.step = step
+        push(t + step.seconds, STEP_END, k)
+
+    for i, at in enumerate(workload.arrivals):
+        push(at, ARRIVE, i)
+    end = 0.0
+    while events:
+        t, _, kind, payload = heapq.heappop(events)
+        if kind == ARRIVE:
+            if active < cap:
+                send(payload, t)
+            else:
+                queued.append(payload)
+            continue
+        if kind == DELIVER:
+            rid = str(payload)
+            k = where[rid][1]
+            replicas[k].inbox.append((rid, workload.prompts[payload], workload.max_tokens[payload], t))
+            if replicas[k].step is None:
+                start_step(k, t)
+            continue
+        rep = replicas[payload]
+        if kind == POLL:
+            if rep.step is None:
+                start_step(payload, t)
+            continue
+        assert rep.step is not None
+        rep.engine.now = t
+        for e in rep.engine.end_step(rep.step):
+            i, k = where[e.request_id]
+            res = results[i]
+            if res.ttft_s is None:
+                res.ttft_s = t - res.start_s
+            else:
+                res.itl_s.append(t - last_token[e.request_id])
+            last_token[e.request_id] = t
+            res.output_tokens += 1
+            if e.finished:
+                res.e2e_s = t - res.start_s
+                res.success = True
+                res.usage_reported = True
+                inflight[k] -= 1
+                active -= 1
+                end = max(end, t)
+                del last_token[e.request_id]
+                on_done()
+                if queued:
+                    send(queued.pop(0), t)
+        rep.step = None
+        start_step(payload, t)
+    return Run(label, rate, burstiness, max_concurrency, seed, end, results, rate_schedule=rate_schedule)

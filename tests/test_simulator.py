@@ -1,0 +1,176 @@
+"""The simulator against the engine it models, and the performance model's fit.
+
+The differential test runs one random workload (shared prefixes, arrivals at random steps,
+a KV cache small enough to preempt) through the real `LLMEngine` with a tiny model and through
+`SimEngine`, and requires the same batches, step by step: which requests, how many tokens,
+and who was preempted."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmscale.bench.roofline import Chunk
+from llmscale.config import EngineConfig, SchedulerConfig
+from llmscale.engine.llm_engine import LLMEngine
+from llmscale.engine.sampling_params import SamplingParams
+from llmscale.plan.calibrate import Sample, fit, fit_curve, nnls
+from llmscale.plan.simulator import SimEngine, SimWorkload, make_router, simulate
+from llmscale.plan.step_model import Coefficients, CurveModel, Geometry, StepTimeModel
+
+
+class FixedStep:
+    """A step model with a constant time: the differential test compares decisions, not time."""
+
+    def step_seconds(self, chunks: list[Chunk]) -> float:
+        return 0.01 if chunks else 0.0
+
+
+def record_batches(engine: LLMEngine) -> list[list[tuple[str, int]]]:
+    """Wrap the engine's scheduler so every step's batch is recorded."""
+    log: list[list[tuple[str, int]]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording() -> object:
+        batch = schedule()
+        log.append([(r.request_id, n) for r, n in batch.scheduled] + [(f"preempted:{r.request_id}", 0)
+                                                                       for r in batch.preempted])
+        return batch
+
+    engine.scheduler.schedule = recording  # type: ignore[method-assign]
+    return log
+
+
+def workload(seed: int, vocab: int = 5000) -> list[tuple[int, list[int], int]]:
+    """(arrival step, prompt ids, max tokens): prompts share a few prefixes."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(10, vocab) for _ in range(rng.choice([16, 40, 64]))] for _ in range(3)]
+    out = []
+    step = 0
+    for _ in range(rng.randint(6, 14)):
+        step += rng.choice([0, 0, 1, 3, 7])
+        prefix = rng.choice(prefixes) if rng.random() < 0.7 else []
+        prompt = prefix + [rng.randrange(10, vocab) for _ in range(rng.randint(1, 90))]
+        out.append((step, prompt, rng.randint(1, 24)))
+    return out
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), budget=st.sampled_from([16, 48, 256]),
+       blocks=st.sampled_from([24, 40, 400]), max_seqs=st.sampled_from([2, 8]), caching=st.booleans())
+def test_simulator_schedules_exactly_as_the_engine(tiny_model, seed: int, budget: int, blocks: int,
+                                                   max_seqs: int, caching: bool) -> None:
+    folder = tiny_model("llama")
+    config = EngineConfig.from_kwargs(model=str(folder), dtype="float32", max_model_len=256,
+                                      num_gpu_blocks_override=blocks, block_size=16,
+                                      max_num_batched_tokens=budget, max_num_seqs=max_seqs,
+                                      enable_prefix_caching=caching)
+    engine = LLMEngine(config)
+    real = record_batches(engine)
+    sched = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+    sim = SimEngine(sched, blocks, 16, caching, engine.max_model_len, FixedStep())
+    simulated: list[list[tuple[str, int]]] = []
+    pending = workload(seed)
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, prompt, max_tokens = pending.pop(0)
+            rid = f"r{len(simulated)}-{len(pending)}"
+            engine.add_request(rid, {"prompt_token_ids": prompt},
+                               SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            sim.add_request(rid, prompt, max_tokens)
+        engine.step()
+        batch, _ = sim.step()
+        simulated.append([(r.request_id, n) for r, n in batch.batch.scheduled]
+                         + [(f"preempted:{r.request_id}", 0) for r in batch.batch.preempted])
+        step += 1
+        assert real[-1] == simulated[-1], f"step {step}: engine {real[-1]} vs simulator {simulated[-1]}"
+    assert not sim.has_unfinished_requests()
+    assert engine.kv.prefix_hits == sim.kv.prefix_hits
+
+
+def test_simulated_run_times_follow_the_step_model() -> None:
+    """One request alone: TTFT is its prefill step, each later token one decode step."""
+    sched = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8)
+
+    class Linear:
+        def step_seconds(self, chunks: list[Chunk]) -> float:
+            return 0.01 + 0.001 * sum(c.new for c in chunks) if chunks else 0.0
+
+    def make() -> SimEngine:
+        return SimEngine(sched, 100, 16, True, 1024, Linear())
+
+    work = SimWorkload([[5] * 100], [10], [0.0])
+    run = simulate(make, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0, request_overhead_s=0.002)
+    r = run.requests[0]
+    assert r.success and r.output_tokens == 10
+    assert r.ttft_s == pytest.approx(0.002 + 0.11)
+    assert r.itl_s == pytest.approx([0.011] * 9)
+    assert r.e2e_s == pytest.approx(0.002 + 0.11 + 9 * 0.011)
+
+
+def test_replicas_share_the_load() -> None:
+    """Two replicas behind a load-aware router finish a burst sooner than one."""
+    sched = SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=4)
+
+    def make() -> SimEngine:
+        return SimEngine(sched, 400, 16, True, 1024, FixedStep())
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 900) for _ in range(50)] for _ in range(16)]
+    work = SimWorkload(prompts, [20] * 16, [0.0] * 16)
+    one = simulate(make, 1, work, make_router("pow2"), "one", math.inf, 1.0, 0)
+    two = simulate(make, 2, work, make_router("pow2"), "two", math.inf, 1.0, 0)
+    assert all(r.success for r in one.requests + two.requests)
+    assert two.duration_s < 0.75 * one.duration_s
+
+
+def test_nnls_recovers_non_negative_coefficients() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, size=(40, 5))
+    x = np.array([0.5, 0.0, 2.0, 0.0, 1.0])
+    got = nnls(a, a @ x)
+    assert np.allclose(got, x, atol=1e-8)
+    assert (nnls(a, -a @ x) >= 0).all()
+
+
+def synthetic_samples(model: object, shapes: list[tuple[Chunk, ...]]) -> list[Sample]:
+    return [Sample(s, model.step_seconds(list(s))) for s in shapes]  # type: ignore[attr-defined]
+
+
+SHAPES = ([tuple(Chunk(ctx, 1, True) for _ in range(b))
+           for ctx in (32, 256, 1024) for b in (1, 2, 4, 8, 16, 32, 64)]
+          + [(Chunk(off, n, True),) for off in (0, 512) for n in (8, 32, 64, 128, 256, 512, 1024)]
+          + [tuple(Chunk(256, 1, True) for _ in range(b)) + (Chunk(0, n, True),)
+             for b in (1, 8) for n in (64, 256)])
+
+
+def test_roofline_fit_recovers_known_coefficients() -> None:
+    g = Geometry(body_bytes=4e8, body_flops_per_token=4e8, head_bytes=1e8, head_flops_per_row=1e8,
+                 attention_flops_per_pair=1e5, kv_bytes_per_token=4e4, allreduce_bytes_per_token=0.0,
+                 allreduces_per_step=0)
+    truth = Coefficients(step_s=0.004, per_seq_s=2e-4, per_sample_s=0.0, weight_bandwidth=5e10,
+                         linear_flops=4e11, attention_s_per_flop=3e-12, kv_s_per_byte=2e-11)
+    samples = synthetic_samples(StepTimeModel(truth, g), SHAPES)
+    got = fit(samples, g, peak_bandwidth=5e10, peak_flops=1e12)
+    assert got.max_abs_error < 0.01
+    c = got.coefficients
+    assert c.linear_flops == pytest.approx(truth.linear_flops, rel=0.02)
+    assert c.step_s == pytest.approx(truth.step_s, rel=0.05)
+    assert c.per_seq_s == pytest.approx(truth.per_seq_s, rel=0.1)
+
+
+def test_curve_fit_recovers_a_known_curve() -> None:
+    knots = tuple(sorted({sum(c.new for c in s) for s in SHAPES}))
+    rng = np.random.default_rng(1)
+    coefficients = (2e-4, 1e-3, 3e-7, 1e-8, 2e-9) + tuple(np.sort(rng.uniform(0.01, 0.5, len(knots))))
+    truth = CurveModel(knots, coefficients)
+    model, errors = fit_curve(synthetic_samples(truth, SHAPES))
+    assert max(abs(e) for e in errors) < 1e-6
+    for shape in SHAPES:
+        assert model.step_seconds(list(shape)) == pytest.approx(truth.step_seconds(list(shape)), rel=1e-6)
