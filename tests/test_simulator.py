@@ -147,7 +147,8 @@ SHAPES = ([tuple(Chunk(ctx, 1, True) for _ in range(b))
            for ctx in (32, 256, 1024) for b in (1, 2, 4, 8, 16, 32, 64)]
           + [(Chunk(off, n, True),) for off in (0, 512) for n in (8, 32, 64, 128, 256, 512, 1024)]
           + [tuple(Chunk(256, 1, True) for _ in range(b)) + (Chunk(0, n, True),)
-             for b in (1, 8) for n in (64, 256)])
+             for b in (1, 8) for n in (64, 256)]
+          + [(Chunk(1024, 1, True),) + tuple(Chunk(32, 1, True) for _ in range(b - 1)) for b in (4, 16, 64)])
 
 
 def test_roofline_fit_recovers_known_coefficients() -> None:
@@ -168,7 +169,7 @@ def test_roofline_fit_recovers_known_coefficients() -> None:
 def test_curve_fit_recovers_a_known_curve() -> None:
     knots = tuple(sorted({sum(c.new for c in s) for s in SHAPES}))
     rng = np.random.default_rng(1)
-    coefficients = (2e-4, 1e-3, 3e-7, 1e-8, 2e-9) + tuple(np.sort(rng.uniform(0.01, 0.5, len(knots))))
+    coefficients = (2e-4, 1e-3, 3e-7, 1e-8, 5e-8, 2e-9) + tuple(np.sort(rng.uniform(0.01, 0.5, len(knots))))
     truth = CurveModel(knots, coefficients)
     model, errors = fit_curve(synthetic_samples(truth, SHAPES))
     assert max(abs(e) for e in errors) < 1e-6

@@ -68,6 +68,9 @@ def default_shapes(max_len: int, max_tokens: int, max_seqs: int) -> list[tuple[C
         for b in DECODE_BATCHES:
             if b <= min(max_seqs, max_tokens) and fits(ctx, 1):
                 shapes.append(tuple(Chunk(ctx, 1, True) for _ in range(b)))
+    for b in (4, 16, 32, 64):  # one long context among short ones: summed vs padded attention
+        if b <= min(max_seqs, max_tokens) and fits(1024, 1):
+            shapes.append((Chunk(1024, 1, True),) + tuple(Chunk(32, 1, True) for _ in range(b - 1)))
     for n in (16, 64, 256, 512):
         if n <= max_tokens and fits(512, n):
             shapes.append((Chunk(512, n, True),))
@@ -283,8 +286,10 @@ class Calibration:
         doc.pop("version")
         try:
             doc["coefficients"] = Coefficients.from_json(doc["coefficients"])
-            return cls(**doc)
-        except (KeyError, TypeError) as e:
+            calibration = cls(**doc)
+            calibration.serving_overhead()  # its fields, checked before a run needs them
+            return calibration
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"--calibration {path}: malformed ({e})") from None
 
 

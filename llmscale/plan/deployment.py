@@ -154,7 +154,8 @@ class Deployment:
         return Coefficients(step_s=hw.step_overhead_s, per_seq_s=hw.per_seq_overhead_s, per_sample_s=0.0,
                             weight_bandwidth=bandwidth, linear_flops=flops,
                             attention_s_per_flop=1.0 / attention_flops, kv_s_per_byte=1.0 / bandwidth,
-                            interconnect_bandwidth=link * hw.interconnect_efficiency)
+                            interconnect_bandwidth=link * hw.interconnect_efficiency,
+                            network_bandwidth=hw.network_bandwidth * hw.interconnect_efficiency)
 
     def step_model(self, model: ModelSpec, calibration: Calibration | None = None) -> StepModel:
         """On this machine: the calibration's measured curve when it was measured on this very

@@ -163,7 +163,7 @@ class Simulator:
         light = self.run(one, saturation / 50)
         if not light.meets(slo):
             return 0.0, saturation, light.binding(slo), light
-        lo, hi = saturation / 50, saturation * 1.2
+        lo, hi = saturation / 50, saturation  # a replica cannot sustain more than it completes flooded
         binding = "throughput"  # the rate it saturates at, before any latency target
         for _ in range(BISECTION_STEPS):
             mid = math.sqrt(lo * hi)
@@ -334,7 +334,9 @@ def make_plan(simulator: Simulator, hardware: Sequence[Hardware], slo: Slo, rate
         tokens_per_hour = rate * simulator.workload.mean_output_tokens * 3600
         evaluations.append(Evaluation(full, goodput, saturation, binding, at_target,
                                       full.cost_per_hour / tokens_per_hour * 1e6))
-    evaluations.sort(key=lambda e: (e.cost_per_hour, e.at_target.ttft_p99_ms))
+    # Ties broken as the frontier ranks (more goodput per replica: more headroom at that price),
+    # so the recommendation is on it.
+    evaluations.sort(key=lambda e: (e.cost_per_hour, e.at_target.ttft_p99_ms, -e.goodput))
     within = [e for e in evaluations if budget_per_hour is None or e.cost_per_hour <= budget_per_hour]
     if not within:
         cheapest = evaluations[0]
@@ -377,9 +379,13 @@ def _raise_infeasible(slo: Slo, rejected: Sequence[Rejected]) -> None:
     best_ttft = min(tried, key=lambda r: r.light_load.ttft_p99_ms)  # type: ignore[union-attr]
     best_tpot = min(tried, key=lambda r: r.light_load.tpot_p99_ms)  # type: ignore[union-attr]
     assert best_ttft.light_load is not None and best_tpot.light_load is not None
+    relax = []
+    if math.isfinite(slo.ttft_p99_ms):
+        relax.append(f"ttft_p99_ms={math.ceil(best_ttft.light_load.ttft_p99_ms)}")
+    if math.isfinite(slo.tpot_p99_ms):
+        relax.append(f"tpot_p99_ms={math.ceil(best_tpot.light_load.tpot_p99_ms * 10) / 10:g}")
     raise ConfigError(
         f"no configuration meets {slo} even at light load: the lowest p99 TTFT is "
         f"{best_ttft.light_load.ttft_p99_ms:.0f} ms ({best_ttft.deployment.describe()}) and the lowest "
         f"p99 TPOT {best_tpot.light_load.tpot_p99_ms:.1f} ms ({best_tpot.deployment.describe()}); relax "
-        f"--slo to at least ttft_p99_ms={math.ceil(best_ttft.light_load.ttft_p99_ms)},"
-        f"tpot_p99_ms={math.ceil(best_tpot.light_load.tpot_p99_ms * 10) / 10:g} or add faster hardware")
+        f"--slo to at least {','.join(relax)} or add faster hardware")

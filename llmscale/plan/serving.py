@@ -6,7 +6,8 @@ inter-token gap of b streams exceeds the engine's own step time for b decodes by
 cost per step plus a cost per streamed token. `measure` starts the server as a subprocess on
 a free loopback port, streams b = 1..32 concurrent requests, and fits both costs (least
 squares, non-negative) against the calibrated curve; a lone request's time to first token
-less its prefill step gives the request's own overhead (HTTP, tokenizing).
+less its prefill step gives the request's own overhead (HTTP, tokenizing): the median of a
+few sent one after another, the first left out (its prompt length is new to the kernels).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +32,7 @@ BATCHES = (1, 2, 4, 8, 16, 32)
 PROMPT_REPEATS = 40  # "Once upon a time " x 40: ~200 prompt tokens (see prompt_text)
 OUTPUT_TOKENS = 48
 SKIP_TOKENS = 8  # gaps while other streams still prefill are not steady decode steps
+LONE_REQUESTS = 6
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class Served:
         return self.engine.step_seconds(chunks) + self.overhead.step_s + self.overhead.per_token_s * sampled
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -65,8 +68,8 @@ def prompt_text(i: int) -> str:
 
 
 async def _stream(client: object, url: str, model: str, prompt: str, gaps: list[float],
-                  ttfts: list[float]) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": OUTPUT_TOKENS,
+                  ttfts: list[float], max_tokens: int = OUTPUT_TOKENS) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
             "stream": True, "ignore_eos": True, "temperature": 0.0}
     start = time.perf_counter()
     stamps: list[float] = []
@@ -93,7 +96,20 @@ async def _round(url: str, model: str, batch: int, first: int) -> tuple[float, f
     return statistics.median(gaps), statistics.median(ttfts)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> str:
+async def _lone_ttft(url: str, model: str, first: int) -> float:
+    """Median time to first token of requests sent one at a time (prompts of one length, so
+    after the first the engine's kernels have seen the shape)."""
+    import httpx
+
+    ttfts: list[float] = []
+    async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+        for i in range(LONE_REQUESTS):
+            await _stream(client, url, model, prompt_text(first + i), [], ttfts, max_tokens=2)
+    return statistics.median(ttfts[1:])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> str:
+    """Poll until the server answers /v1/models; the name of the model it serves."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -110,34 +126,43 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.
     raise ConfigError("the calibration server did not start within 5 minutes")
 
 
+def start_server(port: int, serve_args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """`llmscale serve` on 127.0.0.1:`port` in a child process (its output to `log`, or dropped)."""
+    cmd = [sys.executable, "-c", "from llmscale.cli import main; main()", "serve", "-q",
+           "--host", "127.0.0.1", "--port", str(port), *serve_args]
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def measure(serve_args: list[str], engine_model: StepModel, encode: Callable[[str], list[int]],
             advance: Callable[[], None] = lambda: None) -> ServingOverhead:
     """Start `llmscale serve` with `serve_args`, measure, stop it, fit."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "from llmscale.cli import main; main()", "serve", "-q",
-           "--host", "127.0.0.1", "--port", str(port), *serve_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_server(port, serve_args)
     try:
-        model = _wait_ready(url, proc)
+        model = wait_ready(url, proc)
         asyncio.run(_round(url, model, 1, 0))  # warm-up
         advance()
+        ttft = asyncio.run(_lone_ttft(url, model, 1))
         rows = []
-        ttft = 0.0
-        sent = 1
+        sent = 1 + LONE_REQUESTS
         for b in BATCHES:
-            gap, first = asyncio.run(_round(url, model, b, sent))
+            gap, _ = asyncio.run(_round(url, model, b, sent))
             sent += b
-            if b == 1:
-                ttft = first
             rows.append((b, gap))
             advance()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     prompt = len(encode(prompt_text(1)))
     context = prompt + (SKIP_TOKENS + OUTPUT_TOKENS) // 2
     engine = np.array([engine_model.step_seconds([Chunk(context, 1, True)] * b) for b, _ in rows])

@@ -8,6 +8,7 @@ exactly what the scheduler hands the runner. Its time on one device is
         + max(LM head bytes / weight_bandwidth, LM head FLOPs / linear_flops)     if a row samples
         + attention FLOPs * attention_s_per_flop + K/V bytes read * kv_s_per_byte
         + tensor-parallel all-reduces (2 per layer) over the interconnect
+        + pipeline stages' hidden states over the network
 
 The linears are a roofline: streaming the weights bounds small batches, the GEMMs' FLOPs
 bound large ones, and the knee sits where the two meet. The coefficients are physical (bytes/s,
@@ -38,6 +39,7 @@ WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, 
 # bf16 units; what matters for the roofline is the peak that applies).
 COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16", "fp8": "fp8", "int8": "int8", "int4": "int8"}
 ALLREDUCE_LATENCY_S = 10e-6  # one small all-reduce's fixed cost over NVLink-class links (assumed)
+SEND_LATENCY_S = 20e-6  # one point-to-point send between nodes over RDMA (assumed)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Coefficients:
     attention_s_per_flop: float
     kv_s_per_byte: float
     interconnect_bandwidth: float = 0.0  # bytes/s between tensor-parallel ranks (0: none)
+    network_bandwidth: float = 0.0  # bytes/s between pipeline stages, one per node (0: none)
 
     def to_json(self) -> dict[str, float]:
         return asdict(self)
@@ -78,6 +81,7 @@ class Geometry:
     allreduces_per_step: int
     tp: int = 1
     pp: int = 1
+    hidden_bytes_per_token: float = 0.0  # what one stage hands the next, per token
 
     @classmethod
     def of(cls, cfg: ModelConfig, weight_format: str, kv_elem_bytes: float, act_elem_bytes: float = 2.0,
@@ -99,7 +103,8 @@ class Geometry:
                    attention_flops_per_pair=4 * layers * cfg.num_attention_heads * d / tp,
                    kv_bytes_per_token=2 * layers * kv_heads * d * kv_elem_bytes,
                    allreduce_bytes_per_token=(2 * layers * h * act_elem_bytes) if tp > 1 else 0.0,
-                   allreduces_per_step=2 * layers if tp > 1 else 0, tp=tp, pp=pp)
+                   allreduces_per_step=2 * layers if tp > 1 else 0, tp=tp, pp=pp,
+                   hidden_bytes_per_token=h * act_elem_bytes)
 
     def weight_bytes_per_device(self) -> float:
         """Weights one device holds: its tensor shard of its pipeline stage's layers."""
@@ -154,6 +159,9 @@ class StepTimeModel:
             # Ring all-reduce: each rank sends and receives 2 (tp - 1) / tp of the data.
             volume = f.tokens * g.allreduce_bytes_per_token * 2 * (g.tp - 1) / g.tp
             comm = volume / c.interconnect_bandwidth + g.allreduces_per_step * ALLREDUCE_LATENCY_S
+        if g.pp > 1 and c.network_bandwidth > 0:
+            # Stages run one after another (one batch in flight), each handing on its hidden states.
+            comm += (g.pp - 1) * (f.tokens * g.hidden_bytes_per_token / c.network_bandwidth + SEND_LATENCY_S)
         return fixed + compute + attention + comm
 
     def step_seconds(self, chunks: Sequence[Chunk]) -> float:
@@ -165,14 +173,16 @@ class StepModel(Protocol):
 
 
 def curve_terms(chunks: Sequence[Chunk], knots: Sequence[int]) -> list[float]:
-    """CurveModel's fitted terms: decodes, prefill chunks, decode context tokens (and their
-    square: past the caches, gathering more K/V costs more per token), prefill causal pairs,
-    then the token count's interpolation weights on the knots (linear extrapolation past the
-    last one)."""
-    decode_ctx = sum(c.context + 1 for c in chunks if c.new == 1)
+    """CurveModel's fitted terms: decodes, prefill chunks, decode context tokens (summed; their
+    square, since past the caches gathering more K/V costs more per token; and padded to the
+    longest, which is what attention over a padded batch of block tables reads), prefill causal
+    pairs, then the token count's interpolation weights on the knots (linear extrapolation past
+    the last one)."""
+    contexts = [c.context + 1 for c in chunks if c.new == 1]
+    decode_ctx = sum(contexts)
     prefill_pairs = sum(c.new * c.context + c.new * (c.new + 1) // 2 for c in chunks if c.new > 1)
-    terms = [float(sum(1 for c in chunks if c.new == 1)), float(sum(1 for c in chunks if c.new > 1)),
-             float(decode_ctx), decode_ctx ** 2 / 1e4, float(prefill_pairs)]
+    terms = [float(len(contexts)), float(sum(1 for c in chunks if c.new > 1)), float(decode_ctx),
+             decode_ctx ** 2 / 1e4, float(len(contexts) * max(contexts, default=0)), float(prefill_pairs)]
     weights = [0.0] * len(knots)
     tokens = sum(c.new for c in chunks)
     i = min(max(bisect.bisect_right(knots, tokens) - 1, 0), len(knots) - 2)

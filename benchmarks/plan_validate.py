@@ -1,0 +1,189 @@
+"""The planner's predictions against measured runs: calibrate, then for each workload run
+`llmscale serve` + `llmscale bench serve` and `llmscale simulate` with identical flags.
+
+    python benchmarks/plan_validate.py [--workloads fixed,lognormal,prefix] [--num-prompts 48]
+                                       [--calibration FILE] [--quick] [--out results/plan-validate]
+
+1. `llmscale profile --calibrate` (skipped with --calibration FILE) fits this machine.
+2. Per workload, `llmscale simulate --request-rate inf` predicts where one server saturates;
+   the rates run are 25%, 50% and 75% of that prediction, then inf (everything at once).
+3. The real server is started on 127.0.0.1 (the default engine, `--kv-cache-memory 1GiB` in
+   both), `llmscale bench serve --sweep-rates R1,R2,R3,inf` is sent to it, it is stopped, and
+   `llmscale simulate` runs the same flags: the same prompts, lengths, seeds and arrival times.
+4. Printed: predicted against measured output throughput, TTFT p50/p99 and TPOT p50/p99 per
+   run, with the relative error; the saturation rate (the inf run's completed requests per
+   second) side by side. Written to --out: each side's results.json, summary.json and
+   validation.png (predicted against measured, one panel per metric).
+
+Workloads (all with `--ignore-eos`, so lengths are exactly the drawn ones):
+  fixed       256 prompt tokens, 64 output tokens
+  lognormal   prompts lognormal(mean 200, sigma 0.8), outputs lognormal(mean 64, sigma 0.6)
+  prefix      4 shared system prompts of 256 tokens + 64 own tokens, 48 output tokens
+`--quick` runs 12 requests per rate of the fixed workload only, to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from llmscale.console import stdout_console
+from llmscale.plan.serving import free_port, start_server, stop_server, wait_ready
+
+WORKLOADS = {
+    "fixed": ["--prompt-len", "fixed:256", "--output-len", "fixed:64"],
+    "lognormal": ["--prompt-len", "lognormal:200,0.8", "--output-len", "lognormal:64,0.6"],
+    "prefix": ["--dataset", "prefix-share", "--num-prefixes", "4", "--prefix-len", "256",
+               "--prompt-len", "fixed:64", "--output-len", "fixed:48"],
+}
+ENGINE = ["--kv-cache-memory", "1GiB"]
+FRACTIONS = (0.25, 0.5, 0.75)
+METRICS = (("output_throughput", None, "output tok/s"), ("ttft_ms", "p50", "TTFT p50"),
+           ("ttft_ms", "p99", "TTFT p99"), ("tpot_ms", "p50", "TPOT p50"), ("tpot_ms", "p99", "TPOT p99"))
+console = stdout_console()
+
+
+def llmscale(*args: str, log: Path | None = None) -> None:
+    cmd = [sys.executable, "-c", "from llmscale.cli import main; main()", *args]
+    with open(log, "w") if log else open("/dev/null", "w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise SystemExit(f"failed ({code}): llmscale {' '.join(args)}" + (f"; see {log}" if log else ""))
+
+
+def runs_of(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())["runs"]
+
+
+def value(run: dict[str, Any], metric: str, stat: str | None) -> float:
+    s = run["summary"][metric]
+    v = s if stat is None else s[stat]
+    return math.nan if v is None else float(v)
+
+
+def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dict[str, Any]:
+    flags = [*WORKLOADS[name], "--num-prompts", str(args.num_prompts), "--seed", "0"]
+    (out / name).mkdir(parents=True, exist_ok=True)
+    probe = out / name / "saturation-probe"
+    llmscale("simulate", "--calibration", str(calib), *ENGINE, *flags, "--request-rate", "inf",
+             "--out", str(probe), log=out / name / "probe.log")
+    saturation = runs_of(probe / "results.json")[0]["summary"]["request_throughput"]
+    rates = ",".join(f"{saturation * f:.3g}" for f in FRACTIONS) + ",inf"
+    sweep = [*flags, "--sweep-rates", rates]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port, ENGINE, out / name / "server.log")
+    try:
+        wait_ready(url, server)
+        llmscale("bench", "serve", "--base-url", url, *sweep, "--out", str(out / name / "measured"),
+                 log=out / name / "bench.log")
+    finally:
+        stop_server(server)
+    llmscale("simulate", "--calibration", str(calib), *ENGINE, *sweep, "--out", str(out / name / "predicted"),
+             log=out / name / "simulate.log")
+    measured = runs_of(out / name / "measured" / "results.json")
+    predicted = runs_of(out / name / "predicted" / "results.json")
+    rows = []
+    for m, p in zip(measured, predicted, strict=True):
+        cells = {}
+        for metric, stat, label in METRICS:
+            mv, pv = value(m, metric, stat), value(p, metric, stat)
+            cells[label] = {"measured": mv, "predicted": pv, "error": pv / mv - 1 if mv else math.nan}
+        rows.append({"rate": m["request_rate"], "metrics": cells,
+                     "requests_per_s": {"measured": m["summary"]["request_throughput"],
+                                        "predicted": p["summary"]["request_throughput"]}})
+    return {"workload": name, "flags": sweep, "predicted_saturation": saturation, "runs": rows}
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    table = Table(title="predicted (llmscale simulate) vs measured (llmscale serve + bench serve): "
+                        "predicted / measured, relative error")
+    for col in ("workload", "rate req/s", *(label for _, _, label in METRICS)):
+        table.add_column(col, justify="left" if col == "workload" else "right")
+    for r in results:
+        for run in r["runs"]:
+            cells = []
+            for _, _, label in METRICS:
+                c = run["metrics"][label]
+                cells.append(f"{c['predicted']:.0f} / {c['measured']:.0f} ({c['error']:+.0%})")
+            rate = run["rate"]
+            shown = "inf" if rate in ("inf", math.inf) else f"{float(rate):.3g}"
+            table.add_row(r["workload"], shown, *cells)
+    console.print(table)
+    for r in results:
+        sat = r["runs"][-1]["requests_per_s"]
+        console.print(f"{r['workload']}: saturation {sat['predicted']:.2f} req/s predicted, "
+                      f"{sat['measured']:.2f} measured ({sat['predicted'] / sat['measured'] - 1:+.1%})")
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    for ax, (_, _, label) in zip(axes, METRICS, strict=True):
+        for i, r in enumerate(results):
+            cells = [run["metrics"][label] for run in r["runs"]]
+            pts = [(c["measured"], c["predicted"]) for c in cells]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", label=r["workload"])
+        values = [v for r in results for run in r["runs"] for v in (run["metrics"][label]["measured"],
+                                                                    run["metrics"][label]["predicted"])
+                  if math.isfinite(v) and v > 0]
+        lo, hi = min(values) / 1.3, max(values) * 1.3
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="gray", alpha=0.2,
+                        label="within 10%")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("measured")
+        ax.set_ylabel("predicted")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("llmscale simulate against llmscale serve + bench serve, same workloads and arrivals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--num-prompts", type=int, default=48)
+    p.add_argument("--calibration", type=Path, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("results/plan-validate"))
+    args = p.parse_args()
+    names = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    if args.quick:
+        names, args.num_prompts = ["fixed"], 12
+    args.out.mkdir(parents=True, exist_ok=True)
+    calib = args.calibration
+    if calib is None:
+        calib = args.out / "calib.json"
+        console.print("calibrating (llmscale profile --calibrate)")
+        llmscale("profile", "--calibrate", "--out", str(calib), log=args.out / "calibrate.log")
+    results = []
+    for name in names:
+        console.print(f"workload {name}: simulate, serve + bench serve, simulate")
+        results.append(validate(name, args, calib, args.out))
+    print_table(results)
+    (args.out / "summary.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, args.out / "validation.png")
+    console.print(f"wrote {args.out / 'summary.json'} and {args.out / 'validation.png'}")
+
+
+if __name__ == "__main__":
+    main()
