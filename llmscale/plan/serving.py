@@ -13,6 +13,7 @@ few sent one after another, the first left out (its prompt length is new to the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import statistics
 import subprocess
@@ -26,10 +27,11 @@ import numpy as np
 
 from llmscale.bench.roofline import Chunk
 from llmscale.config import ConfigError
+from llmscale.model.tokenizer import Tokenizer
 from llmscale.plan.step_model import StepModel
 
 BATCHES = (1, 2, 4, 8, 16, 32)
-PROMPT_REPEATS = 40  # "Once upon a time " x 40: ~200 prompt tokens (see prompt_text)
+PROMPT_TOKENS = 200
 OUTPUT_TOKENS = 48
 SKIP_TOKENS = 8  # gaps while other streams still prefill are not steady decode steps
 LONE_REQUESTS = 6
@@ -62,9 +64,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prompt_text(i: int) -> str:
-    """~200 tokens whose first block differs between streams, so none hits the prefix cache."""
-    return f"Story number {i}: " + "Once upon a time " * PROMPT_REPEATS
+@functools.cache
+def _corpus_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    from llmscale.bench.profile import CORPUS
+
+    return tuple(tokenizer.encode(CORPUS.read_text()[:200_000], add_special_tokens=False))
+
+
+def prompt_text(tokenizer: Tokenizer, i: int) -> str:
+    """The i-th window of PROMPT_TOKENS tokens of the shipped corpus, as text: real text, no two
+    windows sharing a prefix block, all (nearly) one length, so after the first the kernels
+    have seen the prefill's row count, as they have in the calibrated steps."""
+    ids = _corpus_ids(tokenizer)
+    start = (i * (PROMPT_TOKENS + 7)) % (len(ids) - PROMPT_TOKENS)
+    return tokenizer.decode(list(ids[start:start + PROMPT_TOKENS]))
 
 
 async def _stream(client: object, url: str, model: str, prompt: str, gaps: list[float],
@@ -82,30 +95,29 @@ async def _stream(client: object, url: str, model: str, prompt: str, gaps: list[
     gaps += [b - a for a, b in zip(stamps[SKIP_TOKENS:], stamps[SKIP_TOKENS + 1:], strict=False)]
 
 
-async def _round(url: str, model: str, batch: int, first: int) -> tuple[float, float]:
+async def _round(url: str, model: str, tokenizer: Tokenizer, batch: int, first: int) -> tuple[float, float]:
     """Median steady gap between tokens of `batch` concurrent streams, and the median TTFT."""
     import httpx
 
     gaps: list[float] = []
     ttfts: list[float] = []
     async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
-        await asyncio.gather(*[_stream(client, url, model, prompt_text(first + i), gaps, ttfts)
+        await asyncio.gather(*[_stream(client, url, model, prompt_text(tokenizer, first + i), gaps, ttfts)
                                for i in range(batch)])
     if not gaps:
         raise ConfigError("the calibration server streamed no tokens")
     return statistics.median(gaps), statistics.median(ttfts)
 
 
-async def _lone_ttft(url: str, model: str, first: int) -> float:
-    """Median time to first token of requests sent one at a time (prompts of one length, so
-    after the first the engine's kernels have seen the shape)."""
+async def _lone_ttfts(url: str, model: str, tokenizer: Tokenizer, first: int) -> list[float]:
+    """Time to first token of requests sent one at a time."""
     import httpx
 
     ttfts: list[float] = []
     async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
         for i in range(LONE_REQUESTS):
-            await _stream(client, url, model, prompt_text(first + i), [], ttfts, max_tokens=2)
-    return statistics.median(ttfts[1:])
+            await _stream(client, url, model, prompt_text(tokenizer, first + i), [], ttfts, max_tokens=2)
+    return ttfts
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> str:
@@ -143,7 +155,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def measure(serve_args: list[str], engine_model: StepModel, encode: Callable[[str], list[int]],
+def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer,
             advance: Callable[[], None] = lambda: None) -> ServingOverhead:
     """Start `llmscale serve` with `serve_args`, measure, stop it, fit."""
     port = free_port()
@@ -151,25 +163,29 @@ def measure(serve_args: list[str], engine_model: StepModel, encode: Callable[[st
     proc = start_server(port, serve_args)
     try:
         model = wait_ready(url, proc)
-        asyncio.run(_round(url, model, 1, 0))  # warm-up
+        asyncio.run(_round(url, model, tokenizer, 1, 0))  # warm-up
         advance()
-        ttft = asyncio.run(_lone_ttft(url, model, 1))
+        ttfts = asyncio.run(_lone_ttfts(url, model, tokenizer, 1))
         rows = []
         sent = 1 + LONE_REQUESTS
         for b in BATCHES:
-            gap, _ = asyncio.run(_round(url, model, b, sent))
+            gap, _ = asyncio.run(_round(url, model, tokenizer, b, sent))
             sent += b
             rows.append((b, gap))
             advance()
     finally:
         stop_server(proc)
-    prompt = len(encode(prompt_text(1)))
-    context = prompt + (SKIP_TOKENS + OUTPUT_TOKENS) // 2
+    prompts = [len(tokenizer.encode(prompt_text(tokenizer, i))) for i in range(sent)]
+    context = round(statistics.mean(prompts)) + (SKIP_TOKENS + OUTPUT_TOKENS) // 2
     engine = np.array([engine_model.step_seconds([Chunk(context, 1, True)] * b) for b, _ in rows])
     excess = np.array([gap for _, gap in rows]) - engine
     a = np.array([[1.0, float(b)] for b, _ in rows])
     from llmscale.plan.calibrate import nnls
 
     step_s, per_token_s = nnls(a, excess)
-    request_s = max(0.0, ttft - engine_model.step_seconds([Chunk(0, prompt, True)]) - step_s - per_token_s)
+    # Each lone request's TTFT less its own prefill step; the first is left out (its kernels'
+    # first call at a new row count), the median of the rest kept.
+    lone = [ttft - engine_model.step_seconds([Chunk(0, prompts[1 + i], True)]) - step_s - per_token_s
+            for i, ttft in enumerate(ttfts)]
+    request_s = max(0.0, statistics.median(lone[1:]))
     return ServingOverhead(float(step_s), float(per_token_s), float(request_s))
