@@ -73,8 +73,9 @@ def _corpus_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 
 def prompt_text(tokenizer: Tokenizer, i: int) -> str:
     """The i-th window of PROMPT_TOKENS tokens of the shipped corpus, as text: real text, no two
-    windows sharing a prefix block, all (nearly) one length, so after the first the kernels
-    have seen the prefill's row count, as they have in the calibrated steps."""
+    windows sharing a prefix block, all (nearly) one length. Measured on prompts of varying
+    length the request overhead read three times what a server, timed inside, spends between
+    a request's arrival and its engine step (BENCHMARKS.md, planner)."""
     ids = _corpus_ids(tokenizer)
     start = (i * (PROMPT_TOKENS + 7)) % (len(ids) - PROMPT_TOKENS)
     return tokenizer.decode(list(ids[start:start + PROMPT_TOKENS]))
