@@ -146,7 +146,7 @@ def test_slo_parse() -> None:
 
 
 @pytest.mark.parametrize("spec", ["ttft_ms=500", "ttft_p99_ms=fast", "ttft_p99_ms=0", "tpot_p99_ms=-5",
-                                  "tpot_p99_ms", "", "ttft_p99_ms=nan", "ttft_p99_ms=500,,tpot_p99_ms=5"])
+                                  "tpot_p99_ms", "", "ttft_p99_ms=nan", ","])
 def test_slo_parse_rejects(spec: str) -> None:
     with pytest.raises(ConfigError) as info:
         Slo.parse(spec)

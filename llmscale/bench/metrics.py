@@ -75,8 +75,8 @@ def stats_ms(values_s: list[float]) -> dict[str, float]:
     return out
 
 
-def parse_slo(spec: str | None) -> dict[str, float]:
-    """'ttft_ms=2000,tpot_ms=200' -> {'ttft_ms': 2000.0, 'tpot_ms': 200.0}."""
+def parse_slo(spec: str | None, keys: tuple[str, ...] = SLO_KEYS) -> dict[str, float]:
+    """'ttft_ms=2000,tpot_ms=200' -> {'ttft_ms': 2000.0, 'tpot_ms': 200.0}, each key one of `keys`."""
     slo: dict[str, float] = {}
     for part in (spec or "").split(","):
         if not part.strip():
@@ -87,8 +87,8 @@ def parse_slo(spec: str | None) -> dict[str, float]:
             number = float(value)
         except ValueError:
             number = math.nan
-        if not sep or key not in SLO_KEYS or not number > 0:
-            raise ConfigError(f"--slo: expected KEY=MS pairs with KEY in {', '.join(SLO_KEYS)} and MS > 0, "
+        if not sep or key not in keys or not number > 0:
+            raise ConfigError(f"--slo: expected KEY=MS pairs with KEY in {', '.join(keys)} and MS > 0, "
                               f"got {part.strip()!r}")
         slo[key] = number
     return slo

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
-from llmscale.bench.metrics import Run, percentile
+from llmscale.bench.metrics import Run, parse_slo, percentile
 from llmscale.config import ConfigError
 from llmscale.plan.calibrate import Calibration
 from llmscale.plan.deployment import THIS_MACHINE, Deployment, ModelSpec
@@ -46,17 +46,7 @@ class Slo:
     @classmethod
     def parse(cls, spec: str) -> Slo:
         """'ttft_p99_ms=500,tpot_p99_ms=50' (either may be left out, not both)."""
-        values: dict[str, float] = {}
-        for part in spec.split(","):
-            key, sep, value = part.strip().partition("=")
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if not sep or key not in SLO_KEYS or not number > 0:
-                raise ConfigError(f"--slo: expected KEY=MS pairs with KEY in {', '.join(SLO_KEYS)} and "
-                                  f"MS > 0, got {part.strip()!r}")
-            values[key] = number
+        values = parse_slo(spec, SLO_KEYS)
         if not values:
             raise ConfigError(f"--slo: give at least one of {', '.join(SLO_KEYS)}")
         return cls(**values)
