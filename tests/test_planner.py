@@ -260,3 +260,16 @@ def test_kv_blocks_errors() -> None:
         Deployment(tight, "bf16").kv_blocks(ModelSpec.load("llama-3.1-8b"), 8192)
     with pytest.raises(ConfigError, match="lower --max-model-len"):
         Deployment(catalogue["h100-sxm"], "bf16").kv_blocks(ModelSpec.load("llama-3.1-8b"), 10**7)
+
+
+def test_fp8_kv_cache_holds_twice_the_tokens_and_reads_half_the_bytes() -> None:
+    from llmscale.bench.roofline import Chunk
+
+    model = ModelSpec.load("llama-3.1-8b")
+    h100 = load_catalogue()["h100-sxm"]
+    base = Deployment(h100, "fp8")
+    kv8 = replace(base, kv_cache_dtype="fp8")
+    assert kv8.kv_blocks(model, 4096) == pytest.approx(2 * base.kv_blocks(model, 4096), abs=1)
+    decode = [Chunk(4000, 1, True)] * 64  # long contexts: K/V reads dominate the step
+    assert kv8.step_model(model).step_seconds(decode) < 0.8 * base.step_model(model).step_seconds(decode)
+    assert "kv-fp8" in kv8.describe()

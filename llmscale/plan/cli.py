@@ -50,6 +50,9 @@ def register(subparsers: Any) -> None:
                    help="a catalogue entry to simulate (default: this-machine, which needs --calibration)")
     g.add_argument("--weight-format", default=None, metavar="FORMAT",
                    help="fp32, bf16, fp16, fp8, int8 or int4 on catalogue hardware (default: bf16)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="on catalogue hardware with an fp8 peak: store K/V in fp8, as FP8 engines of "
+                        "TensorRT-LLM and vLLM can (default: 16 bits)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T")
     g.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="P")
     g.add_argument("--num-replicas", type=int, default=1, metavar="N")
@@ -104,19 +107,23 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     max_model_len = model.config.context_len(args.max_model_len)
     on_machine = hardware.name == THIS_MACHINE
     if on_machine:
-        if args.weight_format or args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1:
-            raise ConfigError("--weight-format and parallelism apply to catalogue hardware; this machine "
-                              "runs the engine's --dtype on one process")
+        if (args.weight_format or args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1
+                or args.kv_cache_dtype != "auto"):
+            raise ConfigError("--weight-format, --kv-cache-dtype and parallelism apply to catalogue "
+                              "hardware; this machine runs the engine's --dtype on one process")
         fmt = weight_format_of_dtype(str(engine_config.torch_dtype).removeprefix("torch."))
     else:
         fmt = weight_format_of_dtype(args.weight_format or "bf16")
+        if args.kv_cache_dtype == "fp8" and not hardware.supports("fp8"):
+            raise ConfigError(f"--kv-cache-dtype fp8: {hardware.name} has no fp8 peak in the catalogue")
     device = "cpu" if hardware.kind == "cpu" else "cuda"
     import torch
 
     scheduler = engine_config.scheduler.resolved(torch.device(device), online=True)
     deployment = Deployment(hardware, fmt, args.tensor_parallel_size, args.pipeline_parallel_size,
                             args.num_replicas, scheduler.max_num_seqs, scheduler.max_num_batched_tokens or 0,
-                            engine_config.cache.block_size, engine_config.cache.enable_prefix_caching)
+                            engine_config.cache.block_size, engine_config.cache.enable_prefix_caching,
+                            kv_cache_dtype=args.kv_cache_dtype)
     if on_machine:
         kv_dtype = engine_config.activation_dtype
         num_blocks = kv_cache_blocks(engine_config.cache, model.config, kv_dtype, max_model_len)

@@ -109,6 +109,7 @@ class Deployment:
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_bytes: float | None = None  # per replica; None: what the devices hold after weights
+    kv_cache_dtype: str = "auto"  # auto: 16 bits (fp32 where the device computes in fp32) | fp8
 
     @property
     def devices(self) -> int:
@@ -120,14 +121,17 @@ class Deployment:
 
     def describe(self) -> str:
         par = f" TP{self.tp}" + (f" PP{self.pp}" if self.pp > 1 else "")
-        return (f"{self.replicas} x {self.hardware.name} {self.weight_format}{par}, "
+        kv = " kv-fp8" if self.kv_cache_dtype == "fp8" else ""
+        return (f"{self.replicas} x {self.hardware.name} {self.weight_format}{kv}{par}, "
                 f"max_num_seqs {self.max_num_seqs}, {self.max_num_batched_tokens} tokens/step")
 
     def with_replicas(self, n: int) -> Deployment:
         return replace(self, replicas=n)
 
     def kv_elem_bytes(self) -> float:
-        """The cache's dtype: fp32 where the device computes in fp32, else 16 bits."""
+        """The cache's dtype: fp8 when asked, else fp32 where the device computes in fp32, else 16 bits."""
+        if self.kv_cache_dtype == "fp8":
+            return 1.0
         compute = COMPUTE_DTYPE[self.weight_format]
         return 4.0 if compute == "fp32" or not self.hardware.supports("bf16") else 2.0
 
