@@ -2,7 +2,8 @@
 `llmscale serve` + `llmscale bench serve` and `llmscale simulate` with identical flags.
 
     python benchmarks/plan_validate.py [--workloads fixed,lognormal,prefix] [--num-prompts 48]
-                                       [--calibration FILE] [--quick] [--out results/plan-validate]
+                                       [--repeats 1] [--calibration FILE] [--quick]
+                                       [--out results/plan-validate]
 
 1. `llmscale profile --calibrate` (skipped with --calibration FILE) fits this machine.
 2. Per workload, `llmscale simulate --request-rate inf` predicts where one server saturates;
@@ -10,6 +11,8 @@
 3. The real server is started on 127.0.0.1 (the default engine, `--kv-cache-memory 1GiB` in
    both), `llmscale bench serve --sweep-rates R1,R2,R3,inf` is sent to it, it is stopped, and
    `llmscale simulate` runs the same flags: the same prompts, lengths, seeds and arrival times.
+   With --repeats R the measured side runs R times, each on a fresh server (a second sweep of
+   the same prompts would hit the prefix cache); errors are against the median, with the range.
 4. Printed: predicted against measured output throughput, TTFT p50/p99 and TPOT p50/p99 per
    run, with the relative error; the saturation rate (the inf run's completed requests per
    second) side by side. Written to --out: each side's results.json, summary.json and
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -77,34 +81,42 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
     saturation = runs_of(probe / "results.json")[0]["summary"]["request_throughput"]
     rates = ",".join(f"{saturation * f:.3g}" for f in FRACTIONS) + ",inf"
     sweep = [*flags, "--sweep-rates", rates]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(port, ENGINE, out / name / "server.log")
-    try:
-        wait_ready(url, server)
-        llmscale("bench", "serve", "--base-url", url, *sweep, "--out", str(out / name / "measured"),
-                 log=out / name / "bench.log")
-    finally:
-        stop_server(server)
+    measured_runs = []
+    for r in range(args.repeats):
+        # A fresh server each time: a second sweep of the same prompts would hit the prefix cache.
+        tag = "measured" if args.repeats == 1 else f"measured-{r + 1}"
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(port, ENGINE, out / name / f"server-{r + 1}.log")
+        try:
+            wait_ready(url, server)
+            llmscale("bench", "serve", "--base-url", url, *sweep, "--out", str(out / name / tag),
+                     log=out / name / f"bench-{r + 1}.log")
+        finally:
+            stop_server(server)
+        measured_runs.append(runs_of(out / name / tag / "results.json"))
     llmscale("simulate", "--calibration", str(calib), *ENGINE, *sweep, "--out", str(out / name / "predicted"),
              log=out / name / "simulate.log")
-    measured = runs_of(out / name / "measured" / "results.json")
     predicted = runs_of(out / name / "predicted" / "results.json")
     rows = []
-    for m, p in zip(measured, predicted, strict=True):
+    for i, p in enumerate(predicted):
+        repeats = [runs[i] for runs in measured_runs]
         cells = {}
         for metric, stat, label in METRICS:
-            mv, pv = value(m, metric, stat), value(p, metric, stat)
-            cells[label] = {"measured": mv, "predicted": pv, "error": pv / mv - 1 if mv else math.nan}
-        rows.append({"rate": m["request_rate"], "metrics": cells,
-                     "requests_per_s": {"measured": m["summary"]["request_throughput"],
+            values = [value(m, metric, stat) for m in repeats]
+            mv, pv = statistics.median(values), value(p, metric, stat)
+            cells[label] = {"measured": mv, "measured_min": min(values), "measured_max": max(values),
+                            "predicted": pv, "error": pv / mv - 1 if mv else math.nan}
+        rows.append({"rate": p["request_rate"], "metrics": cells,
+                     "requests_per_s": {"measured": statistics.median(m["summary"]["request_throughput"]
+                                                                      for m in repeats),
                                         "predicted": p["summary"]["request_throughput"]}})
     return {"workload": name, "flags": sweep, "predicted_saturation": saturation, "runs": rows}
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     table = Table(title="predicted (llmscale simulate) vs measured (llmscale serve + bench serve): "
-                        "predicted / measured, relative error")
+                        "predicted / measured (median of the repeats), relative error [measured range]")
     for col in ("workload", "rate req/s", *(label for _, _, label in METRICS)):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for r in results:
@@ -112,7 +124,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
             cells = []
             for _, _, label in METRICS:
                 c = run["metrics"][label]
-                cells.append(f"{c['predicted']:.0f} / {c['measured']:.0f} ({c['error']:+.0%})")
+                spread = (f" [{c['measured_min']:.0f}-{c['measured_max']:.0f}]"
+                          if c["measured_max"] > c["measured_min"] else "")
+                cells.append(f"{c['predicted']:.0f} / {c['measured']:.0f} ({c['error']:+.0%}){spread}")
             rate = run["rate"]
             shown = "inf" if rate in ("inf", math.inf) else f"{float(rate):.3g}"
             table.add_row(r["workload"], shown, *cells)
@@ -159,6 +173,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--num-prompts", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measured sweeps per workload, each on a fresh server")
     p.add_argument("--calibration", type=Path, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("results/plan-validate"))
