@@ -39,7 +39,7 @@ from typing import Any
 from rich.table import Table
 
 from llmscale.console import stdout_console
-from llmscale.plan.serving import free_port, start_server, stop_server, wait_ready
+from llmscale.serve.process import free_port, start_server, stop_server, wait_ready
 
 WORKLOADS = {
     "fixed": ["--prompt-len", "fixed:256", "--output-len", "fixed:64"],

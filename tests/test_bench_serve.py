@@ -4,7 +4,6 @@ has every field, plausible timings, and the token counts the server reported."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 
 from llmscale.bench.datasets import Codec, WorkloadSpec, make_requests
 from llmscale.cli import main
+from llmscale.serve.process import stop_server
 
 from .live_server import free_port, start_server
 
@@ -30,12 +30,7 @@ def url(smollm_folder: Path) -> Iterator[str]:
     url, proc = start_server("--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "1024",
                              "--model", str(smollm_folder))
     yield url
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_server(proc)
 
 
 def _bench(url: str, out: Path, folder: Path, *extra: str) -> dict[str, Any]:

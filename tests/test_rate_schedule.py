@@ -218,7 +218,7 @@ def _done(start: float, ttft: float) -> RequestResult:
 def test_report_records_the_schedule_and_plots_load_over_time(tmp_path: Path) -> None:
     spec = "steps:2x5,6x5"
     reqs = [_done(0.5 * i, 0.05 if i < 10 else 0.4) for i in range(20)]
-    run = Run("a", 4.0, 1.0, None, 0, 10.5, reqs, None, spec)
+    run = Run("a", 4.0, 1.0, None, 0, 10.5, reqs, None, parse_rate_schedule(spec))
     doc = run_json(run, {})
     assert doc["rate_schedule"] == {"spec": spec, "segments": [[5.0, 2.0], [5.0, 6.0]]}
     assert "rate_schedule" not in run_json(Run("a", 1.0, 1.0, None, 0, 1.0, reqs), {})
@@ -227,7 +227,7 @@ def test_report_records_the_schedule_and_plots_load_over_time(tmp_path: Path) ->
                                        "load_over_time.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     # Stopped early: the windows it never reached are left out, not drawn as zero throughput.
-    stopped = Run("a", 4.0, 1.0, None, 0, 2.0, reqs[:4], "interrupted (Ctrl-C)", spec)
+    stopped = Run("a", 4.0, 1.0, None, 0, 2.0, reqs[:4], "interrupted (Ctrl-C)", parse_rate_schedule(spec))
     assert plot([stopped], tmp_path / "stopped", {}, "test")[-1].name == "load_over_time.png"
 
 

@@ -81,10 +81,6 @@ def run_seed(plan: LoadPlan, i: int) -> int:
     return plan.seed + i
 
 
-def schedule_spec(plan: LoadPlan) -> str | None:
-    return plan.rate_schedule.spec if plan.rate_schedule is not None else None
-
-
 async def run_one(client: httpx.AsyncClient, target: Target, requests: list[BenchRequest], rate: float,
                   plan: LoadPlan, seed: int, stop: Stop, on_done: Callable[[], None], label: str,
                   arrivals: list[float] | None = None) -> Run:
@@ -137,7 +133,7 @@ async def run_one(client: httpx.AsyncClient, target: Target, requests: list[Benc
         if not r.success and r.error is None:
             r.error = f"cancelled: {run_stop.reason}"
     return Run(label, rate, plan.burstiness, plan.max_concurrency, seed, duration, sent, run_stop.reason,
-               schedule_spec(plan))
+               plan.rate_schedule)
 
 
 async def sweep(target: Target, plan: LoadPlan, make_workload: MakeWorkload, label: str,

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from llmscale.bench.arrivals import RateSchedule
 from llmscale.config import ConfigError
 
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
@@ -54,7 +55,7 @@ class Run:
     duration_s: float  # first send -> last response (or the interruption)
     requests: list[RequestResult]
     interrupted: str | None = None  # why the run stopped early, if it did
-    rate_schedule: str | None = None  # the --rate-schedule spec the run followed, if any
+    rate_schedule: RateSchedule | None = None  # the rate schedule the run followed, if any
 
 
 def percentile(values: list[float], q: float) -> float:

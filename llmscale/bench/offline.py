@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmscale.bench.datasets import BenchRequest
-from llmscale.bench.load import INTERRUPTED, LoadPlan, MakeWorkload, run_seed, schedule_spec
+from llmscale.bench.load import INTERRUPTED, LoadPlan, MakeWorkload, run_seed
 from llmscale.bench.metrics import RequestResult, Run
 
 
@@ -77,7 +77,7 @@ def run_engine(engine: Any, requests: list[BenchRequest], rate: float, plan: Loa
         engine.abort_request(rid)
         results[int(rid)].error = f"cancelled: {reason}"
     return Run(label, rate, plan.burstiness, plan.max_concurrency, seed, duration, results[:nxt], reason,
-               schedule_spec(plan))
+               plan.rate_schedule)
 
 
 def offline_sweep(engine: Any, plan: LoadPlan, make_workload: MakeWorkload, label: str,

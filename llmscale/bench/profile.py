@@ -147,8 +147,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         progress.update(task, completed=1)
         cost = cost_model_of(engine)
         rng = random.Random(args.seed)
-        corpus = engine.tokenizer.encode(CORPUS.read_text()[:200_000], add_special_tokens=False)
-        prompts = PromptSource(corpus, rng)
+        prompts = PromptSource(corpus_tokens(engine.tokenizer), rng)
 
         warm_up(engine, prompts)
         task = progress.add_task("workload", total=args.num_requests * args.output_len)
@@ -217,6 +216,11 @@ def torch_elem_bytes(dtype: Any) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
+def corpus_tokens(tokenizer: Any) -> list[int]:
+    """The shipped corpus's first 200k characters as token ids: prompts whose text does not matter."""
+    return tokenizer.encode(CORPUS.read_text()[:200_000], add_special_tokens=False)
+
+
 class PromptSource:
     """Token-id prompts cut at random offsets from the corpus, so no two share a prefix."""
 
@@ -281,21 +285,29 @@ def run_workload(engine: Any, prompts: PromptSource, num_requests: int, prompt_l
     return records
 
 
+def place_running(engine: Any, req: Any, context: int, what: str) -> None:
+    """Put `req` straight into the running batch with its first `context` tokens counted as
+    cached (their slots allocated, left as zeros): attention and matmuls do the same work
+    whatever the cached values are, so a long context costs no prefill."""
+    from llmscale.engine.request import RequestStatus
+
+    if context and not engine.kv.allocate_slots(req, context):
+        raise ConfigError(f"KV cache too small for {what}")
+    req.num_computed_tokens = context
+    req.status = RequestStatus.RUNNING
+    engine.scheduler.running.append(req)
+
+
 def decode_point(engine: Any, prompts: PromptSource, batch: int, context: int, steps: int
                  ) -> list[StepRecord]:
     """`steps` decode steps of `batch` requests at `context` tokens, after one warm-up step."""
-    from llmscale.engine.request import Request, RequestStatus
+    from llmscale.engine.request import Request
 
-    sched, kv = engine.scheduler, engine.kv
     for i in range(batch):
         # context - 1 tokens count as cached; the last prompt token is the first decode input.
         req = Request(f"decode-{batch}-{context}-{i}", prompts.take(context), greedy(steps + 1),
                       steps + 1, engine.eos_token_ids)
-        if not kv.allocate_slots(req, context - 1):
-            raise ConfigError(f"KV cache too small for the decode sweep point {batch} x {context}")
-        req.num_computed_tokens = context - 1
-        req.status = RequestStatus.RUNNING
-        sched.running.append(req)
+        place_running(engine, req, context - 1, f"the decode sweep point {batch} x {context}")
     timed_step(engine)
     records = [timed_step(engine) for _ in range(steps)]
     while engine.has_unfinished_requests():

@@ -11,10 +11,9 @@ from typing import Any
 
 from rich.table import Table
 
-from llmscale.bench.arrivals import RateSchedule, parse_rate_schedule
+from llmscale.bench.arrivals import RateSchedule
 from llmscale.bench.load import fmt_rate
 from llmscale.bench.metrics import Run, percentile, summarize
-from llmscale.config import ConfigError
 
 TIME_WINDOWS = 20  # load_over_time.png: windows over a run, by send time
 
@@ -56,23 +55,12 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _schedule(run: Run) -> RateSchedule | None:
-    """The run's rate schedule, parsed again from its spec (None if it has none, or its file is gone)."""
-    if run.rate_schedule is None:
-        return None
-    try:
-        return parse_rate_schedule(run.rate_schedule)
-    except ConfigError:
-        return None
-
-
 def run_json(run: Run, slo: dict[str, float]) -> dict[str, Any]:
     doc = {"label": run.label, "request_rate": run.request_rate, "burstiness": run.burstiness,
            "max_concurrency": run.max_concurrency, "seed": run.seed, "interrupted": run.interrupted}
     if run.rate_schedule is not None:
-        schedule = _schedule(run)
-        doc["rate_schedule"] = {"spec": run.rate_schedule,
-                                "segments": [list(s) for s in schedule.segments] if schedule else None}
+        doc["rate_schedule"] = {"spec": run.rate_schedule.spec,
+                                "segments": [list(s) for s in run.rate_schedule.segments]}
     return {**doc, "summary": summarize(run, slo), "requests": [r.to_json() for r in run.requests]}
 
 
@@ -168,7 +156,7 @@ def plot(runs: list[Run], out_dir: Path, slo: dict[str, float], title: str) -> l
     _legend(ax)
     ax.set_title(f"{title}: CDF of TTFT")
     paths.append(_save(fig, out_dir / "ttft_cdf.png"))
-    scheduled = [(run, sched) for run in runs if (sched := _schedule(run)) is not None]
+    scheduled = [(run, run.rate_schedule) for run in runs if run.rate_schedule is not None]
     if scheduled:
         paths.append(_plot_over_time(scheduled, out_dir / "load_over_time.png", slo, title))
     return paths

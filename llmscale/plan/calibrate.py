@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmscale.bench.profile import PromptSource, corpus_tokens, cost_model_of, place_running
 from llmscale.bench.roofline import Chunk
 from llmscale.config import ConfigError
 from llmscale.plan.serving import ServingOverhead
@@ -83,35 +85,24 @@ def default_shapes(max_len: int, max_tokens: int, max_seqs: int) -> list[tuple[C
 
 def geometry_of_engine(engine: Any) -> Geometry:
     """The engine's model, with the weight bytes it really holds (quantized formats included)."""
-    from llmscale.bench.profile import cost_model_of
-
     cost = cost_model_of(engine)
-    g = Geometry.of(engine.model_config, "fp32", cost.kv_elem_bytes)
-    return Geometry(body_bytes=cost.body_weight_bytes, body_flops_per_token=g.body_flops_per_token,
-                    head_bytes=cost.lm_head_bytes, head_flops_per_row=g.head_flops_per_row,
-                    attention_flops_per_pair=g.attention_flops_per_pair,
-                    kv_bytes_per_token=g.kv_bytes_per_token, allreduce_bytes_per_token=0.0,
-                    allreduces_per_step=0)
+    dense = Geometry.of(engine.model_config, "fp32", cost.kv_elem_bytes)
+    return replace(dense, body_bytes=cost.body_weight_bytes, head_bytes=cost.lm_head_bytes)
 
 
-def _run_shape(engine: Any, shape: Sequence[Chunk], corpus: list[int], tag: str) -> float:
-    """Place the shape's requests in the scheduler, time one step, drop them."""
+def _run_shape(engine: Any, shape: Sequence[Chunk], prompts: PromptSource, tag: str) -> float:
+    """Place the shape's requests in the running batch (`profile.place_running`), time one
+    step, drop them."""
     from llmscale.engine.request import Request, RequestStatus
     from llmscale.engine.sampling_params import SamplingParams
     from llmscale.model.tokenizer import IncrementalDetokenizer
 
-    sched, kv = engine.scheduler, engine.kv
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     placed = []
     for i, c in enumerate(shape):
-        start = (hash((tag, i)) % max(1, len(corpus) - c.context - c.new))
-        ids = [corpus[(start + j) % len(corpus)] for j in range(c.context + c.new)]
+        ids = prompts.take(c.context + c.new)
         req = Request(f"calib-{tag}-{i}", ids, params, 4, engine.eos_token_ids)
-        if c.context and not kv.allocate_slots(req, c.context):
-            raise ConfigError("KV cache too small for the calibration shapes; raise --kv-cache-memory")
-        req.num_computed_tokens = c.context
-        req.status = RequestStatus.RUNNING
-        sched.running.append(req)
+        place_running(engine, req, c.context, "the calibration shapes")
         engine.detokenizers[req.request_id] = IncrementalDetokenizer(engine.tokenizer, ids)
         placed.append(req)
     start_s = time.perf_counter()
@@ -119,27 +110,21 @@ def _run_shape(engine: Any, shape: Sequence[Chunk], corpus: list[int], tag: str)
     seconds = time.perf_counter() - start_s
     for req in placed:
         if not req.is_finished:
-            sched.finish(req, RequestStatus.FINISHED_ABORTED)
+            engine.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         engine.detokenizers.pop(req.request_id, None)
     return seconds
 
 
 def measure(engine: Any, shapes: Sequence[tuple[Chunk, ...]], repeats: int,
             advance: Callable[[], None] = lambda: None) -> list[Sample]:
-    corpus = engine.tokenizer.encode(_corpus_text(), add_special_tokens=False)
-    _run_shape(engine, shapes[0], corpus, "warm-up")  # allocator growth, first-call setup
+    prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(0))
+    _run_shape(engine, shapes[0], prompts, "warm-up")  # allocator growth, first-call setup
     samples = []
     for k, shape in enumerate(shapes):
-        times = [_run_shape(engine, shape, corpus, f"{k}-{r}") for r in range(repeats)]
+        times = [_run_shape(engine, shape, prompts, f"{k}-{r}") for r in range(repeats)]
         samples.append(Sample(tuple(shape), statistics.median(times)))
         advance()
     return samples
-
-
-def _corpus_text() -> str:
-    from llmscale.bench.profile import CORPUS
-
-    return CORPUS.read_text()[:100_000]
 
 
 # ----- the fit -----------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from llmscale.bench.cli import exit_if_interrupted, finish_runs, load_plan, progress_bars, workload_spec
-    from llmscale.bench.datasets import Codec, make_requests
+    from llmscale.bench.datasets import make_requests
     from llmscale.bench.metrics import parse_slo
     from llmscale.cli import engine_config_from_args
     from llmscale.console import status
@@ -142,14 +142,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                f"{model.name} {fmt} is predicted from its fitted roofline")
     overhead_ms = args.request_overhead_ms
     if overhead_ms is None:
-        overhead_ms = calibration.serving["request_s"] * 1e3 if on_machine and calibration else 2.0
+        overhead_ms = calibration.serving_overhead().request_s * 1e3 if on_machine and calibration else 2.0
         overhead_ms += RAY_PROXY_MS if args.num_replicas > 1 else 0.0
     spec = replace(spec, max_total_len=min(spec.max_total_len, max_model_len))
-    codec = Codec.load(model.folder) if model.folder else None
-    if codec is None:
-        from llmscale.model.gguf_loader import resolve_model
-
-        codec = Codec.load(resolve_model(None))
+    codec = model.codec()
     label = args.label or f"simulated {hardware.name}"
     progress, start = progress_bars()
     with progress:
@@ -214,7 +210,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     from llmscale.bench.arrivals import parse_rate_schedule
     from llmscale.bench.cli import workload_spec
-    from llmscale.bench.datasets import Codec, make_requests
+    from llmscale.bench.datasets import make_requests
     from llmscale.config import available_memory_bytes
     from llmscale.console import stdout_console
     from llmscale.plan import report
@@ -249,15 +245,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     window = args.max_model_len or min(model.config.max_position_embeddings, 8192)
     max_model_len = model.config.context_len(window)
     spec = replace(workload_spec(args), max_total_len=min(args.max_total_len, max_model_len))
-    codec = Codec.load(model.folder) if model.folder else None
-    if codec is None:
-        from llmscale.model.gguf_loader import resolve_model
-
-        codec = Codec.load(resolve_model(None))
+    codec = model.codec()
     encode = model.encoder()
     requests = make_requests(spec, codec, min(args.num_prompts or 150, 400), args.seed)
     workload = Workload([encode(r.text) for r in requests], [r.output_len for r in requests], args.seed)
-    overhead = calibration.serving["request_s"] if calibration is not None else 0.002
+    overhead = calibration.serving_overhead().request_s if calibration is not None else 0.002
     simulator = Simulator(model, workload, max_model_len, calibration, args.routing, overhead)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True) as progress:

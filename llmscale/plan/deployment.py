@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmscale.config import ConfigError, ModelConfig, SchedulerConfig
 from llmscale.plan.calibrate import Calibration
@@ -28,6 +29,9 @@ from llmscale.plan.step_model import (
     StepModel,
     StepTimeModel,
 )
+
+if TYPE_CHECKING:
+    from llmscale.bench.datasets import Codec
 
 THIS_MACHINE = "this-machine"
 # Of a GPU's memory, what the engine may use (vLLM's gpu_memory_utilization default), and what
@@ -64,14 +68,24 @@ class ModelSpec:
         folder = resolve_model(spec)
         return cls(spec or "SmolLM2-135M-Instruct", read_model_config(folder), folder)
 
-    def encoder(self) -> Callable[[str], list[int]]:
-        """Text -> the token ids a completions request becomes in the server; an architecture
-        alone borrows the built-in model's tokenizer (only the counts matter then)."""
+    def tokenizer_folder(self) -> Path:
+        """Its own tokenizer's folder; an architecture alone borrows the built-in model's (only
+        token counts matter then)."""
         from llmscale.model.gguf_loader import resolve_model
+
+        return self.folder or resolve_model(None)
+
+    def encoder(self) -> Callable[[str], list[int]]:
+        """Text -> the token ids a completions request becomes in the server."""
         from llmscale.model.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_folder(self.folder or resolve_model(None))
-        return tokenizer.encode
+        return Tokenizer.from_folder(self.tokenizer_folder()).encode
+
+    def codec(self) -> Codec:
+        """What `bench` cuts workload prompts with."""
+        from llmscale.bench.datasets import Codec
+
+        return Codec.load(self.tokenizer_folder())
 
 
 def _config_json(path: Path) -> ModelConfig:
@@ -170,14 +184,13 @@ class Deployment:
             if calibration is None:
                 raise ConfigError(f"{THIS_MACHINE} needs --calibration FILE "
                                   f"(make one with `llmscale profile --calibrate`)")
-            engine: StepModel = calibration.curve()
-            if (calibration.model, calibration.weight_format) != (model.name, self.weight_format):
+            engine: StepModel
+            if (calibration.model, calibration.weight_format) == (model.name, self.weight_format):
+                engine = calibration.curve()
+            else:
                 engine = StepTimeModel(calibration.coefficients, self.geometry(model))
             return Served(engine, calibration.serving_overhead())
         return StepTimeModel(self.coefficients(), self.geometry(model))
-
-    def weight_bytes_per_device(self, model: ModelSpec) -> float:
-        return self.geometry(model).weight_bytes_per_device()
 
     def kv_blocks(self, model: ModelSpec, max_model_len: int) -> int:
         """KV blocks of one replica; a one-line error when the weights or one request do not fit."""
@@ -201,11 +214,9 @@ class Deployment:
                               f"{max_model_len}; lower --max-model-len")
         return blocks
 
-    def scheduler_config(self, batching: str = "continuous", enable_chunked_prefill: bool = True
-                         ) -> SchedulerConfig:
+    def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_num_seqs=self.max_num_seqs, batching=batching,
-                               enable_chunked_prefill=enable_chunked_prefill)
+                               max_num_seqs=self.max_num_seqs)
 
     def engine_factory(self, model: ModelSpec, max_model_len: int, calibration: Calibration | None = None,
                        scheduler: SchedulerConfig | None = None, num_blocks: int | None = None

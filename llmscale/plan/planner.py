@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TypeVar
 
-from llmscale.bench.metrics import Run, parse_slo, percentile
+from llmscale.bench.metrics import Run, parse_slo, summarize
 from llmscale.config import ConfigError
 from llmscale.plan.calibrate import Calibration
 from llmscale.plan.deployment import THIS_MACHINE, Deployment, ModelSpec
@@ -66,12 +66,12 @@ class Latency:
 
     @classmethod
     def of(cls, run: Run) -> Latency:
-        ok = [r for r in run.requests if r.success]
-        ttft = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
-        tpot = [t * 1e3 for r in ok if (t := r.tpot_s) is not None]
-        duration = run.duration_s if run.duration_s > 0 else math.nan
-        return cls(percentile(ttft, 99) if ttft else math.inf, percentile(tpot, 99) if tpot else 0.0,
-                   sum(r.output_tokens for r in ok) / duration, len(ok) / duration)
+        """From bench's summary; no first token at all misses any TTFT target, and no second
+        token (one-token outputs) meets any TPOT target, as in bench's goodput."""
+        s = summarize(run)
+        ttft, tpot = s["ttft_ms"]["p99"], s["tpot_ms"]["p99"]
+        return cls(math.inf if math.isnan(ttft) else ttft, 0.0 if math.isnan(tpot) else tpot,
+                   s["output_throughput"], s["request_throughput"])
 
     def meets(self, slo: Slo) -> bool:
         return self.ttft_p99_ms <= slo.ttft_p99_ms and self.tpot_p99_ms <= slo.tpot_p99_ms
@@ -109,7 +109,7 @@ class Evaluation:
     deployment: Deployment  # with the replicas the target rate needs
     goodput: float  # req/s one replica sustains within the SLO
     saturation: float  # req/s one replica completes when flooded
-    binding: str  # what limits a replica's goodput: a latency target, or "light load"
+    binding: str  # what limits a replica's goodput: "TTFT p99", "TPOT p99" or "throughput"
     at_target: Latency  # the whole deployment at the target rate
     cost_per_million: float  # USD per 1M output tokens at the target rate
 
@@ -176,11 +176,6 @@ def replicas_needed(simulator: Simulator, deployment: Deployment, slo: Slo, rate
     return _confirmed(simulator, slo, rate, deployment.with_replicas(math.ceil(rate / goodput)))[0]
 
 
-def _goodput(simulator: Simulator, slo: Slo, deployment: Deployment
-             ) -> tuple[float, float, str, Latency | None]:
-    return simulator.goodput(deployment, slo)
-
-
 def _confirmed(simulator: Simulator, slo: Slo, rate: float, deployment: Deployment) -> tuple[int, Latency]:
     """The replica count checked behind the router; one or two more if the mix needs them."""
     replicas = deployment.replicas
@@ -194,13 +189,10 @@ def _confirmed(simulator: Simulator, slo: Slo, rate: float, deployment: Deployme
 
 def candidates(hardware: Sequence[Hardware], model: ModelSpec, max_model_len: int,
                formats: Sequence[str] | None = None) -> tuple[list[Deployment], list[Rejected]]:
-    """Every (hardware, format, TP, PP) whose weights and one request fit, smallest TP first:
-    for each hardware and format, the smallest TP that fits and the next one up; PP only when
-    one node cannot hold the model."""
+    """Every (hardware, format, TP, PP) whose weights and one request fit (see `_layouts`)."""
     fits: list[Deployment] = []
     rejected: list[Rejected] = []
     for hw in hardware:
-        limits = CPU_BATCH_LIMITS[0] if hw.kind == "cpu" else GPU_BATCH_LIMITS[0]
         allowed = formats or (CPU_FORMATS if hw.kind == "cpu" else GPU_FORMATS)
         if hw.name == THIS_MACHINE:
             allowed = [f for f in allowed if f in ("bf16", "fp32")] or ["fp32"]
@@ -209,27 +201,33 @@ def candidates(hardware: Sequence[Hardware], model: ModelSpec, max_model_len: in
                 continue
             if fmt == "int8" and hw.supports("fp8") and "fp8" in allowed:
                 continue  # 8-bit weights either way, and fp8 also halves the GEMMs' time
-            found = 0
-            for pp in PP_SIZES:
-                for tp in TP_SIZES:
-                    if tp > hw.devices_per_node or (pp > 1 and hw.kind == "cpu"):
-                        continue
-                    if model.config.num_attention_heads % tp:
-                        continue
-                    dep = Deployment(hw, fmt, tp, pp, 1, *limits)
-                    try:
-                        dep.kv_blocks(model, max_model_len)
-                    except ConfigError as e:
-                        if tp == TP_SIZES[0] and pp == 1:
-                            rejected.append(Rejected(dep, str(e)))
-                        continue
-                    fits.append(dep)
-                    found += 1
-                    if found == 2:
-                        break
-                if found:
-                    break
+            fits += _layouts(hw, fmt, model, max_model_len, rejected)
     return fits, rejected
+
+
+def _layouts(hw: Hardware, fmt: str, model: ModelSpec, max_model_len: int, rejected: list[Rejected]
+             ) -> list[Deployment]:
+    """The smallest TP that fits and the next one up, at the fewest pipeline stages that fit
+    (PP only when one node cannot hold the model); TP1 PP1's refusal goes to `rejected`."""
+    limits = CPU_BATCH_LIMITS[0] if hw.kind == "cpu" else GPU_BATCH_LIMITS[0]
+    for pp in PP_SIZES if hw.kind == "gpu" else PP_SIZES[:1]:
+        found: list[Deployment] = []
+        for tp in TP_SIZES:
+            if tp > hw.devices_per_node or model.config.num_attention_heads % tp:
+                continue
+            dep = Deployment(hw, fmt, tp, pp, 1, *limits)
+            try:
+                dep.kv_blocks(model, max_model_len)
+            except ConfigError as e:
+                if tp == TP_SIZES[0] and pp == 1:
+                    rejected.append(Rejected(dep, str(e)))
+                continue
+            found.append(dep)
+            if len(found) == 2:
+                break
+        if found:
+            return found
+    return []
 
 
 @dataclass
@@ -291,7 +289,7 @@ def make_plan(simulator: Simulator, hardware: Sequence[Hardware], slo: Slo, rate
             f"{biggest.devices_per_node}, {biggest.memory_bytes * biggest.devices_per_node / 2**30:.0f} "
             f"GiB); add hardware with more memory (--hardware FILE) or lower --max-model-len")
     scored: list[tuple[Deployment, float, float, str]] = []
-    goodput_of = partial(_goodput, simulator, slo)
+    goodput_of = partial(simulator.goodput, slo=slo)
     for dep, (goodput, saturation, binding, light) in zip(
             fits, _each(goodput_of, fits, Deployment.describe, advance), strict=True):
         if goodput <= 0:
@@ -319,9 +317,9 @@ def make_plan(simulator: Simulator, hardware: Sequence[Hardware], slo: Slo, rate
     confirmed = _each(partial(_confirmed, simulator, slo, rate), wanted,
                       lambda d: f"{d.describe()} at {rate:g} req/s", advance)
     evaluations = []
+    tokens_per_hour = rate * simulator.workload.mean_output_tokens * 3600
     for (dep, goodput, saturation, binding), (replicas, at_target) in zip(scored, confirmed, strict=True):
         full = dep.with_replicas(replicas)
-        tokens_per_hour = rate * simulator.workload.mean_output_tokens * 3600
         evaluations.append(Evaluation(full, goodput, saturation, binding, at_target,
                                       full.cost_per_hour / tokens_per_hour * 1e6))
     # Ties broken as the frontier ranks (more goodput per replica: more headroom at that price),

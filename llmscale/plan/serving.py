@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmscale.bench.roofline import Chunk
 from llmscale.config import ConfigError
-from llmscale.model.tokenizer import Tokenizer
 from llmscale.plan.step_model import StepModel
+from llmscale.serve.process import free_port, start_server, stop_server, wait_ready
+
+if TYPE_CHECKING:
+    from llmscale.model.tokenizer import Tokenizer
 
 BATCHES = (1, 2, 4, 8, 16, 32)
 PROMPT_TOKENS = 200
@@ -58,17 +58,11 @@ class Served:
         return self.engine.step_seconds(chunks) + self.overhead.step_s + self.overhead.per_token_s * sampled
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @functools.cache
 def _corpus_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    from llmscale.bench.profile import CORPUS
+    from llmscale.bench.profile import corpus_tokens
 
-    return tuple(tokenizer.encode(CORPUS.read_text()[:200_000], add_special_tokens=False))
+    return tuple(corpus_tokens(tokenizer))
 
 
 def prompt_text(tokenizer: Tokenizer, i: int) -> str:
@@ -81,8 +75,9 @@ def prompt_text(tokenizer: Tokenizer, i: int) -> str:
     return tokenizer.decode(list(ids[start:start + PROMPT_TOKENS]))
 
 
-async def _stream(client: object, url: str, model: str, prompt: str, gaps: list[float],
-                  ttfts: list[float], max_tokens: int = OUTPUT_TOKENS) -> None:
+async def _stream(client: object, url: str, model: str, prompt: str, max_tokens: int = OUTPUT_TOKENS
+                  ) -> list[float]:
+    """When each streamed token arrived, in seconds from the send."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
             "stream": True, "ignore_eos": True, "temperature": 0.0}
     start = time.perf_counter()
@@ -90,24 +85,22 @@ async def _stream(client: object, url: str, model: str, prompt: str, gaps: list[
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:  # type: ignore[attr-defined]
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
-                stamps.append(time.perf_counter())
-    if stamps:
-        ttfts.append(stamps[0] - start)
-    gaps += [b - a for a, b in zip(stamps[SKIP_TOKENS:], stamps[SKIP_TOKENS + 1:], strict=False)]
+                stamps.append(time.perf_counter() - start)
+    return stamps
 
 
-async def _round(url: str, model: str, tokenizer: Tokenizer, batch: int, first: int) -> tuple[float, float]:
-    """Median steady gap between tokens of `batch` concurrent streams, and the median TTFT."""
+async def _round(url: str, model: str, tokenizer: Tokenizer, batch: int, first: int) -> float:
+    """Median steady gap between tokens of `batch` concurrent streams."""
     import httpx
 
-    gaps: list[float] = []
-    ttfts: list[float] = []
     async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
-        await asyncio.gather(*[_stream(client, url, model, prompt_text(tokenizer, first + i), gaps, ttfts)
-                               for i in range(batch)])
+        streams = await asyncio.gather(*[_stream(client, url, model, prompt_text(tokenizer, first + i))
+                                         for i in range(batch)])
+    steady = [stamps[SKIP_TOKENS:] for stamps in streams]
+    gaps = [b - a for s in steady for a, b in zip(s, s[1:], strict=False)]
     if not gaps:
         raise ConfigError("the calibration server streamed no tokens")
-    return statistics.median(gaps), statistics.median(ttfts)
+    return statistics.median(gaps)
 
 
 async def _lone_ttfts(url: str, model: str, tokenizer: Tokenizer, first: int) -> list[float]:
@@ -117,43 +110,9 @@ async def _lone_ttfts(url: str, model: str, tokenizer: Tokenizer, first: int) ->
     ttfts: list[float] = []
     async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
         for i in range(LONE_REQUESTS):
-            await _stream(client, url, model, prompt_text(tokenizer, first + i), [], ttfts, max_tokens=2)
+            stamps = await _stream(client, url, model, prompt_text(tokenizer, first + i), max_tokens=2)
+            ttfts += stamps[:1]
     return ttfts
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> str:
-    """Poll until the server answers /v1/models; the name of the model it serves."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ConfigError(f"the calibration server exited with code {proc.returncode}")
-        try:
-            r = httpx.get(f"{url}/v1/models", timeout=2, trust_env=False)
-            if r.status_code == 200:
-                return str(r.json()["data"][0]["id"])
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise ConfigError("the calibration server did not start within 5 minutes")
-
-
-def start_server(port: int, serve_args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
-    """`llmscale serve` on 127.0.0.1:`port` in a child process (its output to `log`, or dropped)."""
-    cmd = [sys.executable, "-c", "from llmscale.cli import main; main()", "serve", "-q",
-           "--host", "127.0.0.1", "--port", str(port), *serve_args]
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer,
@@ -170,7 +129,7 @@ def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer
         rows = []
         sent = 1 + LONE_REQUESTS
         for b in BATCHES:
-            gap, _ = asyncio.run(_round(url, model, tokenizer, b, sent))
+            gap = asyncio.run(_round(url, model, tokenizer, b, sent))
             sent += b
             rows.append((b, gap))
             advance()

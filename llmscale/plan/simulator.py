@@ -21,6 +21,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from llmscale.bench.arrivals import RateSchedule
 from llmscale.bench.metrics import RequestResult, Run
 from llmscale.bench.roofline import Chunk
 from llmscale.config import SchedulerConfig
@@ -58,10 +59,7 @@ class SimEngine:
         self.step_model = step_model
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = make_scheduler(scheduler_config, self.kv, clock=lambda: self.now)
-        self.requests: dict[str, Request] = {}
-        self.stand_in_seeds: dict[str, int] = {}
-        self.num_steps = 0
-        self.busy_s = 0.0
+        self.stand_in_seeds: dict[str, int] = {}  # request id -> what its stand-in tokens hash
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int,
                     arrival_s: float | None = None) -> None:
@@ -76,7 +74,6 @@ class SimEngine:
                       arrival_time_s=self.now if arrival_s is None else arrival_s,
                       parent_id=request_id, index=0)
         self.stand_in_seeds[req.request_id] = hash(tuple(ids))
-        self.requests[request_id] = req
         self.scheduler.add(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -98,8 +95,6 @@ class SimEngine:
         """Apply the step, as LLMEngine.step does after the model ran."""
         if not step.batch:
             return []
-        self.num_steps += 1
-        self.busy_s += step.seconds
         for req, n in step.batch.scheduled:
             req.num_computed_tokens += n
         # The runner's row order: decodes first, then prefill chunks, each in scheduled order.
@@ -113,7 +108,6 @@ class SimEngine:
             done = len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len
             if done:
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
-                del self.requests[req.group_id]
                 del self.stand_in_seeds[req.request_id]
             emitted.append(Emitted(req.group_id, done))
         return emitted
@@ -179,7 +173,8 @@ class _Replica:
 def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: SimWorkload,
              route: Route, label: str, rate: float, burstiness: float, seed: int,
              max_concurrency: int | None = None, request_overhead_s: float = 0.0,
-             on_done: Callable[[], None] = lambda: None, rate_schedule: str | None = None) -> Run:
+             on_done: Callable[[], None] = lambda: None,
+             rate_schedule: RateSchedule | None = None) -> Run:
     """One load run in simulated time. `request_overhead_s`: how long a request takes to reach
     its engine (HTTP, tokenizing, the proxy); it counts in TTFT and E2E."""
     replicas = [_Replica(make_engine()) for _ in range(num_replicas)]
@@ -187,7 +182,7 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
     results = [RequestResult(i, len(p), m, at) for i, (p, m, at) in
                enumerate(zip(workload.prompts, workload.max_tokens, workload.arrivals, strict=True))]
     inflight: dict[int, int] = {}
-    where: dict[str, tuple[int, int]] = {}  # request id -> (its index, replica)
+    replica_of: dict[int, int] = {}  # request index (its id, as text) -> replica
     last_token: dict[str, float] = {}
     events: list[tuple[float, int, int, int]] = []  # (time, order, kind, payload)
     order = 0
@@ -207,7 +202,7 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
         results[i].start_s = t
         k = route(workload.prompts[i], [r.engine for r in replicas], inflight)
         inflight[k] = inflight.get(k, 0) + 1
-        where[str(i)] = (i, k)
+        replica_of[i] = k
         push(t + request_overhead_s, DELIVER, i)
 
     def start_step(k: int, t: float) -> None:
@@ -238,9 +233,9 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
                 queued.append(payload)
             continue
         if kind == DELIVER:
-            rid = str(payload)
-            k = where[rid][1]
-            replicas[k].inbox.append((rid, workload.prompts[payload], workload.max_tokens[payload], t))
+            k = replica_of[payload]
+            prompt, max_tokens = workload.prompts[payload], workload.max_tokens[payload]
+            replicas[k].inbox.append((str(payload), prompt, max_tokens, t))
             if replicas[k].step is None:
                 start_step(k, t)
             continue
@@ -252,7 +247,8 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
         assert rep.step is not None
         rep.engine.now = t
         for e in rep.engine.end_step(rep.step):
-            i, k = where[e.request_id]
+            i = int(e.request_id)
+            k = replica_of[i]
             res = results[i]
             if res.ttft_s is None:
                 res.ttft_s = t - res.start_s

@@ -26,8 +26,6 @@ def simulate_sweep(make_engine: Callable[[], SimEngine], num_replicas: int,
                    progress_factory: Callable[[str, int], Callable[[], None]],
                    request_overhead_s: float = 0.0) -> list[Run]:
     """One simulated run per rate (or the rate schedule's one run), fresh replicas each."""
-    from llmscale.bench.load import schedule_spec
-
     runs = []
     for i, rate in enumerate(plan.rates):
         seed = run_seed(plan, i)
@@ -37,5 +35,5 @@ def simulate_sweep(make_engine: Callable[[], SimEngine], num_replicas: int,
         workload = sim_workload(requests, encode, arrivals)
         runs.append(simulate(make_engine, num_replicas, workload, route_factory(), label, rate,
                              plan.burstiness, seed, plan.max_concurrency, request_overhead_s, on_done,
-                             schedule_spec(plan)))
+                             plan.rate_schedule))
     return runs

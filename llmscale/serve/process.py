@@ -1,0 +1,55 @@
+"""`llmscale serve` as a child process on a free loopback port: start it, wait until it
+answers, stop it. For whatever measures a real server from outside (calibration, benchmarks,
+tests)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmscale.config import ConfigError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int, serve_args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """`llmscale serve` on 127.0.0.1:`port` (its output to `log`, or dropped)."""
+    cmd = [sys.executable, "-m", "llmscale.cli", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
+           *serve_args]
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0) -> str:
+    """Poll until the server answers /v1/models; the name of the model it serves."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"llmscale serve exited with code {proc.returncode} while starting")
+        try:
+            r = httpx.get(f"{url}/v1/models", timeout=2, trust_env=False)
+            if r.status_code == 200:
+                return str(r.json()["data"][0]["id"])
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise ConfigError(f"llmscale serve did not answer within {timeout_s:g} s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains), then SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
