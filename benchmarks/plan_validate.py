@@ -11,6 +11,8 @@
 3. The real server is started on 127.0.0.1 (the default engine, `--kv-cache-memory 1GiB` in
    both), `llmscale bench serve --sweep-rates R1,R2,R3,inf` is sent to it, it is stopped, and
    `llmscale simulate` runs the same flags: the same prompts, lengths, seeds and arrival times.
+   Before each measured sweep a sixth of the calibration's step shapes are timed again, to say
+   how fast the machine ran then relative to the calibration (this shared host drifts).
    With --repeats R the measured side runs R times, each on a fresh server (a second sweep of
    the same prompts would hit the prefix cache); errors are against the median, with the range.
 4. Printed: predicted against measured output throughput, TTFT p50/p99 and TPOT p50/p99 per
@@ -72,6 +74,25 @@ def value(run: dict[str, Any], metric: str, stat: str | None) -> float:
     return math.nan if v is None else float(v)
 
 
+def machine_speed(calib: Path, every: int = 6) -> float:
+    """How long a sixth of the calibration's step shapes take now, relative to the calibrated
+    curve (median of measured / fitted): the shared host's speed drifts by 10% and more over an
+    hour, and this says how far it was from the calibration when a sweep ran."""
+    import gc
+
+    from llmscale.bench.roofline import Chunk
+    from llmscale.plan.calibrate import Calibration, calibration_engine, measure
+
+    calibration = Calibration.read(calib)
+    curve = calibration.curve()
+    shapes = [tuple(Chunk(*c) for c in s["chunks"]) for s in calibration.samples[::every]]
+    engine = calibration_engine(None, "auto", None, 4096)
+    samples = measure(engine, shapes, 3)
+    del engine
+    gc.collect()
+    return statistics.median(s.seconds / curve.step_seconds(s.chunks) for s in samples)
+
+
 def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dict[str, Any]:
     flags = [*WORKLOADS[name], "--num-prompts", str(args.num_prompts), "--seed", "0"]
     (out / name).mkdir(parents=True, exist_ok=True)
@@ -81,8 +102,9 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
     saturation = runs_of(probe / "results.json")[0]["summary"]["request_throughput"]
     rates = ",".join(f"{saturation * f:.3g}" for f in FRACTIONS) + ",inf"
     sweep = [*flags, "--sweep-rates", rates]
-    measured_runs = []
+    measured_runs, speeds = [], []
     for r in range(args.repeats):
+        speeds.append(machine_speed(calib))
         # A fresh server each time: a second sweep of the same prompts would hit the prefix cache.
         tag = "measured" if args.repeats == 1 else f"measured-{r + 1}"
         port = free_port()
@@ -111,7 +133,8 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
                      "requests_per_s": {"measured": statistics.median(m["summary"]["request_throughput"]
                                                                       for m in repeats),
                                         "predicted": p["summary"]["request_throughput"]}})
-    return {"workload": name, "flags": sweep, "predicted_saturation": saturation, "runs": rows}
+    return {"workload": name, "flags": sweep, "predicted_saturation": saturation, "runs": rows,
+            "machine_speed": speeds}
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -133,8 +156,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
     console.print(table)
     for r in results:
         sat = r["runs"][-1]["requests_per_s"]
+        speeds = ", ".join(f"{s:.2f}" for s in r["machine_speed"])
         console.print(f"{r['workload']}: saturation {sat['predicted']:.2f} req/s predicted, "
-                      f"{sat['measured']:.2f} measured ({sat['predicted'] / sat['measured'] - 1:+.1%})")
+                      f"{sat['measured']:.2f} measured ({sat['predicted'] / sat['measured'] - 1:+.1%}); "
+                      f"calibrated steps took {speeds}x their fitted time before each measured sweep")
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

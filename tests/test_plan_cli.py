@@ -150,8 +150,9 @@ def test_calibrate_then_simulate_this_machine(tiny_model, tmp_path: Path) -> Non
     knots = doc["curve_knots"]
     assert len(knots) >= 2 and knots == sorted(set(knots))
     assert len(doc["curve_coefficients"]) == len(curve_terms([Chunk(0, 2, True)], knots))
-    assert set(doc["serving"]) == {"step_s", "per_token_s", "request_s"}
+    assert set(doc["serving"]) == {"step_s", "per_token_s", "request_s", "busy_request_s"}
     assert all(v >= 0 for v in doc["serving"].values())
+    assert doc["serving"]["busy_request_s"] >= doc["serving"]["request_s"]
     errors = [s["curve_error"] for s in doc["samples"]]
     assert len(errors) >= 6 and all(isinstance(e, float) for e in errors)
     assert doc["curve_max_abs_error"] == pytest.approx(max(abs(e) for e in errors))
@@ -168,6 +169,8 @@ def test_calibrate_then_simulate_this_machine(tiny_model, tmp_path: Path) -> Non
     result = json.loads((out_dir / "results.json").read_text())
     assert result["simulated"]["deployment"].startswith("1 x this-machine fp32 TP1")
     assert result["simulated"]["request_overhead_ms"] == pytest.approx(doc["serving"]["request_s"] * 1e3)
+    assert result["simulated"]["busy_request_overhead_ms"] == pytest.approx(
+        doc["serving"]["busy_request_s"] * 1e3)
     (run,) = result["runs"]
     assert len(run["requests"]) == 10
     for r in run["requests"]:

@@ -20,7 +20,7 @@ from llmscale.config import EngineConfig, SchedulerConfig
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.engine.sampling_params import SamplingParams
 from llmscale.plan.calibrate import Sample, fit, fit_curve, nnls
-from llmscale.plan.simulator import SimEngine, SimWorkload, make_router, simulate
+from llmscale.plan.simulator import RequestOverhead, SimEngine, SimWorkload, make_router, simulate
 from llmscale.plan.step_model import Coefficients, CurveModel, Geometry, StepTimeModel
 
 
@@ -106,12 +106,36 @@ def test_simulated_run_times_follow_the_step_model() -> None:
         return SimEngine(sched, 100, 16, True, 1024, Linear())
 
     work = SimWorkload([[5] * 100], [10], [0.0])
-    run = simulate(make, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0, request_overhead_s=0.002)
+    run = simulate(make, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0,
+                   request_overhead=RequestOverhead(0.002, 0.5))
     r = run.requests[0]
     assert r.success and r.output_tokens == 10
     assert r.ttft_s == pytest.approx(0.002 + 0.11)
     assert r.itl_s == pytest.approx([0.011] * 9)
     assert r.e2e_s == pytest.approx(0.002 + 0.11 + 9 * 0.011)
+
+
+def test_a_request_reaching_a_busy_engine_pays_the_busy_overhead() -> None:
+    """The second request is sent while the first's prefill step runs: it reaches the engine
+    after the busy overhead, waits for that step to end, then prefills beside the decode."""
+    sched = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8)
+
+    class Linear:
+        def step_seconds(self, chunks: list[Chunk]) -> float:
+            return 0.01 + 0.001 * sum(c.new for c in chunks) if chunks else 0.0
+
+    def make() -> SimEngine:
+        return SimEngine(sched, 100, 16, True, 1024, Linear())
+
+    work = SimWorkload([[5] * 100, [7] * 50], [10, 10], [0.0, 0.05])
+    run = simulate(make, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0,
+                   request_overhead=RequestOverhead(0.002, 0.08))
+    first, second = run.requests
+    # The first prefill runs 0.002-0.112, then its decodes (0.011 each). The second, sent at
+    # 0.05, reaches the engine at 0.13 (0.002 later had it been idle), during the decode of
+    # 0.123-0.134, and prefills beside the next decode: a step of 0.01 + 0.001 * 51.
+    assert first.ttft_s == pytest.approx(0.112)
+    assert second.ttft_s == pytest.approx(0.134 + 0.061 - 0.05)
 
 
 def test_replicas_share_the_load() -> None:

@@ -40,7 +40,7 @@ from llmscale.plan.step_model import (
     linear_terms,
 )
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,15 @@ class Sample:
 TOKEN_GRID = (1, 2, 4, 8, 12, 16, 17, 24, 25, 32, 33, 48, 64, 65, 96, 97, 128, 129, 192, 256, 384, 512,
               768, 1024, 1536, 2048)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+# Decode contexts, each with its largest batch: up to the 2048-token prompts a long-tailed
+# workload brings, with the longest batch bounded so its K/V fits the shorter ones' memory.
+DECODE_CONTEXTS = ((32, 128), (256, 128), (1024, 128), (2048, 64))
 
 
 def default_shapes(max_len: int, max_tokens: int, max_seqs: int) -> list[tuple[Chunk, ...]]:
-    """Prefill chunks over the token grid, decode batches over contexts, prefill chunks after a
-    cached prefix, and decodes beside a prefill chunk (chunked prefill's mixed steps)."""
+    """Prefill chunks over the token grid, decode batches over contexts (equal, one long among
+    short ones, and long-tailed), prefill chunks after a cached prefix, and decodes beside a
+    prefill chunk (chunked prefill's mixed steps)."""
     def fits(context: int, new: int) -> bool:
         return context + new + 8 <= max_len
 
@@ -66,21 +70,33 @@ def default_shapes(max_len: int, max_tokens: int, max_seqs: int) -> list[tuple[C
     for n in TOKEN_GRID:
         if 1 < n <= max_tokens and fits(0, n):
             shapes.append((Chunk(0, n, True),))
-    for ctx in (32, 256, 1024):
+    for ctx, largest in DECODE_CONTEXTS:
         for b in DECODE_BATCHES:
-            if b <= min(max_seqs, max_tokens) and fits(ctx, 1):
+            if b <= min(largest, max_seqs, max_tokens) and fits(ctx, 1):
                 shapes.append(tuple(Chunk(ctx, 1, True) for _ in range(b)))
-    for b in (4, 16, 32, 64):  # one long context among short ones: summed vs padded attention
-        if b <= min(max_seqs, max_tokens) and fits(1024, 1):
-            shapes.append((Chunk(1024, 1, True),) + tuple(Chunk(32, 1, True) for _ in range(b - 1)))
-    for n in (16, 64, 256, 512):
-        if n <= max_tokens and fits(512, n):
-            shapes.append((Chunk(512, n, True),))
+    for ctx in (1024, 2048):  # one long context among short ones: summed vs padded attention
+        for b in (4, 16, 32, 64):
+            if b <= min(max_seqs, max_tokens) and fits(ctx, 1):
+                shapes.append((Chunk(ctx, 1, True),) + tuple(Chunk(32, 1, True) for _ in range(b - 1)))
+    rng = random.Random(0)  # decodes over a served workload's spread of contexts: long-tailed
+    for b in (8, 16, 32, 48, 64):
+        if b <= min(max_seqs, max_tokens):
+            contexts = [min(max_len - 9, 16 + round(rng.lognormvariate(5.3, 0.8))) for _ in range(b)]
+            shapes.append(tuple(Chunk(ctx, 1, True) for ctx in contexts))
+    for ctx in (512, 1536):
+        for n in (16, 64, 256, 512):
+            if n <= max_tokens and fits(ctx, n):
+                shapes.append((Chunk(ctx, n, True),))
     for b in (1, 8, 32):
         for n in (16, 64, 256, 512 - b):
             if b + 1 <= max_seqs and b + n <= max_tokens and fits(256, 1) and fits(0, n):
                 shapes.append(tuple(Chunk(256, 1, True) for _ in range(b)) + (Chunk(0, n, True),))
     return shapes
+
+
+def blocks_for(shapes: Sequence[tuple[Chunk, ...]], block_size: int) -> int:
+    """KV blocks the largest shape holds at once, one spare per request for its sampled token."""
+    return max(sum(-(-(c.context + c.new) // block_size) + 1 for c in shape) for shape in shapes)
 
 
 def geometry_of_engine(engine: Any) -> Geometry:
@@ -306,17 +322,17 @@ def calibration_engine(model: str | None, dtype: str, device: str | None, max_le
     block_size = 16
     probe = EngineConfig.from_kwargs(dtype=dtype, device=device)
     per_block = kv_bytes_per_block(model_cfg, block_size, probe.activation_dtype)
-    # The largest decode batch at the largest context, one spare block per request.
-    blocks = max(DECODE_BATCHES) * (-(-min(1024 + 16, max_len) // block_size) + 1) + 64
+    max_tokens, max_seqs = max(TOKEN_GRID) + max(DECODE_BATCHES), max(DECODE_BATCHES) + 1
+    blocks = blocks_for(default_shapes(max_len, max_tokens, max_seqs), block_size) + 64
     config = EngineConfig.from_kwargs(model=model, dtype=dtype, device=device, max_model_len=max_len,
                                       kv_cache_memory=blocks * per_block, block_size=block_size,
-                                      max_num_batched_tokens=max(TOKEN_GRID) + max(DECODE_BATCHES),
-                                      max_num_seqs=max(DECODE_BATCHES) + 1, enable_prefix_caching=False)
+                                      max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
+                                      enable_prefix_caching=False)
     return LLMEngine(config, stream_text=True, online=True)
 
 
 def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 5,
-              max_len: int = 2048) -> tuple[Calibration, CurveModel]:
+              max_len: int = 4096) -> tuple[Calibration, CurveModel]:
     """Measure this machine and fit both models; shows progress."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -405,6 +421,11 @@ def print_fit(calibration: Calibration, console: Any) -> None:
         f"stream at the measured DRAM bandwidth, {c.weight_bandwidth / 1e9:.0f} GB/s; "
         f"linears reach {c.linear_flops / 1e9:.0f} GFLOP/s "
         f"({c.linear_flops / calibration.peak_flops:.0%} of the GEMM peak)")
+    served = calibration.serving_overhead()
+    console.print(
+        f"serving over HTTP adds {served.step_s * 1e3:.1f} ms per step, "
+        f"{served.per_token_s * 1e3:.2f} ms per streamed token, and {served.request_s * 1e3:.1f} ms "
+        f"per request ({served.busy_request_s * 1e3:.1f} ms while the engine steps)")
     table = Table(title="measured step shapes: time and the two models' relative error")
     for col in ("shape", "ms", "curve", "roofline"):
         table.add_column(col, justify="left" if col == "shape" else "right")

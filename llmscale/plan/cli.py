@@ -60,8 +60,9 @@ def register(subparsers: Any) -> None:
                    help="how requests pick a replica (the cluster's policies; default: %(default)s)")
     g.add_argument("--request-overhead-ms", type=float, default=None, metavar="MS",
                    help="time a request spends outside the engine before it is scheduled: HTTP and "
-                        "tokenizing (default: the calibration's measurement on this machine, 2 ms on "
-                        "catalogue hardware; 17 ms more with replicas behind Ray Serve's proxy)")
+                        "tokenizing (default: the calibration's measurements on this machine, with the "
+                        "engine idle and busy; 2 ms on catalogue hardware; 17 ms more with replicas "
+                        "behind Ray Serve's proxy)")
     p.set_defaults(func=cmd_simulate)
     register_plan(subparsers)
 
@@ -91,7 +92,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from llmscale.engine.llm_engine import kv_cache_blocks
     from llmscale.plan.calibrate import Calibration
     from llmscale.plan.deployment import THIS_MACHINE, Deployment, ModelSpec, weight_format_of_dtype
-    from llmscale.plan.simulator import make_router
+    from llmscale.plan.simulator import CATALOGUE_REQUEST_OVERHEAD, RequestOverhead, make_router
     from llmscale.plan.sweep import simulate_sweep
 
     spec = workload_spec(args)
@@ -140,10 +141,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     if on_machine and calibration is not None and not measured:
         status(f"note: the calibration measured {calibration.model} {calibration.weight_format}; "
                f"{model.name} {fmt} is predicted from its fitted roofline")
-    overhead_ms = args.request_overhead_ms
-    if overhead_ms is None:
-        overhead_ms = calibration.serving_overhead().request_s * 1e3 if on_machine and calibration else 2.0
-        overhead_ms += RAY_PROXY_MS if args.num_replicas > 1 else 0.0
+    if args.request_overhead_ms is not None:
+        overhead = RequestOverhead.fixed(args.request_overhead_ms / 1e3)
+    else:
+        overhead = (calibration.serving_overhead().request_overhead() if on_machine and calibration
+                    else CATALOGUE_REQUEST_OVERHEAD)
+        overhead = overhead.plus(RAY_PROXY_MS / 1e3 if args.num_replicas > 1 else 0.0)
     spec = replace(spec, max_total_len=min(spec.max_total_len, max_model_len))
     codec = model.codec()
     label = args.label or f"simulated {hardware.name}"
@@ -151,9 +154,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     with progress:
         runs = simulate_sweep(make_engine, args.num_replicas, lambda: make_router(args.routing, args.seed),
                               plan, lambda n, seed: make_requests(spec, codec, n, seed), model.encoder(),
-                              label, start, overhead_ms / 1e3)
+                              label, start, overhead)
     simulated = {"deployment": deployment.describe(), "kv_blocks": make_engine().kv.pool.num_blocks,
-                 "request_overhead_ms": overhead_ms, "cost_per_hour": deployment.cost_per_hour}
+                 "request_overhead_ms": overhead.idle_s * 1e3,
+                 "busy_request_overhead_ms": overhead.busy_s * 1e3, "cost_per_hour": deployment.cost_per_hour}
     extra = {"model": model.name, "simulated": simulated}
     finish_runs(args, runs, f"simulate {model.name} on {deployment.describe()}", "simulate", extra)
     exit_if_interrupted(runs)
@@ -218,6 +222,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from llmscale.plan.deployment import THIS_MACHINE, ModelSpec, this_machine
     from llmscale.plan.hardware import get_hardware, load_catalogue
     from llmscale.plan.planner import Simulator, Slo, Workload, make_plan
+    from llmscale.plan.simulator import CATALOGUE_REQUEST_OVERHEAD
     from llmscale.plan.step_model import WEIGHT_BYTES
 
     slo = Slo.parse(args.slo)
@@ -249,7 +254,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     encode = model.encoder()
     requests = make_requests(spec, codec, min(args.num_prompts or 150, 400), args.seed)
     workload = Workload([encode(r.text) for r in requests], [r.output_len for r in requests], args.seed)
-    overhead = calibration.serving_overhead().request_s if calibration is not None else 0.002
+    overhead = (calibration.serving_overhead().request_overhead() if calibration is not None
+                else CATALOGUE_REQUEST_OVERHEAD)
     simulator = Simulator(model, workload, max_model_len, calibration, args.routing, overhead)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True) as progress:

@@ -23,7 +23,13 @@ from llmscale.config import ConfigError
 from llmscale.plan.calibrate import Calibration
 from llmscale.plan.deployment import THIS_MACHINE, Deployment, ModelSpec
 from llmscale.plan.hardware import Hardware
-from llmscale.plan.simulator import SimWorkload, make_router, simulate
+from llmscale.plan.simulator import (
+    CATALOGUE_REQUEST_OVERHEAD,
+    RequestOverhead,
+    SimWorkload,
+    make_router,
+    simulate,
+)
 
 SLO_KEYS = ("ttft_p99_ms", "tpot_p99_ms")
 GPU_FORMATS = ("bf16", "fp8", "int8", "int4")
@@ -130,20 +136,20 @@ class Simulator:
 
     def __init__(self, model: ModelSpec, workload: Workload, max_model_len: int,
                  calibration: Calibration | None = None, routing: str = "pow2",
-                 request_overhead_s: float = 0.002) -> None:
+                 request_overhead: RequestOverhead = CATALOGUE_REQUEST_OVERHEAD) -> None:
         self.model = model
         self.workload = workload
         self.max_model_len = max_model_len
         self.calibration = calibration
         self.routing = routing
-        self.request_overhead_s = request_overhead_s
+        self.request_overhead = request_overhead
 
     def run(self, deployment: Deployment, rate: float, n: int | None = None) -> Latency:
         make = deployment.engine_factory(self.model, self.max_model_len, self.calibration)
         work = self.workload.at_rate(rate, n)
         route = make_router(self.routing, self.workload.seed)
         run = simulate(make, deployment.replicas, work, route, "plan", rate, 1.0, self.workload.seed,
-                       request_overhead_s=self.request_overhead_s)
+                       request_overhead=self.request_overhead)
         return Latency.of(run)
 
     def goodput(self, deployment: Deployment, slo: Slo) -> tuple[float, float, str, Latency | None]:

@@ -8,12 +8,15 @@ a free loopback port, streams b = 1..32 concurrent requests, and fits both costs
 squares, non-negative) against the calibrated curve; a lone request's time to first token
 less its prefill step gives the request's own overhead (HTTP, tokenizing): the median of a
 few sent one after another, the first left out (its prompt length is new to the kernels).
+The same requests sent while one other stream decodes take longer to reach the engine: their
+parsing and tokenizing wait for cores the step's threads hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +27,7 @@ import numpy as np
 
 from llmscale.bench.roofline import Chunk
 from llmscale.config import ConfigError
+from llmscale.plan.simulator import RequestOverhead
 from llmscale.plan.step_model import StepModel
 from llmscale.serve.process import free_port, start_server, stop_server, wait_ready
 
@@ -35,13 +39,19 @@ PROMPT_TOKENS = 200
 OUTPUT_TOKENS = 48
 SKIP_TOKENS = 8  # gaps while other streams still prefill are not steady decode steps
 LONE_REQUESTS = 6
+BACKGROUND_TOKENS = 400  # the stream that keeps the engine busy outlasts the lone requests
+BACKGROUND_LEAD_S = 0.5  # its prefill done before the first lone request
 
 
 @dataclass(frozen=True)
 class ServingOverhead:
     step_s: float  # added to every step
     per_token_s: float  # added per token streamed in the step
-    request_s: float  # a request's way in: HTTP, tokenizing, queueing into the engine
+    request_s: float  # a request's way in: HTTP, tokenizing, queueing into an idle engine
+    busy_request_s: float  # the same while the engine steps, whose threads hold the cores
+
+    def request_overhead(self) -> RequestOverhead:
+        return RequestOverhead(self.request_s, self.busy_request_s)
 
 
 @dataclass(frozen=True)
@@ -103,15 +113,27 @@ async def _round(url: str, model: str, tokenizer: Tokenizer, batch: int, first: 
     return statistics.median(gaps)
 
 
-async def _lone_ttfts(url: str, model: str, tokenizer: Tokenizer, first: int) -> list[float]:
-    """Time to first token of requests sent one at a time."""
+async def _lone_ttfts(url: str, model: str, tokenizer: Tokenizer, first: int, busy: bool) -> list[float]:
+    """Time to first token of requests sent one at a time; with `busy`, while one other stream
+    decodes, each sent at a (seeded) random phase of its steps."""
     import httpx
 
     ttfts: list[float] = []
+    rng = random.Random(first)
     async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+        background = None
+        if busy:
+            background = asyncio.create_task(_stream(client, url, model, prompt_text(tokenizer, first - 1),
+                                                     max_tokens=BACKGROUND_TOKENS))
+            await asyncio.sleep(BACKGROUND_LEAD_S)
         for i in range(LONE_REQUESTS):
+            if busy:
+                await asyncio.sleep(rng.uniform(0.02, 0.1))
             stamps = await _stream(client, url, model, prompt_text(tokenizer, first + i), max_tokens=2)
             ttfts += stamps[:1]
+        if background is not None:
+            background.cancel()  # the server aborts it when the stream closes
+            await asyncio.gather(background, return_exceptions=True)
     return ttfts
 
 
@@ -125,9 +147,11 @@ def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer
         model = wait_ready(url, proc)
         asyncio.run(_round(url, model, tokenizer, 1, 0))  # warm-up
         advance()
-        ttfts = asyncio.run(_lone_ttfts(url, model, tokenizer, 1))
+        ttfts = asyncio.run(_lone_ttfts(url, model, tokenizer, 1, busy=False))
+        busy_first = 2 + LONE_REQUESTS  # its background stream's prompt is the one before
+        busy_ttfts = asyncio.run(_lone_ttfts(url, model, tokenizer, busy_first, busy=True))
         rows = []
-        sent = 1 + LONE_REQUESTS
+        sent = busy_first + LONE_REQUESTS
         for b in BATCHES:
             gap = asyncio.run(_round(url, model, tokenizer, b, sent))
             sent += b
@@ -148,4 +172,11 @@ def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer
     lone = [ttft - engine_model.step_seconds([Chunk(0, prompts[1 + i], True)]) - step_s - per_token_s
             for i, ttft in enumerate(ttfts)]
     request_s = max(0.0, statistics.median(lone[1:]))
-    return ServingOverhead(float(step_s), float(per_token_s), float(request_s))
+    # Beside a decoding stream a request waits, on average, half that stream's step, then
+    # prefills in a step with it; what is left is its way in while the engine steps.
+    decode = engine_model.step_seconds([Chunk(context, 1, True)]) + step_s + per_token_s
+    busy = [ttft - decode / 2 - engine_model.step_seconds([Chunk(context, 1, True),
+                                                           Chunk(0, prompts[busy_first + i], True)])
+            - step_s - 2 * per_token_s for i, ttft in enumerate(busy_ttfts)]
+    busy_request_s = max(request_s, statistics.median(busy))
+    return ServingOverhead(float(step_s), float(per_token_s), float(request_s), float(busy_request_s))

@@ -35,6 +35,27 @@ STAND_IN_VOCAB = 1 << 20  # stand-in output tokens never collide with another pr
 IDLE_POLL_S = 0.002  # a batching policy waiting for its batch: the engine loop polls this often
 
 
+@dataclass(frozen=True)
+class RequestOverhead:
+    """How long a request takes to reach its engine (HTTP, tokenizing, a proxy), by whether the
+    engine is stepping when it arrives: on a few cores that work waits for the step's threads."""
+
+    idle_s: float = 0.0
+    busy_s: float = 0.0
+
+    @classmethod
+    def fixed(cls, seconds: float) -> RequestOverhead:
+        return cls(seconds, seconds)
+
+    def plus(self, seconds: float) -> RequestOverhead:
+        return RequestOverhead(self.idle_s + seconds, self.busy_s + seconds)
+
+
+NO_REQUEST_OVERHEAD = RequestOverhead()
+# A request's way in on catalogue hardware, whose host cores do not run the model.
+CATALOGUE_REQUEST_OVERHEAD = RequestOverhead.fixed(0.002)
+
+
 @dataclass
 class SimStep:
     batch: ScheduledBatch
@@ -172,11 +193,10 @@ class _Replica:
 
 def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: SimWorkload,
              route: Route, label: str, rate: float, burstiness: float, seed: int,
-             max_concurrency: int | None = None, request_overhead_s: float = 0.0,
+             max_concurrency: int | None = None, request_overhead: RequestOverhead = NO_REQUEST_OVERHEAD,
              on_done: Callable[[], None] = lambda: None,
              rate_schedule: RateSchedule | None = None) -> Run:
-    """One load run in simulated time. `request_overhead_s`: how long a request takes to reach
-    its engine (HTTP, tokenizing, the proxy); it counts in TTFT and E2E."""
+    """One load run in simulated time. `request_overhead` counts in TTFT and E2E."""
     replicas = [_Replica(make_engine()) for _ in range(num_replicas)]
     n = len(workload.prompts)
     results = [RequestResult(i, len(p), m, at) for i, (p, m, at) in
@@ -203,7 +223,8 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
         k = route(workload.prompts[i], [r.engine for r in replicas], inflight)
         inflight[k] = inflight.get(k, 0) + 1
         replica_of[i] = k
-        push(t + request_overhead_s, DELIVER, i)
+        busy = replicas[k].step is not None
+        push(t + (request_overhead.busy_s if busy else request_overhead.idle_s), DELIVER, i)
 
     def start_step(k: int, t: float) -> None:
         rep = replicas[k]

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from llmscale.bench.datasets import BenchRequest
 from llmscale.bench.load import LoadPlan, run_seed
 from llmscale.bench.metrics import Run
-from llmscale.plan.simulator import Route, SimEngine, SimWorkload, simulate
+from llmscale.plan.simulator import (
+    NO_REQUEST_OVERHEAD,
+    RequestOverhead,
+    Route,
+    SimEngine,
+    SimWorkload,
+    simulate,
+)
 
 MakeWorkload = Callable[[int, int], list[BenchRequest]]
 
@@ -24,7 +31,7 @@ def simulate_sweep(make_engine: Callable[[], SimEngine], num_replicas: int,
                    route_factory: Callable[[], Route], plan: LoadPlan, make_workload: MakeWorkload,
                    encode: Callable[[str], list[int]], label: str,
                    progress_factory: Callable[[str, int], Callable[[], None]],
-                   request_overhead_s: float = 0.0) -> list[Run]:
+                   request_overhead: RequestOverhead = NO_REQUEST_OVERHEAD) -> list[Run]:
     """One simulated run per rate (or the rate schedule's one run), fresh replicas each."""
     runs = []
     for i, rate in enumerate(plan.rates):
@@ -34,6 +41,6 @@ def simulate_sweep(make_engine: Callable[[], SimEngine], num_replicas: int,
         on_done = progress_factory(plan.describe(label, rate), len(requests))
         workload = sim_workload(requests, encode, arrivals)
         runs.append(simulate(make_engine, num_replicas, workload, route_factory(), label, rate,
-                             plan.burstiness, seed, plan.max_concurrency, request_overhead_s, on_done,
+                             plan.burstiness, seed, plan.max_concurrency, request_overhead, on_done,
                              plan.rate_schedule))
     return runs
