@@ -1,7 +1,8 @@
 """`llmscale cluster serve` and `llmscale cluster status`.
 
 `cluster serve` starts (or with `--address` joins) a Ray cluster, deploys the application of
-`cluster/app.py` on Ray Serve and waits for SIGTERM/SIGINT; then it drains (Serve lets
+`cluster/app.py` on Ray Serve and waits for SIGTERM/SIGINT, printing the autoscaler's
+decisions as they come (with `--min-replicas`/`--max-replicas`); then it drains (Serve lets
 requests in flight finish, up to `--drain-timeout`, while the app stops taking new ones) and
 stops Ray if it started it. Engine and server flags mean what they mean for `llmscale serve`.
 """
@@ -14,13 +15,17 @@ import os
 import signal
 import threading
 import time
+import uuid
+from dataclasses import replace
 from typing import Any
 
+from llmscale.cluster.autoscale import AutoscalingOptions
 from llmscale.config import ConfigError, EngineConfig
 from llmscale.console import status, stdout_console
 
 APP_NAME = "llmscale"
 ROUTER_CHOICES = ("prefix", "pow2", "round-robin")
+DEFAULT_SCALING = AutoscalingOptions(min_replicas=1, max_replicas=1)
 
 
 def register(subparsers: Any) -> None:
@@ -40,6 +45,33 @@ def register(subparsers: Any) -> None:
                         "less loaded of two random replicas; round-robin (default: prefix)")
     g.add_argument("--address", default=None,
                    help="join the Ray cluster at this address (host:port of its GCS) instead of starting one")
+    g = p.add_argument_group("autoscaling (on when --min-replicas or --max-replicas is given)")
+    g.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                   help="never fewer replicas; 0 scales to zero when idle (default with --max-replicas: 1)")
+    g.add_argument("--max-replicas", type=int, default=None, metavar="M",
+                   help="never more replicas (default with --min-replicas: max(N, 1))")
+    g.add_argument("--target-ttft-ms", type=float, default=None, metavar="MS",
+                   help="p90 time to first token to keep replicas under "
+                        f"(default: {DEFAULT_SCALING.target_ttft_ms:g})")
+    g.add_argument("--target-tpot-ms", type=float, default=None, metavar="MS",
+                   help="p90 time per output token to keep under "
+                        f"(default: {DEFAULT_SCALING.target_tpot_ms:g})")
+    g.add_argument("--scale-to-zero-after-s", type=float, default=None, metavar="S",
+                   help="with --min-replicas 0: stop the last replica after S idle seconds "
+                        f"(default: {DEFAULT_SCALING.scale_to_zero_after_s:g})")
+    g.add_argument("--upscale-delay-s", type=float, default=None, metavar="S",
+                   help="how long a need for more replicas must last "
+                        f"(default: {DEFAULT_SCALING.upscale_delay_s:g})")
+    g.add_argument("--downscale-delay-s", type=float, default=None, metavar="S",
+                   help="how long a room for fewer replicas must last "
+                        f"(default: {DEFAULT_SCALING.downscale_delay_s:g})")
+    g = p.add_argument_group("cold starts")
+    g.add_argument("--fallback-model", default=None, metavar="PATH",
+                   help="a smaller model (as for --model, sharing its tokenizer: a quantized or distilled "
+                        "student) on one always-warm replica that answers while the main model has no "
+                        "replica ready; its answers say so (x-llmscale-replica: fallback, its model name)")
+    g.add_argument("--no-fallback-while-cold", action="store_true",
+                   help="requests wait for a main replica instead (no fallback replica is started)")
     add_serve_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
@@ -51,16 +83,57 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_status)
 
 
+SCALING_FLAGS = ("target_ttft_ms", "target_tpot_ms", "scale_to_zero_after_s", "upscale_delay_s",
+                 "downscale_delay_s")
+
+
+def autoscaling_of(args: argparse.Namespace) -> AutoscalingOptions | None:
+    """The autoscaling flags, checked; None when the replica count is fixed."""
+    if args.min_replicas is None and args.max_replicas is None:
+        given = [f"--{f.replace('_', '-')}" for f in SCALING_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to autoscaling: add --min-replicas and "
+                              f"--max-replicas")
+        return None
+    low = args.min_replicas if args.min_replicas is not None else 1
+    high = args.max_replicas if args.max_replicas is not None else max(low, 1)
+    tuned = {f: getattr(args, f) for f in SCALING_FLAGS if getattr(args, f) is not None}
+    options = replace(DEFAULT_SCALING, min_replicas=low, max_replicas=high, **tuned)
+    options.validate()
+    return options
+
+
+def fallback_config(args: argparse.Namespace, config: EngineConfig) -> EngineConfig | None:
+    """The fallback replica's engine: the main engine's flags on `--fallback-model`, whose
+    tokenizer must be the main model's (the ingress tokenizes once, for either)."""
+    if args.fallback_model is None or args.no_fallback_while_cold:
+        return None
+    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.tokenizer import Tokenizer
+
+    fallback = replace(config, model=args.fallback_model)
+    main_tok, fallback_tok = (Tokenizer.from_folder(resolve_model(c.model, c.keep_quantized))
+                              for c in (config, fallback))
+    probe = "Hello, world! 1234 ünïcode"
+    if (main_tok.vocab_size, main_tok.encode(probe)) != (fallback_tok.vocab_size, fallback_tok.encode(probe)):
+        raise ConfigError(f"--fallback-model {args.fallback_model}: its tokenizer differs from the main "
+                          f"model's; use a student or quantized copy of {config.model_name}")
+    return fallback
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from llmscale.cli import engine_config_from_args
 
     if args.num_replicas < 1 or args.replica_cpus <= 0:
         raise ConfigError("--num-replicas must be >= 1 and --replica-cpus > 0")
+    scaling = autoscaling_of(args)
     config = engine_config_from_args(args)
+    fallback = fallback_config(args, config)
     # Ray and Serve load only to serve, not to build the CLI parser.
+    import ray
     from ray import serve
 
-    from llmscale.cluster.board import StatusBoard
+    from llmscale.cluster.board import NAMESPACE, REPORT_PERIOD_S, StatusBoard
     from llmscale.cluster.ray_cluster import connect
 
     # The replicas' and Serve's own logs (tracebacks of refused starts included) only with -v;
@@ -74,13 +147,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         cluster.start_serve(args.port)
-        board = StatusBoard.remote()
-        status(f"llmscale cluster serve: starting {args.num_replicas} replica(s) of {config.model_name} "
+        board_name = f"board-{uuid.uuid4().hex[:12]}"
+        board = StatusBoard.options(name=board_name, namespace=NAMESPACE).remote(
+            scaling.describe() if scaling else None, args.hardware_cost_per_hour)
+        count = (f"{args.num_replicas} replica(s)" if scaling is None else
+                 f"{scaling.min_replicas}-{scaling.max_replicas} replicas, autoscaled to p90 TTFT "
+                 f"{scaling.target_ttft_ms:g} ms / TPOT {scaling.target_tpot_ms:g} ms,")
+        status(f"llmscale cluster serve: starting {count} of {config.model_name} "
                f"({args.replica_cpus:g} CPU each), router {args.router}, Ray at {cluster.address}")
-        deploy(args, config, board)
+        deploy(args, config, board, scaling, board_name, fallback)
         status(f"llmscale cluster serve: ready at http://{args.host}:{args.port}/v1 "
                f"(status: /cluster/status; Ctrl-C to stop)")
-        stop.wait()
+        shown = 0
+        while not stop.wait(REPORT_PERIOD_S):
+            for d in ray.get(board.decisions_since.remote(shown)):
+                status(f"autoscaler: {d['previous']} -> {d['replicas']} replica(s) [{d['signal']}] "
+                       f"{d['reason']}")
+                shown = d["index"]
         status(f"llmscale cluster serve: shutting down, finishing requests in flight "
                f"(up to {args.drain_timeout:g} s)")
         drain(board, args.drain_timeout)
@@ -90,7 +173,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     status("llmscale cluster serve: stopped")
 
 
-def deploy(args: argparse.Namespace, config: EngineConfig, board: Any) -> None:
+def deploy(args: argparse.Namespace, config: EngineConfig, board: Any,
+           scaling: AutoscalingOptions | None = None, board_name: str = "",
+           fallback: EngineConfig | None = None) -> None:
     """Run the application and wait until it serves; a replica whose engine refused its config
     ends the command with that one-line error."""
     import ray
@@ -100,10 +185,12 @@ def deploy(args: argparse.Namespace, config: EngineConfig, board: Any) -> None:
     from llmscale.serve.cost import CostModel
 
     cost = CostModel(args.price_input_per_1m, args.price_output_per_1m, args.hardware_cost_per_hour)
+    slo = (scaling.target_ttft_ms, scaling.target_tpot_ms) if scaling is not None else None
     api = ApiOptions(args.served_model_name, args.api_key, args.max_queue, args.max_n, args.max_body_bytes,
-                     cost)
+                     cost, slo)
     app = build_app(config, board, args.num_replicas, args.replica_cpus, args.router, api,
-                    drain_timeout_s=args.drain_timeout)
+                    drain_timeout_s=args.drain_timeout, autoscaling=scaling, board_name=board_name,
+                    fallback=fallback)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError:
@@ -152,4 +239,18 @@ def cmd_status(args: argparse.Namespace) -> None:
         table.add_row(rep["replica_id"], rep["state"], rep["node"][:12], str(rep["pid"]), str(rep["running"]),
                       str(rep["waiting"]), f"{rep['kv_usage']:.1%}", f"{rep['prefix_hit_rate']:.1%}",
                       str(rep["requests_served"]))
-    stdout_console().print(table)
+    console = stdout_console()
+    console.print(table)
+    spent, slo = body["spent"], body.get("slo")
+    held = ", ".join(f"{role} {seconds:.0f} s" for role, seconds in sorted(spent["replica_seconds"].items()))
+    console.print(f"replica-seconds: {held or 'none yet'}"
+                  + (f" (${spent['cost_usd']:.4f})" if spent["cost_usd"] is not None else ""))
+    if slo is not None and slo["attainment"] is not None:
+        console.print(f"SLO (TTFT {slo['ttft_ms']:g} ms, TPOT {slo['tpot_ms']:g} ms): "
+                      f"{slo['attainment']:.1%} of {slo['met'] + slo['missed']} requests met it")
+    if (a := body.get("autoscaler")) is not None:
+        last = a["last_decision"]
+        console.print(f"autoscaler: {a['ready_replicas']} ready, {a['desired_replicas']} wanted "
+                      f"({a['min_replicas']}-{a['max_replicas']}, p90 TTFT {a['target_ttft_ms']:g} ms, "
+                      f"TPOT {a['target_tpot_ms']:g} ms); {a['decisions']} decisions"
+                      + (f", last [{last['signal']}] {last['reason']}" if last else ""), markup=False)

@@ -4,11 +4,13 @@ engine replicas behind a Ray Serve handle.
 Prompts are tokenized here, so the router sees token ids and can match cached prefixes. A
 replica that dies before a request produced anything costs that request nothing: it is sent
 once more, to another replica. One that dies mid-stream ends the stream with an error (the
-client already holds tokens that no other replica would continue exactly).
+client already holds tokens that no other replica would continue exactly). With a fallback
+deployment, requests go to it while the main deployment has no replica ready.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,13 +37,35 @@ ATTEMPTS = 2  # the first try and one retry on another replica
 
 class ClusterEngineClient:
     def __init__(self, replicas: DeploymentHandle, tokenizer: Tokenizer, model_name: str,
-                 max_model_len: int, states: Callable[[], dict[str, EngineState]]) -> None:
-        """`states`: the replicas' last reported engine states by replica id."""
+                 max_model_len: int, states: Callable[[], dict[str, EngineState]],
+                 fallback: DeploymentHandle | None = None, main_ready: Callable[[], bool] = lambda: True
+                 ) -> None:
+        """`states`: the replicas' last reported engine states by replica id. `fallback`: the
+        deployment that answers while `main_ready()` says no replica of the main one is ready;
+        meanwhile one call waits on the main deployment, so a deployment at zero starts one."""
+        self.main = replicas
         self.replicas = replicas.options(stream=True)
+        self.fallback = fallback.options(stream=True) if fallback is not None else None
+        self.main_ready = main_ready
+        self.waking: asyncio.Future[Any] | None = None
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.states = states
+
+    def _target(self) -> DeploymentHandle:
+        """The main deployment, or the fallback while the main has no replica ready."""
+        if self.fallback is None or self.main_ready():
+            return self.replicas
+        if self.waking is None or self.waking.done():
+            self.waking = asyncio.ensure_future(self._wake())
+        return self.fallback
+
+    async def _wake(self) -> None:
+        try:
+            await self.main.wake.remote()
+        except REPLICA_LOST as e:  # the next request routed to the fallback tries again
+            log.warning("waking the main deployment failed: %s", type(e).__name__)
 
     @property
     def is_running(self) -> bool:
@@ -52,7 +76,7 @@ class ClusterEngineClient:
         text, ids = tokenize_prompt(self.tokenizer, prompt)
         request = ReplicaRequest(request_id or f"req-{uuid.uuid4().hex}", ids, text, params)
         for attempt in range(1, ATTEMPTS + 1):
-            stream = self.replicas.generate.remote(request)
+            stream = self._target().generate.remote(request)
             produced = False
             try:
                 async for out in stream:

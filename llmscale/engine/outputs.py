@@ -44,3 +44,5 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     # The engine replica that produced it, where several serve one endpoint; None for one engine.
     served_by: str | None = None
+    # The model that produced it, where it is not the endpoint's own (a cluster's fallback).
+    served_model: str | None = None

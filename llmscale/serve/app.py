@@ -160,6 +160,7 @@ class _Run:
     def __init__(self, server: _Server, gen: AsyncIterator[RequestOutput], first: RequestOutput,
                  start_s: float) -> None:
         self.server, self.gen, self.last, self.start_s = server, gen, first, start_s
+        self.first_s = time.monotonic()  # the first token reached the server
         self.usage: Usage | None = None  # set by close()
 
     async def outputs(self) -> AsyncGenerator[RequestOutput, None]:
@@ -177,6 +178,10 @@ class _Run:
             async for _ in outputs:
                 pass
 
+    def model(self, default: str) -> str:
+        """The model named in the response: the one that produced it."""
+        return self.last.served_model or default
+
     def headers(self) -> dict[str, str]:
         """Known once the first output is in: the replica that serves the request, if several may."""
         served_by = self.last.served_by
@@ -185,7 +190,7 @@ class _Run:
     async def close(self) -> None:
         if self.usage is None:
             await self.gen.aclose()  # type: ignore[attr-defined]
-            self.usage = self.server.finish(self.last, self.start_s)
+            self.usage = self.server.finish(self.last, self.start_s, self.first_s)
 
 
 class _Server:
@@ -244,12 +249,13 @@ class _Server:
         await retry.drain()
         return retry
 
-    def finish(self, out: RequestOutput, start_s: float) -> Usage:
+    def finish(self, out: RequestOutput, start_s: float, first_s: float) -> Usage:
         prompt_tokens = len(out.prompt_token_ids)
         completion_tokens = sum(len(o.token_ids) for o in out.outputs)
         self.cost.request_finished(completion_tokens)
         cost = self.cost.cost_usd(prompt_tokens, completion_tokens)
-        self.metrics.observe(out, prompt_tokens, completion_tokens, cost, time.monotonic() - start_s)
+        self.metrics.observe(out, prompt_tokens, completion_tokens, cost, time.monotonic() - start_s,
+                             first_s - start_s)
         cached = out.metrics.num_cached_tokens if out.metrics is not None else 0
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens,
@@ -321,13 +327,14 @@ class _Server:
             logprobs=None if k is None else self.completion_logprobs(
                 o, 0, k, len(echo), self.prompt_logprobs(run.last, k) if echo else None))
             for o in run.last.outputs]
-        body = CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=run.usage)
+        body = CompletionResponse(id=rid, model=run.model(self.model_name), choices=choices, usage=run.usage)
         return self.json(body, run)
 
     async def completion_chunks(self, req: CompletionRequest, params: SamplingParams, run: _Run, rid: str,
                                 echo: str) -> AsyncGenerator[str, None]:
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            return _sse(CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage))
+            return _sse(CompletionResponse(id=rid, model=run.model(self.model_name), choices=choices,
+                                           usage=usage))
 
         if echo:
             k = req.logprobs
@@ -389,13 +396,15 @@ class _Server:
                               finish_reason=o.finish_reason,
                               logprobs=self.chat_logprobs(o, 0, top_k) if req.logprobs else None)
                    for o in run.last.outputs]
-        body = ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=run.usage)
+        body = ChatCompletionResponse(id=rid, model=run.model(self.model_name), choices=choices,
+                                      usage=run.usage)
         return self.json(body, run)
 
     async def chat_chunks(self, req: ChatCompletionRequest, params: SamplingParams, run: _Run,
                           rid: str) -> AsyncGenerator[str, None]:
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return _sse(ChatCompletionChunk(id=rid, model=self.model_name, choices=choices, usage=usage))
+            return _sse(ChatCompletionChunk(id=rid, model=run.model(self.model_name), choices=choices,
+                                            usage=usage))
 
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(params.n)])

@@ -51,10 +51,41 @@ class _EngineCollector(Collector):
         yield from families.values()
 
 
+class AutoscalerCollector(Collector):
+    """A cluster's autoscaler (the status board's `autoscaler` section): replicas wanted and
+    ready, and its decisions counted by the signal that made them."""
+
+    def __init__(self, autoscaler: Callable[[], dict[str, Any] | None], model_name: str) -> None:
+        self.autoscaler = autoscaler
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Any]:
+        a = self.autoscaler()
+        if a is None:
+            return
+        labels = ["model_name"]
+        for key, name, doc in (("desired_replicas", "llmscale:autoscaler_desired_replicas",
+                                "Engine replicas the autoscaler wants"),
+                               ("ready_replicas", "llmscale:autoscaler_ready_replicas",
+                                "Engine replicas ready to serve")):
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric([self.model_name], a[key])
+            yield family
+        decisions = CounterMetricFamily("llmscale:autoscaler_decisions",
+                                        "Changes of the replica count the autoscaler wants, by signal",
+                                        labels=[*labels, "signal"])
+        for signal, count in sorted(a["by_signal"].items()):
+            decisions.add_metric([self.model_name, signal], count)
+        yield decisions
+
+
 class ServerMetrics:
     def __init__(self, states: Callable[[], dict[str, EngineState]], model_name: str,
                  per_replica: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.slo: tuple[float, float] | None = None  # (TTFT s, TPOT s) with `track_slo`
+        self.slo_counts = {"true": 0, "false": 0}
         labels = {"model_name": model_name}
         self.registry.register(_EngineCollector(states, labels, per_replica))
         names = list(labels)
@@ -77,8 +108,29 @@ class ServerMetrics:
         self.queue = histogram("llmscale:request_queue_time_seconds",
                                "Time from arrival to first scheduled", _LATENCY_BUCKETS_S)
 
+    def track_slo(self, ttft_s: float, tpot_s: float) -> None:
+        """Count finished requests against these targets, as the server saw them (time to the
+        first token reaching it, and the mean gap after): `llmscale:slo_requests_total{met}`."""
+        self.slo = (ttft_s, tpot_s)
+        self.slo_requests = Counter("llmscale:slo_requests", "Finished requests, by whether they met the SLO",
+                                    ["model_name", "met"], registry=self.registry)
+
+    def slo_attainment(self) -> dict[str, Any] | None:
+        if self.slo is None:
+            return None
+        met, missed = self.slo_counts["true"], self.slo_counts["false"]
+        return {"ttft_ms": self.slo[0] * 1e3, "tpot_ms": self.slo[1] * 1e3, "met": met, "missed": missed,
+                "attainment": met / (met + missed) if met + missed else None}
+
     def observe(self, out: RequestOutput, prompt_tokens: int, completion_tokens: int, cost_usd: float,
-                e2e_s: float) -> None:
+                e2e_s: float, ttft_s: float | None = None) -> None:
+        """`ttft_s`: until the first token reached the server (counted against the SLO)."""
+        if self.slo is not None and ttft_s is not None:
+            n = len(out.outputs[0].token_ids) if out.outputs else 0
+            tpot_s = (e2e_s - ttft_s) / (n - 1) if n > 1 else 0.0
+            met = "true" if ttft_s <= self.slo[0] and tpot_s <= self.slo[1] else "false"
+            self.slo_counts[met] += 1
+            self.slo_requests.labels(model_name=self.model_name, met=met).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.cost_usd.inc(cost_usd)
