@@ -7,6 +7,7 @@ The fallback is a tiny random model with the default model's tokenizer.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -55,10 +56,12 @@ def test_the_fallback_answers_while_the_main_model_starts_then_hands_back(cluste
 
     _wait(served_by_main, "a request served by the main model", timeout_s=10)
 
-    # Idle: the main deployment scales to zero, and the fallback answers again.
+    # Idle: the main deployment scales to zero, and once the ingress has seen it (its /metrics
+    # show the board's snapshot it routes by), the fallback answers again.
     _wait(lambda: _autoscaler(url)["ready_replicas"] == 0, "scale to zero", timeout_s=60)
-    _wait(lambda: _complete(url, 2, 4).headers["x-llmscale-replica"] == "fallback",
-          "the fallback answering after scale to zero", timeout_s=10)
+    _wait(lambda: re.search(r"llmscale:autoscaler_ready_replicas\{.*\} 0\.0",
+                            httpx.get(f"{url}/metrics", timeout=10).text), "the ingress seeing zero", 10)
+    assert _complete(url, 2, 4).headers["x-llmscale-replica"] == "fallback"
 
 
 def test_metrics_and_status_show_the_fallback_replica(cluster: tuple[str, str]) -> None:
