@@ -1,7 +1,7 @@
 """Autoscaling against fixed pools: the same time-varying load on `llmscale cluster serve`
 autoscaled to its SLO, on a fixed pool of the maximum, and on a fixed pool of the minimum.
 
-    python benchmarks/autoscale.py [--schedule diurnal:0.05,2.5,300] [--slo ttft_ms=2000,tpot_ms=150]
+    python benchmarks/autoscale.py [--schedule diurnal:0.02,3,300] [--slo ttft_ms=2000,tpot_ms=150]
                                    [--max-replicas 2] [--fallback-model PATH] [--quick]
                                    [--out results/autoscale]
 
@@ -186,7 +186,7 @@ def plot(outcomes: list[Outcome], args: argparse.Namespace, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schedule", default="diurnal:0.05,2.5,300")
+    p.add_argument("--schedule", default="diurnal:0.02,3,300")
     p.add_argument("--slo", default="ttft_ms=2000,tpot_ms=150")
     p.add_argument("--prompt-len", default="uniform:64,256")
     p.add_argument("--output-len", default="uniform:32,96")

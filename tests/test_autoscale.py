@@ -24,9 +24,9 @@ import pytest
 
 from .live_server import free_port
 from .test_cli import run_cli
+from .test_cluster import HEADERS, _wait
 from .test_server import API_KEY, MAX_MODEL_LEN, MODEL
 
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 MAX_SEQS = 4  # a replica runs 4 sequences and takes 8 requests: a burst of 24 queues
 BURST = 24
 FLAGS = ["--min-replicas", "0", "--max-replicas", "2", "--scale-to-zero-after-s", "3",
@@ -36,13 +36,6 @@ FLAGS = ["--min-replicas", "0", "--max-replicas", "2", "--scale-to-zero-after-s"
 
 def _autoscaler(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/cluster/status", headers=HEADERS, timeout=10).json()["autoscaler"]
-
-
-def _wait(ok: Any, what: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ok():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def _answers(url: str) -> bool:

@@ -94,19 +94,22 @@ def test_simulator_schedules_exactly_as_the_engine(tiny_model, seed: int, budget
     assert engine.kv.prefix_hits == sim.kv.prefix_hits
 
 
+class LinearStep:
+    """10 ms a step plus 1 ms a token computed."""
+
+    def step_seconds(self, chunks: list[Chunk]) -> float:
+        return 0.01 + 0.001 * sum(c.new for c in chunks) if chunks else 0.0
+
+
+def linear_engine() -> SimEngine:
+    return SimEngine(SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8), 100, 16, True, 1024,
+                     LinearStep())
+
+
 def test_simulated_run_times_follow_the_step_model() -> None:
     """One request alone: TTFT is its prefill step, each later token one decode step."""
-    sched = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8)
-
-    class Linear:
-        def step_seconds(self, chunks: list[Chunk]) -> float:
-            return 0.01 + 0.001 * sum(c.new for c in chunks) if chunks else 0.0
-
-    def make() -> SimEngine:
-        return SimEngine(sched, 100, 16, True, 1024, Linear())
-
     work = SimWorkload([[5] * 100], [10], [0.0])
-    run = simulate(make, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0,
+    run = simulate(linear_engine, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0,
                    request_overhead=RequestOverhead(0.002, 0.5))
     r = run.requests[0]
     assert r.success and r.output_tokens == 10
@@ -118,17 +121,8 @@ def test_simulated_run_times_follow_the_step_model() -> None:
 def test_a_request_reaching_a_busy_engine_pays_the_busy_overhead() -> None:
     """The second request is sent while the first's prefill step runs: it reaches the engine
     after the busy overhead, waits for that step to end, then prefills beside the decode."""
-    sched = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8)
-
-    class Linear:
-        def step_seconds(self, chunks: list[Chunk]) -> float:
-            return 0.01 + 0.001 * sum(c.new for c in chunks) if chunks else 0.0
-
-    def make() -> SimEngine:
-        return SimEngine(sched, 100, 16, True, 1024, Linear())
-
     work = SimWorkload([[5] * 100, [7] * 50], [10, 10], [0.0, 0.05])
-    run = simulate(make, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0,
+    run = simulate(linear_engine, 1, work, make_router("prefix"), "t", 1.0, 1.0, 0,
                    request_overhead=RequestOverhead(0.002, 0.08))
     first, second = run.requests
     # The first prefill runs 0.002-0.112, then its decodes (0.011 each). The second, sent at

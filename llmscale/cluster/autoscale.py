@@ -231,6 +231,9 @@ class SloAutoscaler:
             wanted = ctx.target_num_replicas
             self._report(Decision(wanted, "cold-start", "a request arrived with no replica running"), 0, s)
         decision = decide(s, self.targets, peak)
+        if decision.signal == "hold" and decision.replicas > wanted:  # a wanted scale-down undone
+            decision = Decision(decision.replicas, "hold",
+                                "requests came back before the scale-down took effect")
         if decision.replicas != wanted:
             self._report(decision, wanted, s)
         state["wanted"], state["seen_target"] = decision.replicas, ctx.target_num_replicas

@@ -1,4 +1,5 @@
-"""`llmscale cluster serve` and `llmscale cluster status`.
+"""`llmscale cluster serve`, `llmscale cluster coldstart` (cluster/coldstart.py) and
+`llmscale cluster status`.
 
 `cluster serve` starts (or with `--address` joins) a Ray cluster, deploys the application of
 `cluster/app.py` on Ray Serve and waits for SIGTERM/SIGINT, printing the autoscaler's
@@ -75,6 +76,17 @@ def register(subparsers: Any) -> None:
     add_serve_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("coldstart", help="where a replica's cold start goes: each phase from the request "
+                                         "that starts it to its first token, table and PNG")
+    p.add_argument("--repeats", type=int, default=3, help="cold starts to time (default: %(default)s)")
+    p.add_argument("--label", default=None, help="name in the table and plot (default: model and dtype)")
+    p.add_argument("--out", default="results/coldstart", help="where coldstart.json and coldstart.png go")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs of the replica (default: 1)")
+    add_serve_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_coldstart, num_replicas=1, router="prefix", fallback_model=None,
+                   no_fallback_while_cold=True)
 
     p = sub.add_parser("status", help="the replicas of a running `cluster serve`, as a table")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the cluster's endpoint")
@@ -217,6 +229,12 @@ def drain(board: Any, timeout_s: float) -> None:
         busy = any(r["running"] or r["waiting"] for r in replicas if r["state"] != "dead")
         idle_reports = 0 if busy else idle_reports + 1
         time.sleep(REPORT_PERIOD_S)
+
+
+def cmd_coldstart(args: argparse.Namespace) -> None:
+    from llmscale.cluster.coldstart import cmd_coldstart as run
+
+    run(args)
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -30,6 +30,15 @@ from llmscale.engine.llm_engine import EngineState
 from llmscale.engine.outputs import RequestOutput
 
 ENGINE, FALLBACK = "engine", "fallback"  # replica roles
+
+
+def process_start_time() -> float:
+    """When this process started, in seconds since the epoch: /proc gives it in clock ticks
+    since boot, set against the boot clock now (the boot time /proc/stat gives is whole seconds)."""
+    with open("/proc/self/stat") as f:
+        ticks_since_boot = int(f.read().rsplit(")", 1)[1].split()[19])
+    age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks_since_boot / os.sysconf("SC_CLK_TCK")
+    return time.time() - age_s
 IDLE = EngineState(running=0, waiting=0, kv_usage=0.0, prefix_hit_rate=0.0, num_preemptions=0,
                    requests_served=0)
 
@@ -40,6 +49,7 @@ class EngineReplica:
     model that answers while the main one has none ready (its outputs name their model)."""
 
     def __init__(self, config: EngineConfig, board: ActorHandle, role: str = ENGINE) -> None:
+        init_start_s = time.time()
         self.role = role
         self.replica_id = f"replica-{serve.get_replica_context().rank.rank}" if role == ENGINE else role
         self.served_model = config.model_name if role == FALLBACK else None
@@ -47,6 +57,7 @@ class EngineReplica:
         self.board = board
         self.state = "starting"
         self.engine: AsyncLLMEngine | None = None
+        self.startup: dict[str, Any] | None = None
         self.latencies = LatencyWindow()
         self.board.report.remote(self.describe())
         try:
@@ -55,6 +66,9 @@ class EngineReplica:
             ray.get(self.board.report_failure.remote(str(e)))
             raise
         self.state = "ready"
+        # Where this replica's start went: `llmscale cluster coldstart` lays it out.
+        self.startup = {"process_start_s": process_start_time(), "init_start_s": init_start_s,
+                        "ready_s": time.time(), "engine_phases": self.engine.engine.startup_phases}
         threading.Thread(target=self._report_loop, name="llmscale-report", daemon=True).start()
 
     async def generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput | ConfigError]:
@@ -108,7 +122,7 @@ class EngineReplica:
         """Who and where this replica is, and what its engine is doing."""
         engine_state = self.engine.engine.state() if self.engine is not None else IDLE
         return {"replica_id": self.replica_id, "role": self.role, "state": self.state, "node": self.node,
-                "pid": os.getpid(), **asdict(engine_state)}
+                "pid": os.getpid(), "startup": self.startup, **asdict(engine_state)}
 
     def record_routing_stats(self) -> dict[str, Any]:
         return self.describe()

@@ -25,6 +25,7 @@ from llmscale.engine.runner import ModelRunner, kv_bytes_per_block
 from llmscale.engine.sampler import Sampler, SamplingRow
 from llmscale.engine.sampling_params import SamplingParams
 from llmscale.engine.scheduler import make_scheduler
+from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import layers
 from llmscale.model.gguf_loader import resolve_model
 from llmscale.model.loader import load_model, read_model_config
@@ -43,6 +44,19 @@ class EngineState:
     prefix_hit_rate: float  # fraction of looked-up prompt tokens found in the prefix cache
     num_preemptions: int
     requests_served: int  # finished requests (groups of n samples count once)
+
+
+class Phases:
+    """Consecutive timed phases: each `lap` closes the one running since the last."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.mark
+        self.mark = now
 
 
 def kv_cache_blocks(cache: CacheConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype,
@@ -79,6 +93,7 @@ class LLMEngine:
         """`stream_text`: detokenize every step (servers); otherwise text is decoded once at the
         end unless stop strings need it earlier. `online`: a server's defaults (token budget)."""
         start = time.perf_counter()
+        phases = Phases()
         self.config = config
         self.stream_text = stream_text
         self.model_path = resolve_model(config.model, config.keep_quantized)
@@ -91,9 +106,15 @@ class LLMEngine:
         self.max_model_len = model_cfg.context_len(config.max_model_len)
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        phases.lap("checkpoint")
+        if self.device.type == "cpu":
+            cpu_kernels.library()  # built once per machine and cached on disk, or loaded from there
+            phases.lap("kernels")
         self.model, self.model_config, self.load_time_s = load_model(
             self.model_path, self.dtype, self.device, self.max_model_len)
+        phases.lap("weights")
         self.prepacked_bytes = self._prepack(config.prepack_weights)
+        phases.lap("prepack")
 
         cache = config.cache
         num_blocks = kv_cache_blocks(cache, self.model_config, self.model.activation_dtype,
@@ -106,6 +127,7 @@ class LLMEngine:
                                   self.device, cores if self.device.type == "cpu" else None)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.use_decode_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
+        phases.lap("kv_cache")
         self.sampler = Sampler(seed=config.seed)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -118,6 +140,8 @@ class LLMEngine:
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "requests_served": 0}
         self.startup_time_s = time.perf_counter() - start
+        phases.lap("other")
+        self.startup_phases = phases.seconds  # where the start-up went (`cluster coldstart` shows it)
         log.info("engine ready in %.2fs (weights %.2fs), %d KV blocks of %d tokens, %d tokens per step",
                  self.startup_time_s, self.load_time_s, num_blocks, cache.block_size,
                  self.scheduler.config.max_num_batched_tokens)
