@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -44,7 +43,7 @@ from rich.table import Table
 from llmscale.bench.arrivals import parse_rate_schedule
 from llmscale.bench.metrics import parse_slo
 from llmscale.console import stdout_console
-from llmscale.serve.process import free_port, wait_ready
+from llmscale.serve.process import free_port, stop_server, wait_ready
 
 ENGINE = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", "256MiB",
           "--replica-cpus", "1"]
@@ -122,12 +121,7 @@ def run(o: Outcome, args: argparse.Namespace) -> None:
         o.replica_seconds = held(status(url)) - held(start)
         o.summary = json.loads((args.out / o.name / "results.json").read_text())["runs"][0]["summary"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, grace_s=60)
         log.close()
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import httpx
 from rich.table import Table
 
 from llmscale.console import stdout_console
-from llmscale.serve.process import free_port, wait_ready
+from llmscale.serve.process import free_port, stop_server, wait_ready
 
 ENGINE = ["--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", "256MiB",
           "--replica-cpus", "1", "--scale-to-zero-after-s", "2", "--downscale-delay-s", "1",
@@ -92,12 +91,7 @@ def run_setup(name: str, flags: list[str], warm: bool, args: argparse.Namespace)
                 results.append(first_token(url, i))
             return results
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc, grace_s=60)
 
 
 def main() -> None:

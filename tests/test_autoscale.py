@@ -7,11 +7,7 @@ each replica take seconds to start).
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,10 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .live_server import free_port
 from .test_cli import run_cli
-from .test_cluster import HEADERS, _wait
-from .test_server import API_KEY, MAX_MODEL_LEN, MODEL
+from .test_cluster import HEADERS, _wait, cluster_serve_process
+from .test_server import API_KEY, MODEL
 
 MAX_SEQS = 4  # a replica runs 4 sequences and takes 8 requests: a burst of 24 queues
 BURST = 24
@@ -48,24 +43,9 @@ def _answers(url: str) -> bool:
 @contextmanager
 def autoscaled_cluster(tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Iterator[tuple[str, Path]]:
     """`llmscale cluster serve` with `flags`; yields (url, its stderr log) once the ingress answers."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("autoscale") / "stderr.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmscale.cli", "cluster", "serve", "--replica-cpus", "1", "--port", str(port),
-         "--api-key", API_KEY, "--dtype", "float32", "--kv-cache-memory", "64MiB",
-         "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "10", *flags],
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(lambda: proc.poll() is not None or _answers(url), "the ingress")
-        assert proc.poll() is None, log_path.read_text()[-3000:]
+    flags = ("--kv-cache-memory", "64MiB", *flags)
+    with cluster_serve_process(tmp_path_factory, list(flags), _answers, "the ingress") as (url, _, log_path):
         yield url, log_path
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,28 +60,39 @@ def _ready(url: str) -> bool:
 
 
 @contextmanager
-def _cluster_serve(tmp_path_factory: pytest.TempPathFactory, *flags: str
-                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`llmscale cluster serve` with two replicas of the default model, the server suite's
-    limits and `flags`; yields once both replicas are ready, SIGTERMs it after."""
+def cluster_serve_process(tmp_path_factory: pytest.TempPathFactory, flags: list[str], ready: Any,
+                          what: str) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """`llmscale cluster serve --replica-cpus 1` with the default model in fp32 and `flags` on a
+    free loopback port; yields (url, process, its stderr log) once `ready(url)`, SIGTERMs it after."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("cluster") / "stderr.log").open("wb")
+    log_path = tmp_path_factory.mktemp("cluster") / "stderr.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmscale.cli", "cluster", "serve", "--num-replicas", "2",
-         "--replica-cpus", "1", "--port", str(port), "--api-key", API_KEY, "--max-n", str(MAX_N),
-         "--max-body-bytes", str(MAX_BODY_BYTES), "--dtype", "float32", "--kv-cache-memory", "128MiB",
-         "--max-model-len", str(MAX_MODEL_LEN), "--drain-timeout", "10", "-v", *flags],
+        [sys.executable, "-m", "llmscale.cli", "cluster", "serve", "--replica-cpus", "1", "--port", str(port),
+         "--api-key", API_KEY, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+         "--drain-timeout", "10", *flags],
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: proc.poll() is not None or _ready(url), "two ready replicas")
-        assert proc.poll() is None, "cluster serve exited during start-up"
-        yield url, proc
+        _wait(lambda: proc.poll() is not None or ready(url), what)
+        assert proc.poll() is None, f"cluster serve exited during start-up: {log_path.read_text()[-3000:]}"
+        yield url, proc, log_path
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         log.close()
+
+
+@contextmanager
+def _cluster_serve(tmp_path_factory: pytest.TempPathFactory, *flags: str
+                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Two replicas of the default model with the server suite's limits and `flags`; yields
+    once both replicas are ready."""
+    suite = ["--num-replicas", "2", "--max-n", str(MAX_N), "--max-body-bytes", str(MAX_BODY_BYTES),
+             "--kv-cache-memory", "128MiB", "-v", *flags]
+    with cluster_serve_process(tmp_path_factory, suite, _ready, "two ready replicas") as (url, proc, _):
+        yield url, proc
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
 from llmscale.cluster.autoscale import AutoscalingOptions
-from llmscale.cluster.board import NAMESPACE, REPORT_PERIOD_S
+from llmscale.cluster.board import FALLBACK, LIVE_STATES, NAMESPACE, REPORT_PERIOD_S, ready_main_replicas
 from llmscale.cluster.client import ClusterEngineClient
-from llmscale.cluster.replica import ENGINE, FALLBACK, EngineReplica
+from llmscale.cluster.replica import EngineReplica
 from llmscale.cluster.routing import ROUTERS
 from llmscale.config import EngineConfig
 from llmscale.engine.llm_engine import EngineState
@@ -36,7 +36,6 @@ from llmscale.serve.metrics import AutoscalerCollector
 
 ROUTING_STATS_PERIOD_S = 1.0  # Serve's default (10 s) leaves the router balancing on stale load
 STATE_FIELDS = tuple(EngineState.__dataclass_fields__)
-LIVE_STATES = ("starting", "ready", "draining")  # replicas whose engine state is exported
 ONGOING_PER_SEQ = 2  # requests a replica takes per sequence it batches
 INGRESS_MAX_ONGOING = 100_000
 
@@ -78,7 +77,7 @@ class Ingress:
 
     def main_ready(self) -> bool:
         """Whether a replica of the main model was ready at the board's last snapshot."""
-        return any(r["state"] == "ready" and r["role"] == ENGINE for r in self.replicas)
+        return ready_main_replicas(self.replicas) > 0
 
     def states(self) -> dict[str, EngineState]:
         return {r["replica_id"]: EngineState(**{f: r[f] for f in STATE_FIELDS})

@@ -23,7 +23,14 @@ REPORT_PERIOD_S = 1.0
 DEAD_AFTER_S = 4 * REPORT_PERIOD_S  # a missed report or two is a busy replica, not a dead one
 NAMESPACE = "llmscale"  # where the board is named, for the autoscaling policy to find it
 DECISIONS_KEPT = 200
-HOLDING = ("starting", "ready", "draining")  # states in which a replica holds its CPUs and memory
+# States in which a replica holds its CPUs and memory, and has an engine state worth exporting.
+LIVE_STATES = ("starting", "ready", "draining")
+ENGINE, FALLBACK = "engine", "fallback"  # replica roles: the main model's, and the fallback's
+
+
+def ready_main_replicas(replicas: list[dict[str, Any]]) -> int:
+    """How many replicas of the main model a snapshot's `replicas` shows ready."""
+    return sum(1 for r in replicas if r["state"] == "ready" and r["role"] == ENGINE)
 
 
 @ray.remote(num_cpus=0)
@@ -45,7 +52,7 @@ class StatusBoard:
     def report(self, stats: dict[str, Any]) -> None:
         now = time.time()
         previous = self.reports.get(stats["replica_id"])
-        if previous is not None and previous["state"] in HOLDING and previous["pid"] == stats["pid"]:
+        if previous is not None and previous["state"] in LIVE_STATES and previous["pid"] == stats["pid"]:
             # Since the last report, capped: a replica silent longer was dead or gone meanwhile.
             held = min(now - previous["reported_s"], DEAD_AFTER_S)
             self.replica_seconds[stats["role"]] = self.replica_seconds.get(stats["role"], 0.0) + held
@@ -86,8 +93,7 @@ class StatusBoard:
             autoscaler = {**self.autoscaling, "decisions": self.decision_count,
                           "by_signal": dict(self.by_signal), "last_decision": last,
                           "desired_replicas": last["replicas"] if last else self.autoscaling["min_replicas"],
-                          "ready_replicas": sum(1 for r in replicas
-                                                if r["state"] == "ready" and r["role"] == "engine")}
+                          "ready_replicas": ready_main_replicas(replicas)}
         spent = {"replica_seconds": dict(self.replica_seconds), "cost_usd": None}
         if self.cost_per_replica_hour is not None:
             spent["cost_usd"] = sum(self.replica_seconds.values()) / 3600 * self.cost_per_replica_hour

@@ -74,7 +74,7 @@ def one_cold_start(args: argparse.Namespace, config: Any, url: str) -> dict[str,
     from ray import serve
 
     from llmscale.cluster.autoscale import AutoscalingOptions
-    from llmscale.cluster.board import NAMESPACE, StatusBoard
+    from llmscale.cluster.board import ENGINE, NAMESPACE, StatusBoard
     from llmscale.cluster.cli import APP_NAME, deploy
 
     scaling = AutoscalingOptions(min_replicas=0, max_replicas=1)
@@ -84,7 +84,7 @@ def one_cold_start(args: argparse.Namespace, config: Any, url: str) -> dict[str,
         deploy(args, config, board, scaling, board_name)
         sent, first = first_token(url, args.api_key)
         replicas = ray.get(board.snapshot.remote())["replicas"]
-        started = [r["startup"] for r in replicas if r["role"] == "engine" and r["startup"]]
+        started = [r["startup"] for r in replicas if r["role"] == ENGINE and r["startup"]]
         if not started:
             raise ConfigError("the replica that served the cold request did not report its start")
         return breakdown(sent, first, started[0])

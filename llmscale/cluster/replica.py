@@ -22,14 +22,12 @@ from ray import serve
 from ray.actor import ActorHandle
 
 from llmscale.cluster.autoscale import TPOT_SAMPLE_TOKENS, LatencyWindow
-from llmscale.cluster.board import REPORT_PERIOD_S
+from llmscale.cluster.board import ENGINE, FALLBACK, REPORT_PERIOD_S
 from llmscale.cluster.routing import ReplicaRequest
 from llmscale.config import ConfigError, EngineConfig
 from llmscale.engine.async_engine import AsyncLLMEngine
 from llmscale.engine.llm_engine import EngineState
 from llmscale.engine.outputs import RequestOutput
-
-ENGINE, FALLBACK = "engine", "fallback"  # replica roles
 
 
 def process_start_time() -> float:
@@ -39,6 +37,8 @@ def process_start_time() -> float:
         ticks_since_boot = int(f.read().rsplit(")", 1)[1].split()[19])
     age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks_since_boot / os.sysconf("SC_CLK_TCK")
     return time.time() - age_s
+
+
 IDLE = EngineState(running=0, waiting=0, kv_usage=0.0, prefix_hit_rate=0.0, num_preemptions=0,
                    requests_served=0)
 
@@ -102,8 +102,8 @@ class EngineReplica:
         return sampled
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """What the SLO autoscaler (`cluster/autoscale.py`) decides on; latencies only when a
-        request finished recently."""
+        """What the SLO autoscaler (`cluster/autoscale.py`) decides on; latencies only when the
+        window holds samples."""
         engine_state = self.engine.engine.state() if self.engine is not None else IDLE
         stats = {"running": float(engine_state.running), "waiting": float(engine_state.waiting),
                  "kv_usage": engine_state.kv_usage}

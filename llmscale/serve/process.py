@@ -45,11 +45,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300.0
     raise ConfigError(f"llmscale serve did not answer within {timeout_s:g} s")
 
 
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the server drains), then SIGKILL after 30 s."""
+def stop_server(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM (the server, or `cluster serve`, drains), then SIGKILL after `grace_s`."""
     proc.terminate()
     try:
-        proc.wait(30)
+        proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
