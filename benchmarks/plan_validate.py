@@ -81,12 +81,12 @@ def machine_speed(calib: Path, every: int = 6) -> float:
     import gc
 
     from llmscale.bench.roofline import Chunk
-    from llmscale.plan.calibrate import Calibration, calibration_engine, measure
+    from llmscale.plan.calibrate import MAX_LEN, Calibration, calibration_engine, measure
 
     calibration = Calibration.read(calib)
     curve = calibration.curve()
     shapes = [tuple(Chunk(*c) for c in s["chunks"]) for s in calibration.samples[::every]]
-    engine = calibration_engine(None, "auto", None, 4096)
+    engine = calibration_engine(None, "auto", None, MAX_LEN)
     samples = measure(engine, shapes, 3)
     del engine
     gc.collect()

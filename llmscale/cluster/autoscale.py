@@ -83,8 +83,7 @@ class AutoscalingOptions:
 
         policy = AutoscalingPolicy(
             policy_function=f"{SloAutoscaler.__module__}:{SloAutoscaler.__qualname__}",
-            policy_kwargs={"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                           "target_ttft_ms": self.target_ttft_ms, "target_tpot_ms": self.target_tpot_ms,
+            policy_kwargs={"target_ttft_ms": self.target_ttft_ms, "target_tpot_ms": self.target_tpot_ms,
                            "board": board, "namespace": namespace})
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "initial_replicas": self.min_replicas, "upscale_delay_s": self.upscale_delay_s,
@@ -208,21 +207,23 @@ def signals_of(ctx: Any) -> Signals:
 
 class SloAutoscaler:
     """The policy Serve calls (`AutoscalingPolicy(policy_function=<this class>, policy_kwargs=...)`):
-    one instance per deployment, in Serve's controller. Reports each change of the target to the
-    status board named `board` (in `namespace`)."""
+    one instance per deployment, in Serve's controller. Its bounds are the deployment's, as Serve
+    adjusts them to the cluster's capacity. Reports each change of the target to the status
+    board named `board` (in `namespace`)."""
 
-    def __init__(self, min_replicas: int, max_replicas: int, target_ttft_ms: float, target_tpot_ms: float,
-                 board: str, namespace: str) -> None:
-        self.targets = Targets(min_replicas, max_replicas, target_ttft_ms / 1e3, target_tpot_ms / 1e3)
+    def __init__(self, target_ttft_ms: float, target_tpot_ms: float, board: str, namespace: str) -> None:
+        self.ttft_s, self.tpot_s = target_ttft_ms / 1e3, target_tpot_ms / 1e3
         self.board_name, self.namespace = board, namespace
         self.board: Any = None
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         state = dict(ctx.policy_state)
         s = signals_of(ctx)
+        targets = Targets(ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas,
+                          self.ttft_s, self.tpot_s)
         peak = float(state.get("peak_ok_per_replica", 0.0))
-        if s.replicas and s.ttft_s is not None and s.ttft_s <= self.targets.ttft_s and (
-                s.tpot_s is None or s.tpot_s <= self.targets.tpot_s):
+        if s.replicas and s.ttft_s is not None and s.ttft_s <= self.ttft_s and (
+                s.tpot_s is None or s.tpot_s <= self.tpot_s):
             peak = max(peak, s.running / s.replicas)
         state["peak_ok_per_replica"] = peak
         wanted = state.get("wanted", ctx.target_num_replicas)
@@ -230,7 +231,7 @@ class SloAutoscaler:
             # The target left zero without this policy: Serve's path for a request with no replica.
             wanted = ctx.target_num_replicas
             self._report(Decision(wanted, "cold-start", "a request arrived with no replica running"), 0, s)
-        decision = decide(s, self.targets, peak)
+        decision = decide(s, targets, peak)
         if decision.signal == "hold" and decision.replicas > wanted:  # a wanted scale-down undone
             decision = Decision(decision.replicas, "hold",
                                 "requests came back before the scale-down took effect")

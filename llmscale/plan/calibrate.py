@@ -57,6 +57,7 @@ DECODE_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # Decode contexts, each with its largest batch: up to the 2048-token prompts a long-tailed
 # workload brings, with the longest batch bounded so its K/V fits the shorter ones' memory.
 DECODE_CONTEXTS = ((32, 128), (256, 128), (1024, 128), (2048, 64))
+MAX_LEN = 4096  # the calibration engine's context: room for the 2048-token decodes and 1536 + 512 prefills
 
 
 def default_shapes(max_len: int, max_tokens: int, max_seqs: int) -> list[tuple[Chunk, ...]]:
@@ -332,7 +333,7 @@ def calibration_engine(model: str | None, dtype: str, device: str | None, max_le
 
 
 def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 5,
-              max_len: int = 4096) -> tuple[Calibration, CurveModel]:
+              max_len: int = MAX_LEN) -> tuple[Calibration, CurveModel]:
     """Measure this machine and fit both models; shows progress."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -166,17 +166,17 @@ def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer
     a = np.array([[1.0, float(b)] for b, _ in rows])
     from llmscale.plan.calibrate import nnls
 
-    step_s, per_token_s = nnls(a, excess)
+    step_s, per_token_s = (float(x) for x in nnls(a, excess))
+    served = Served(engine_model, ServingOverhead(step_s, per_token_s, 0.0, 0.0))  # steps as served
     # Each lone request's TTFT less its own prefill step; the first is left out (its kernels'
     # first call at a new row count), the median of the rest kept.
-    lone = [ttft - engine_model.step_seconds([Chunk(0, prompts[1 + i], True)]) - step_s - per_token_s
-            for i, ttft in enumerate(ttfts)]
+    lone = [ttft - served.step_seconds([Chunk(0, prompts[1 + i], True)]) for i, ttft in enumerate(ttfts)]
     request_s = max(0.0, statistics.median(lone[1:]))
     # Beside a decoding stream a request waits, on average, half that stream's step, then
     # prefills in a step with it; what is left is its way in while the engine steps.
-    decode = engine_model.step_seconds([Chunk(context, 1, True)]) + step_s + per_token_s
-    busy = [ttft - decode / 2 - engine_model.step_seconds([Chunk(context, 1, True),
-                                                           Chunk(0, prompts[busy_first + i], True)])
-            - step_s - 2 * per_token_s for i, ttft in enumerate(busy_ttfts)]
+    decode = served.step_seconds([Chunk(context, 1, True)])
+    busy = [ttft - decode / 2 - served.step_seconds([Chunk(context, 1, True),
+                                                     Chunk(0, prompts[busy_first + i], True)])
+            for i, ttft in enumerate(busy_ttfts)]
     busy_request_s = max(request_s, statistics.median(busy))
-    return ServingOverhead(float(step_s), float(per_token_s), float(request_s), float(busy_request_s))
+    return ServingOverhead(step_s, per_token_s, request_s, busy_request_s)
