@@ -1,7 +1,7 @@
 """Cold starts of one replica by weight format and cache state: `llmscale cluster coldstart` per
 variant, one table and one stacked-bar PNG.
 
-    python benchmarks/coldstart.py [--repeats 3] [--variants fp32,bf16,int8,int4,gguf-q4,fp32-fresh-cache]
+    python benchmarks/coldstart.py [--repeats 3] [--variants fp32,bf16,int8,int4,gguf-q4,...]
                                    [--out results/coldstart]
 
   fp32, bf16        the default model (its GGUF converted once and cached) in that dtype
@@ -10,6 +10,10 @@ variant, one table and one stacked-bar PNG.
   fp32-fresh-cache  fp32 with an empty LLMSCALE_CACHE, as on a machine that never ran llmscale
                     (one run): the replica builds the C kernels; the GGUF's conversion is paid
                     too, but by the ingress when the application deploys, before the request
+  NAME-streamed     NAME with --stream-weights: the replica is ready once the embeddings are in,
+                    and the layers load in order while the first request runs through them
+  NAME-cold-disk    NAME with --evict-page-cache: the checkpoint is read from the disk, not the
+                    page cache, as on a machine that just booted
 
 Each variant is a separate `llmscale cluster coldstart` (its own Ray cluster, whose start is not
 counted); the medians of its runs are printed side by side and drawn as coldstart.png.
@@ -32,7 +36,8 @@ from llmscale.console import stdout_console
 from llmscale.serve.process import free_port
 
 ENGINE = ["--kv-cache-memory", "256MiB", "--max-model-len", "1024"]
-VARIANTS = ("fp32", "bf16", "int8", "int4", "gguf-q4", "fp32-fresh-cache")
+VARIANTS = ("fp32", "bf16", "int8", "int4", "gguf-q4", "fp32-fresh-cache", "fp32-streamed", "int8-streamed",
+            "fp32-cold-disk", "fp32-cold-disk-streamed")
 console = stdout_console()
 
 
@@ -46,6 +51,10 @@ def llmscale(*args: str, env: dict[str, str] | None = None, log: Path) -> None:
 
 def variant_args(name: str, out: Path) -> tuple[list[str], dict[str, str], int | None]:
     """(flags, environment, runs or None for --repeats) of a variant; quantizes what it needs."""
+    for suffix, flag in (("-streamed", "--stream-weights"), ("-cold-disk", "--evict-page-cache")):
+        if name.endswith(suffix):
+            flags, env, runs = variant_args(name.removesuffix(suffix), out)
+            return [*flags, flag], env, runs
     if name in ("int8", "int4"):
         ckpt = out / f"ckpt-{name}"
         if not (ckpt / "config.json").exists():

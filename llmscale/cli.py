@@ -33,6 +33,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="keep a copy of fp32 CPU weights packed for a faster GEMM (the C kernels' panels, "
                         "else oneDNN's layout) for faster batched linears "
                         "(default: when it takes at most 1/8 of free memory)")
+    g.add_argument("--stream-weights", action="store_true",
+                   help="start serving before every layer's weights are loaded: layers load in order "
+                        "while the first request runs through them (CPU)")
     g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
                    help="pin the engine's threads to these cores, one each (0-1, 0,2,4); default: no "
                         "pinning")
@@ -55,6 +58,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
+        stream_weights=args.stream_weights,
         cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

@@ -385,6 +385,9 @@ class EngineConfig:
     # A second copy of fp32 CPU weights packed for a faster GEMM (the C kernels' panels, else
     # oneDNN's layout); None: when it takes at most 1/8 of free memory.
     prepack_weights: bool | None = None
+    # Serve before the decoder layers' weights are all in: they load in order on a thread while
+    # the first forward waits for each layer in turn (CPU only).
+    stream_weights: bool = False
     # CPU cores to pin the step loop's OpenMP threads to, one each ("0-1", "0,2,4"); None: no
     # pinning, since two processes pinned to the same cores would share them.
     cpu_threads_bind: str | None = None

@@ -291,3 +291,14 @@ def test_prepacked_weights_and_pinned_threads_give_the_same_tokens(smollm_folder
 def test_bad_cpu_list_is_one_line(spec: str) -> None:
     with pytest.raises(ConfigError, match="CPU list"):
         EngineConfig.from_kwargs(cpu_threads_bind=spec)
+
+
+def test_the_engine_times_its_decode_steps(tiny_model) -> None:
+    """Steps that decode some request count in `decode_steps` (what the autoscaler reads as the
+    TPOT of now); a step that only prefills does not."""
+    llm = LLM(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="16MiB", max_model_len=256)
+    stats = llm.llm_engine.stats
+    llm.generate(["a prompt of a few tokens"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                 use_tqdm=False)
+    assert stats["decode_steps"] == 4  # the prefill step samples the first of the five tokens
+    assert stats["steps"] == 5 and stats["decode_step_s"] > 0

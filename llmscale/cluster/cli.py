@@ -81,6 +81,9 @@ def register(subparsers: Any) -> None:
                                          "that starts it to its first token, table and PNG")
     p.add_argument("--repeats", type=int, default=3, help="cold starts to time (default: %(default)s)")
     p.add_argument("--label", default=None, help="name in the table and plot (default: model and dtype)")
+    p.add_argument("--evict-page-cache", action="store_true",
+                   help="drop the checkpoint's files from the OS page cache before each cold start, as on a "
+                        "machine that has not read them since it booted")
     p.add_argument("--out", default="results/coldstart", help="where coldstart.json and coldstart.png go")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs of the replica (default: 1)")
     add_serve_args(p)

@@ -18,8 +18,10 @@ and first token, the wait splits into:
                request, its prefill (first calls of each kernel at its row counts), streaming
 
 With `--repeats N` the application is deployed N times on the same Ray cluster (Ray's own start
-is not counted). Prints the phases per run and their median, and writes coldstart.json and
-coldstart.png (a stacked bar per run).
+is not counted). `--evict-page-cache` drops the checkpoint's files from the OS page cache before
+each (posix_fadvise), so the weights come from the disk as on a machine that just booted.
+Prints the phases per run and their median, and writes coldstart.json and coldstart.png (a
+stacked bar per run).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import time
 import uuid
@@ -68,6 +71,21 @@ def first_token(url: str, api_key: str | None) -> tuple[float, float]:
     raise ConfigError("the cold request streamed no token")
 
 
+def evict_page_cache(folder: Path) -> int:
+    """Ask the OS to drop the folder's files from its page cache; returns their bytes. Pages that
+    a running process maps stay cached."""
+    total = 0
+    for file in folder.iterdir():
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            total += file.stat().st_size
+    return total
+
+
 def one_cold_start(args: argparse.Namespace, config: Any, url: str) -> dict[str, float]:
     """Deploy with no replica, time one request through a cold start, tear the application down."""
     import ray
@@ -82,6 +100,10 @@ def one_cold_start(args: argparse.Namespace, config: Any, url: str) -> dict[str,
     board = StatusBoard.options(name=board_name, namespace=NAMESPACE).remote(scaling.describe())
     try:
         deploy(args, config, board, scaling, board_name)
+        if args.evict_page_cache:
+            from llmscale.model.gguf_loader import resolve_model
+
+            evict_page_cache(resolve_model(config.model, config.keep_quantized))
         sent, first = first_token(url, args.api_key)
         replicas = ray.get(board.snapshot.remote())["replicas"]
         started = [r["startup"] for r in replicas if r["role"] == ENGINE and r["startup"]]

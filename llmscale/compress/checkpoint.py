@@ -41,7 +41,8 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32
     cfg = read_model_config(folder)
     if getattr(cfg, "quantization", None):
         raise ConfigError(f"{folder} holds quantized weights; prune or distil the unquantized model")
-    net, _, _ = load_folder(folder, dtype, torch.device("cpu"), cfg.max_position_embeddings)
+    net, _, _, layers = load_folder(folder, dtype, torch.device("cpu"), cfg.max_position_embeddings)
+    layers.run()
     return net, folder
 
 

@@ -24,7 +24,7 @@ from llmscale.engine.request import Request, RequestStatus
 from llmscale.engine.runner import ModelRunner, kv_bytes_per_block
 from llmscale.engine.sampler import Sampler, SamplingRow
 from llmscale.engine.sampling_params import SamplingParams
-from llmscale.engine.scheduler import make_scheduler
+from llmscale.engine.scheduler import ScheduledBatch, make_scheduler
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import layers
 from llmscale.model.gguf_loader import resolve_model
@@ -100,6 +100,9 @@ class LLMEngine:
         self.model_name = config.model_name
         self.dtype = config.torch_dtype
         self.device = config.torch_device
+        if config.stream_weights and self.device.type != "cpu":
+            raise ConfigError("stream_weights applies to the CPU: a GPU engine captures its decode steps "
+                              "from the loaded weights")
         torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         model_cfg = read_model_config(self.model_path)
@@ -110,10 +113,21 @@ class LLMEngine:
         if self.device.type == "cpu":
             cpu_kernels.library()  # built once per machine and cached on disk, or loaded from there
             phases.lap("kernels")
-        self.model, self.model_config, self.load_time_s = load_model(
+        self.model, self.model_config, self.load_time_s, layer_load = load_model(
             self.model_path, self.dtype, self.device, self.max_model_len)
+        if not config.stream_weights:
+            layer_load.run()
+            self.load_time_s += layer_load.seconds
         phases.lap("weights")
-        self.prepacked_bytes = self._prepack(config.prepack_weights)
+        # The lm_head and each decoder layer (as it arrives, when streamed); never the input
+        # embedding, which is only looked up.
+        prepack = self._prepack_wanted(config.prepack_weights)
+        self._prepacked_now = layers.prepack_linears(self.model.lm_head) if prepack else 0
+        if config.stream_weights:
+            layer_load.start(layers.prepack_linears if prepack else None)
+        elif prepack:
+            self._prepacked_now += sum(layers.prepack_linears(layer) for layer in self.model.layers)
+        self.layer_load = layer_load
         phases.lap("prepack")
 
         cache = config.cache
@@ -138,7 +152,7 @@ class LLMEngine:
         self.group_prompts: dict[str, str | None] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                                        "requests_served": 0}
+                                        "decode_steps": 0, "decode_step_s": 0.0, "requests_served": 0}
         self.startup_time_s = time.perf_counter() - start
         phases.lap("other")
         self.startup_phases = phases.seconds  # where the start-up went (`cluster coldstart` shows it)
@@ -146,13 +160,18 @@ class LLMEngine:
                  self.startup_time_s, self.load_time_s, num_blocks, cache.block_size,
                  self.scheduler.config.max_num_batched_tokens)
 
-    def _prepack(self, wanted: bool | None) -> int:
-        """Copy the dense weights into a GEMM's packed layout if asked, or by default where it is cheap."""
+    def _prepack_wanted(self, wanted: bool | None) -> bool:
+        """Whether to copy the dense weights into a GEMM's packed layout: if asked, or by default
+        where it is cheap."""
         if wanted is False or self.device.type != "cpu" or self.dtype != torch.float32:
-            return 0
-        if wanted is None and layers.dense_linear_bytes(self.model) * 8 > available_memory_bytes():
-            return 0
-        return layers.prepack_linears(self.model)
+            return False
+        return wanted is True or layers.dense_linear_bytes(self.model) * 8 <= available_memory_bytes()
+
+    @property
+    def prepacked_bytes(self) -> int:
+        """Bytes of weights copied into a GEMM's packed layout so far (streamed layers add theirs
+        as they arrive)."""
+        return self._prepacked_now + self.layer_load.finished_bytes
 
     # ----- requests -------------------------------------------------------------------------
 
@@ -221,9 +240,22 @@ class LLMEngine:
 
     def step(self, include_unfinished: bool = True) -> list[RequestOutput]:
         """One iteration. Returns outputs of groups that changed (or only finished ones)."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        # A step that decodes some request is the gap between that request's tokens: over such
+        # steps, seconds per step is the TPOT of the requests running now (the autoscaler reads it).
+        decodes = any(r.output_token_ids and n == 1 and r.num_computed_tokens + 1 == r.num_tokens
+                      for r, n in batch.scheduled)
+        try:
+            return self._step(batch, include_unfinished)
+        finally:
+            if decodes:
+                self.stats["decode_steps"] += 1
+                self.stats["decode_step_s"] += time.perf_counter() - start
+
+    def _step(self, batch: ScheduledBatch, include_unfinished: bool) -> list[RequestOutput]:
         result = self.runner.execute(batch, self.kv)
         for req, start, logits in result.prompt_logits:
             self._record_prompt_logprobs(req, start, logits)

@@ -65,8 +65,12 @@ class ModelRunner:
             shape = (num_blocks + 1, block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
-        # Decode-only steps run every layer in one C call where the model allows it.
-        self.fused = fused_decode.FusedDecoder.build(model, block_size) if self.c_kernels else None
+        # Decode-only steps run every layer in one C call where the model allows it; with the
+        # layers' weights still streaming in, once a forward has seen them all (`_fused_later`).
+        self.fused = None
+        self._fused_later = self.c_kernels and model.pending_layers is not None
+        if self.c_kernels and not self._fused_later:
+            self.fused = fused_decode.FusedDecoder.build(model, block_size)
         self.graphs: DecodeGraphs | None = None
 
     def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
@@ -148,6 +152,9 @@ class ModelRunner:
                 sampled.append(r)
 
         meta.slot_mapping = torch.cat(meta_slots)
+        if self._fused_later and self.model.pending_layers is None:  # a forward has seen every layer
+            self.fused = fused_decode.FusedDecoder.build(self.model, self.block_size)
+            self._fused_later = False
         if self.fused is not None and not prefills and len(decodes) <= self.fused.max_rows:
             hidden = self.fused(id_parts[0], pos_parts[0], meta.slot_mapping, meta.decode_block_tables,
                                 meta.decode_context_lens)

@@ -6,6 +6,8 @@ All sequences of a step are concatenated into one `[T]` token list: the linears 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -20,6 +22,9 @@ from llmscale.model.layers import (
     VocabEmbedding,
 )
 from llmscale.model.quant import QuantizedWeight, Workspace
+
+if TYPE_CHECKING:
+    from llmscale.model.loader import LayerLoad
 
 # HF checkpoint names of the linears inside decoder layers, and of the embedding matrices.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,6 +133,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabEmbedding(
             cfg.vocab_size, cfg.hidden_size, embed_bits)
+        # While the decoder layers' weights stream in (loader.LayerLoad.start): what forward waits on.
+        self.pending_layers: LayerLoad | None = None
         # One dequantize buffer for all quantized layers: they run one after another.
         self.workspace = Workspace()
         for module in self.modules():
@@ -138,8 +145,13 @@ class LlamaForCausalLM(nn.Module):
                 ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids).to(self.activation_dtype), None
-        for layer in self.layers:
+        pending = self.pending_layers
+        for i, layer in enumerate(self.layers):
+            if pending is not None:
+                pending.wait(i)
             x, residual = layer(positions, x, residual, meta)
+        if pending is not None and pending.done:
+            self.pending_layers = None
         return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
 
     @property

@@ -1,18 +1,23 @@
 """Load a Llama-family model from a Hugging Face folder (config.json + *.safetensors).
 
 Safetensors files are memory-mapped and copied tensor by tensor into the model's own
-parameters, so peak memory is the model plus one tensor, never two full copies.
+parameters, so peak memory is the model plus one tensor, never two full copies. The decoder
+layers load last, all at once or streamed in order while the engine serves (`LayerLoad`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from llmscale.config import ConfigError, ModelConfig, activation_dtype
 from llmscale.model.layers import RotaryEmbedding, cast_dense_weights
@@ -42,8 +47,10 @@ def read_model_config(folder: Path) -> ModelConfig:
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_position: int,
-               tp_rank: int = 0, tp_size: int = 1) -> tuple[LlamaForCausalLM, ModelConfig, float]:
-    """Build the model and fill its weights. Returns (model, config, load seconds)."""
+               tp_rank: int = 0, tp_size: int = 1) -> tuple[LlamaForCausalLM, ModelConfig, float, LayerLoad]:
+    """Build the model and fill every weight but the decoder layers', whose tensors are checked
+    present and left to the returned `LayerLoad` (run it, or start it to serve while it loads).
+    Returns (model, config, load seconds so far, the layers' load)."""
     start = time.perf_counter()
     cfg = read_model_config(folder)
     files = sorted(folder.glob("*.safetensors"))
@@ -57,31 +64,124 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)  # fp32 tables, built for real after the meta init
+    by_layer: list[list[tuple[Path, str]]] = [[] for _ in model.layers]
+    rest: list[tuple[Path, str]] = []
     loaded: set[int] = set()
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    target = model.param_for_checkpoint_name(name)
-                    if target is None:
-                        continue
-                    module, param, shard = target
+                names = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+        for name in names:
+            target = model.param_for_checkpoint_name(name)
+            if target is None:
+                continue
+            loaded.add(id(target[1]) * 8 + target[2])
+            layer = _layer_index(name)
+            (rest if layer is None else by_layer[layer]).append((file, name))
+    missing = _missing_params(model, loaded)
+    if missing:
+        raise ConfigError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    _copy_tensors(model, rest)
+    _prepare_quantized(model.embed_tokens)
+    _prepare_quantized(model.lm_head)
+    model.eval()
+    return model, cfg, time.perf_counter() - start, LayerLoad(model, by_layer)
+
+
+def _layer_index(name: str) -> int | None:
+    """'model.layers.12.mlp.up_proj.weight' -> 12; None outside the decoder layers."""
+    head, sep, tail = name.removeprefix("model.").partition("layers.")
+    if head or not sep:
+        return None
+    index = tail.split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def _copy_tensors(model: LlamaForCausalLM, names: list[tuple[Path, str]]) -> None:
+    """Copy the named checkpoint tensors into the model's parameters, a file open at a time."""
+    for file, group in itertools.groupby(names, key=lambda fn: fn[0]):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for _, name in group:
+                    module, param, shard = model.param_for_checkpoint_name(name)  # type: ignore[misc]
                     tensor = f.get_tensor(name)
                     if hasattr(module, "load_shard"):
                         module.load_shard(param, tensor, shard)
                     else:
                         param.data.copy_(tensor)
-                    loaded.add(id(param) * 8 + shard)
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
-    missing = _missing_params(model, loaded)
-    if missing:
-        raise ConfigError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
-    for module in model.modules():
-        if isinstance(module, QuantizedWeight):
-            module.prepare()
-    model.eval()
-    return model, cfg, time.perf_counter() - start
+
+
+def _prepare_quantized(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, QuantizedWeight):
+            m.prepare()
+
+
+class LayerLoad:
+    """The decoder layers' weights, loaded in order: `run()` loads them all now; `start()` loads
+    them on a thread of its own while the engine serves, and the model's forward waits for each
+    layer in turn (`wait`), so a request's first layers run while its last ones are read.
+    `finish(layer)` runs on each layer once its tensors are in (the engine's prepacking); the
+    bytes it returns add up in `finished_bytes`."""
+
+    def __init__(self, model: LlamaForCausalLM, names: list[list[tuple[Path, str]]]) -> None:
+        self.model = model
+        self.names = names
+        self.finish: Callable[[nn.Module], int] | None = None
+        self.finished_bytes = 0
+        self.ready = 0  # layers loaded and finished, in order
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.changed = threading.Condition()
+
+    def _load(self, index: int) -> None:
+        layer = self.model.layers[index]
+        _copy_tensors(self.model, self.names[index])
+        _prepare_quantized(layer)
+        if self.finish is not None:
+            self.finished_bytes += self.finish(layer)
+
+    def run(self, finish: Callable[[nn.Module], int] | None = None) -> None:
+        start = time.perf_counter()
+        self.finish = finish
+        for i in range(len(self.names)):
+            self._load(i)
+        self.ready = len(self.names)
+        self.seconds = time.perf_counter() - start
+
+    def start(self, finish: Callable[[nn.Module], int] | None = None) -> None:
+        self.finish = finish
+        self.model.pending_layers = self
+        threading.Thread(target=self._stream, name="llmscale-layer-load", daemon=True).start()
+
+    def _stream(self) -> None:
+        start = time.perf_counter()
+        try:
+            for i in range(len(self.names)):
+                self._load(i)
+                with self.changed:
+                    self.ready = i + 1
+                    self.changed.notify_all()
+        except BaseException as e:  # noqa: BLE001 (handed to the thread that waits)
+            with self.changed:
+                self.error = e
+                self.changed.notify_all()
+        self.seconds = time.perf_counter() - start
+
+    @property
+    def done(self) -> bool:
+        return self.ready == len(self.names)
+
+    def wait(self, index: int) -> None:
+        """Block until layer `index` is loaded; raise what stopped the load, if anything did."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.ready > index or self.error is not None)
+        if self.ready <= index:
+            raise ConfigError(f"loading the weights of layer {index} failed: {self.error}")
 
 
 def _missing_params(model: LlamaForCausalLM, loaded: set[int]) -> list[str]:
