@@ -1,16 +1,17 @@
 """Autoscaling against fixed pools: the same time-varying load on `llmscale cluster serve`
 autoscaled to its SLO, on a fixed pool of the maximum, and on a fixed pool of the minimum.
 
-    python benchmarks/autoscale.py [--schedule diurnal:0.02,3,300] [--slo ttft_ms=2000,tpot_ms=150]
+    python benchmarks/autoscale.py [--schedule benchmarks/workloads/workday.csv]
+                                   [--slo ttft_ms=2000,tpot_ms=150]
                                    [--max-replicas 2] [--fallback-model PATH] [--quick]
                                    [--out results/autoscale]
 
 Each configuration is started in turn on 127.0.0.1 (two replicas of one CPU at most: this
-machine's cores), waited for, sent `llmscale bench serve --rate-schedule SCHEDULE` (a diurnal
-day compressed: the same prompts, lengths and arrival times for every configuration), and
-stopped. During the run /cluster/status is read every second: the replicas ready and the
-replica-seconds spent, whose difference over the run (at `--hardware-cost-per-hour` per
-replica) is what the configuration cost.
+machine's cores), waited for, sent `llmscale bench serve --rate-schedule SCHEDULE` (by default a
+working day compressed into 6 minutes, peaking at 2 req/s: the same prompts, lengths and arrival
+times for every configuration), and stopped. During the run /cluster/status is read every second:
+the replicas ready and the replica-seconds spent, whose difference over the run (at
+`--hardware-cost-per-hour` per replica) is what the configuration cost.
 
   autoscaled   --min-replicas 0 --max-replicas M, the SLO as its targets, scale to zero after
                --scale-to-zero-after-s idle seconds
@@ -111,6 +112,7 @@ def run(o: Outcome, args: argparse.Namespace) -> None:
         bench = [sys.executable, "-m", "llmscale.cli", "bench", "serve", "--base-url", url,
                  "--rate-schedule", args.schedule, "--prompt-len", args.prompt_len,
                  "--output-len", args.output_len, "--slo", args.slo, "--seed", "0",
+                 "--warmup", "0",  # the day starts at midnight with nothing to send
                  "--out", str(args.out / o.name)]
         with open(args.out / f"{o.name}-bench.log", "wb") as blog:
             code = subprocess.run(bench, stdout=blog, stderr=subprocess.STDOUT).returncode
@@ -180,7 +182,7 @@ def plot(outcomes: list[Outcome], args: argparse.Namespace, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schedule", default="diurnal:0.02,3,300")
+    p.add_argument("--schedule", default=str(Path(__file__).parent / "workloads" / "workday.csv"))
     p.add_argument("--slo", default="ttft_ms=2000,tpot_ms=150")
     p.add_argument("--prompt-len", default="uniform:64,256")
     p.add_argument("--output-len", default="uniform:32,96")

@@ -14,14 +14,17 @@ signals into a replica count:
 - **queue**: requests wait in the engines' queues (and then also at Serve's handles, or there
   is no replica): as many more replicas as the waiting requests would fill at the
   concurrency each replica runs now.
-- **latency**: the recent p90 TTFT or TPOT is above `UP_AT` of its target: the count scaled by
-  the worst ratio, at least one more. Acting before the target is missed is the point: a new
-  replica takes seconds to start.
-- **down**: both p90s are under `DOWN_AT` of their targets and nothing waits: the fewest
-  replicas that hold the running requests at `DOWN_FILL` of the highest per-replica
-  concurrency seen within the SLO (kept in the policy's state), never fewer than one while
-  anything runs.
-- otherwise **hold**.
+- **latency**: the recent p90 TTFT or TPOT, or the engines' mean decode step (the gap between
+  tokens right now: a TPOT without the window's lag), is above `UP_AT` of its target: the count
+  scaled by the worst ratio, at least one more. Acting before the target is missed is the point:
+  a new replica takes seconds to start. On a CPU the decode step is the first to move: a load
+  past what a replica keeps within the TPOT target slows every step at once, while the
+  requests' p90 over `LATENCY_WINDOW_S` follows seconds later.
+- **down**: both p90s and the decode step are under `DOWN_AT` of their targets and nothing
+  waits: the fewest replicas that hold the running requests at `DOWN_FILL` of the highest
+  per-replica concurrency seen within the SLO (kept in the policy's state), never fewer than
+  one while anything runs.
+- otherwise **hold** the count Serve is moving to (a replica still starting stays wanted).
 
 Serve bounds the answer by `--min-replicas`/`--max-replicas` and applies the up/down delays;
 a request arriving with no replica at all starts one at once (Serve's cold-start path, which
@@ -39,12 +42,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 LATENCY_WINDOW_S = 20.0  # how far back a replica's latency samples reach
+STEP_WINDOW_S = 3.0  # how far back a replica's mean decode step reaches
 TPOT_SAMPLE_TOKENS = 16  # a running request adds a TPOT sample this often
 UP_AT = 0.8  # scale up once a p90 passes this fraction of its target
 DOWN_AT = 0.5  # scale down only while both p90s are under this fraction of their targets
 DOWN_FILL = 0.75  # ...and the replicas left would run this fraction of the load seen within the SLO
 METRICS_INTERVAL_S = 0.5  # how often replicas report (Serve's default, 10 s, makes cold starts slow)
-LOOK_BACK_S = 5.0  # the window Serve averages the reports over
+LOOK_BACK_S = 2.5  # the window Serve averages the reports over: a few reports, no more
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,30 @@ class LatencyWindow:
         return _p90([v for _, v in self.ttft]), _p90([v for _, v in self.tpot])
 
 
+class StepWindow:
+    """An engine's mean decode step over the last `window_s`: seconds stepping over steps made, from
+    its cumulative counters (`decode_steps`, `decode_step_s`) sampled on every stats call. Over a
+    few seconds, so one long step (a prefill chunk beside the decodes) weighs as the tokens it
+    delayed, not as a report of its own."""
+
+    def __init__(self, window_s: float = STEP_WINDOW_S, clock: Any = time.monotonic) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self.samples: collections.deque[tuple[float, float, float]] = collections.deque()
+
+    def mean_step(self, steps: float, seconds: float) -> float | None:
+        """Record the counters now; the mean step since the oldest sample in the window (None: no
+        step made since)."""
+        now = self.clock()
+        while len(self.samples) > 1 and self.samples[1][0] <= now - self.window_s:
+            self.samples.popleft()  # keep one sample at or before the window's start
+        self.samples.append((now, steps, seconds))
+        _, first_steps, first_seconds = self.samples[0]
+        if steps <= first_steps:
+            return None
+        return (seconds - first_seconds) / (steps - first_steps)
+
+
 def _p90(values: list[float]) -> float | None:
     if not values:
         return None
@@ -142,6 +170,8 @@ class Signals:
     queued: float  # requests waiting at Serve's handles for a replica with room
     ttft_s: float | None  # mean over replicas of their recent p90; None: no request finished
     tpot_s: float | None
+    step_s: float | None = None  # mean over replicas of their mean decode step; None: none made
+    target: int | None = None  # the count Serve is moving to (replicas may still be starting)
 
 
 @dataclass(frozen=True)
@@ -171,21 +201,24 @@ def decide(s: Signals, t: Targets, peak_ok_per_replica: float) -> Decision:
         return Decision(bounded(current + more), "queue",
                         f"{pending:.1f} requests waiting beside {s.running:.1f} running on {current} "
                         f"replica(s)")
-    ratios = {name: value / target for name, value, target in
-              (("TTFT", s.ttft_s, t.ttft_s), ("TPOT", s.tpot_s, t.tpot_s)) if value is not None}
+    measured = (("TTFT p90", s.ttft_s, t.ttft_s), ("TPOT p90", s.tpot_s, t.tpot_s),
+                ("decode step", s.step_s, t.tpot_s))
+    ratios = {name: value / target for name, value, target in measured if value is not None}
     if ratios and max(ratios.values()) > UP_AT:
         name, ratio = max(ratios.items(), key=lambda kv: kv[1])
         want = max(current + 1, math.ceil(current * ratio / UP_AT))
-        target_ms = (t.ttft_s if name == "TTFT" else t.tpot_s) * 1e3
+        target_ms = (t.ttft_s if name == "TTFT p90" else t.tpot_s) * 1e3
         return Decision(bounded(want), "latency",
-                        f"{name} p90 {ratio * target_ms:.0f} ms against a target of {target_ms:.0f} ms")
+                        f"{name} {ratio * target_ms:.0f} ms against a target of {target_ms:.0f} ms")
     if current > 1 and ratios and max(ratios.values()) < DOWN_AT and peak_ok_per_replica > 0:
         want = max(1, math.ceil(s.running / (DOWN_FILL * peak_ok_per_replica)))
         if want < current:
             return Decision(bounded(want), "down",
                             f"{s.running:.1f} running fit {want} replica(s) at {DOWN_FILL:.0%} of the "
                             f"{peak_ok_per_replica:.1f} per replica seen within the SLO")
-    return Decision(bounded(max(current, 1)), "hold", "within the SLO")
+    # Hold what Serve is moving to, not what runs now: a replica still starting stays wanted.
+    held = current if s.target is None else s.target
+    return Decision(bounded(max(held, 1)), "hold", "within the SLO")
 
 
 def signals_of(ctx: Any) -> Signals:
@@ -202,7 +235,7 @@ def signals_of(ctx: Any) -> Signals:
 
     return Signals(replicas=ctx.current_num_replicas, running=total("running"), waiting=total("waiting"),
                    queued=float(ctx.total_queued_requests or 0.0), ttft_s=mean("ttft_p90_s"),
-                   tpot_s=mean("tpot_p90_s"))
+                   tpot_s=mean("tpot_p90_s"), step_s=mean("step_s"), target=ctx.target_num_replicas)
 
 
 class SloAutoscaler:
@@ -222,8 +255,8 @@ class SloAutoscaler:
         targets = Targets(ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas,
                           self.ttft_s, self.tpot_s)
         peak = float(state.get("peak_ok_per_replica", 0.0))
-        if s.replicas and s.ttft_s is not None and s.ttft_s <= self.ttft_s and (
-                s.tpot_s is None or s.tpot_s <= self.tpot_s):
+        if s.replicas and s.ttft_s is not None and s.ttft_s <= self.ttft_s and all(
+                v is None or v <= self.tpot_s for v in (s.tpot_s, s.step_s)):
             peak = max(peak, s.running / s.replicas)
         state["peak_ok_per_replica"] = peak
         wanted = state.get("wanted", ctx.target_num_replicas)

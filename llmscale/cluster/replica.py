@@ -21,7 +21,7 @@ import ray
 from ray import serve
 from ray.actor import ActorHandle
 
-from llmscale.cluster.autoscale import TPOT_SAMPLE_TOKENS, LatencyWindow
+from llmscale.cluster.autoscale import TPOT_SAMPLE_TOKENS, LatencyWindow, StepWindow
 from llmscale.cluster.board import ENGINE, FALLBACK, REPORT_PERIOD_S
 from llmscale.cluster.routing import ReplicaRequest
 from llmscale.config import ConfigError, EngineConfig
@@ -59,6 +59,7 @@ class EngineReplica:
         self.engine: AsyncLLMEngine | None = None
         self.startup: dict[str, Any] | None = None
         self.latencies = LatencyWindow()
+        self.steps = StepWindow()
         self.board.report.remote(self.describe())
         try:
             self.engine = AsyncLLMEngine.from_config(config)
@@ -103,7 +104,8 @@ class EngineReplica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the SLO autoscaler (`cluster/autoscale.py`) decides on; latencies only when the
-        window holds samples."""
+        window holds samples, the mean decode step (`StepWindow`) only when the engine made one lately
+        (Serve calls this every `METRICS_INTERVAL_S`)."""
         engine_state = self.engine.engine.state() if self.engine is not None else IDLE
         stats = {"running": float(engine_state.running), "waiting": float(engine_state.waiting),
                  "kv_usage": engine_state.kv_usage}
@@ -112,6 +114,11 @@ class EngineReplica:
             stats["ttft_p90_s"] = ttft
         if tpot is not None:
             stats["tpot_p90_s"] = tpot
+        if self.engine is not None:  # the mean decode step of the last seconds: the TPOT of now
+            counters = self.engine.engine.stats
+            step = self.steps.mean_step(counters["decode_steps"], counters["decode_step_s"])
+            if step is not None:
+                stats["step_s"] = step
         return stats
 
     async def wake(self) -> None:
