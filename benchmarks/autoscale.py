@@ -127,8 +127,13 @@ def run(o: Outcome, args: argparse.Namespace) -> None:
         log.close()
 
 
+def schedule_name(args: argparse.Namespace) -> str:
+    """A schedule file by its name (not where this checkout lies), a spec as written."""
+    return Path(args.schedule).name if Path(args.schedule).is_file() else args.schedule
+
+
 def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
-    table = Table(title=f"{args.schedule}, SLO {args.slo}: the same requests on each configuration")
+    table = Table(title=f"{schedule_name(args)}, SLO {args.slo}: the same requests on each configuration")
     for col in ("configuration", "SLO met", "goodput req/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms",
                 "replica-s", "$"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
@@ -174,7 +179,7 @@ def plot(outcomes: list[Outcome], args: argparse.Namespace, path: Path) -> None:
     right.set_ylabel("requests within the SLO (%)")
     right.grid(True, alpha=0.3)
     right.legend(fontsize=8)
-    fig.suptitle(f"llmscale cluster serve: autoscaling against fixed pools ({args.schedule})")
+    fig.suptitle(f"llmscale cluster serve: autoscaling against fixed pools ({schedule_name(args)})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
