@@ -44,8 +44,8 @@ from typing import Any
 LATENCY_WINDOW_S = 20.0  # how far back a replica's latency samples reach
 STEP_WINDOW_S = 3.0  # how far back a replica's mean decode step reaches
 TPOT_SAMPLE_TOKENS = 16  # a running request adds a TPOT sample this often
-UP_AT = 0.8  # scale up once a p90 passes this fraction of its target
-DOWN_AT = 0.5  # scale down only while both p90s are under this fraction of their targets
+UP_AT = 0.8  # scale up once a latency passes this fraction of its target
+DOWN_AT = 0.5  # scale down only while every latency is under this fraction of its target
 DOWN_FILL = 0.75  # ...and the replicas left would run this fraction of the load seen within the SLO
 METRICS_INTERVAL_S = 0.5  # how often replicas report (Serve's default, 10 s, makes cold starts slow)
 LOOK_BACK_S = 2.5  # the window Serve averages the reports over: a few reports, no more
@@ -181,6 +181,14 @@ class Decision:
     reason: str
 
 
+def latency_ratios(s: Signals, t: Targets) -> dict[str, float]:
+    """Each latency the replicas report, over its target: TTFT p90, TPOT p90 and the decode step
+    (which a TPOT target bounds too); only those measured."""
+    measured = (("TTFT p90", s.ttft_s, t.ttft_s), ("TPOT p90", s.tpot_s, t.tpot_s),
+                ("decode step", s.step_s, t.tpot_s))
+    return {name: value / target for name, value, target in measured if value is not None}
+
+
 def decide(s: Signals, t: Targets, peak_ok_per_replica: float) -> Decision:
     """The replica count for these signals (see the module docstring), within the bounds.
     `peak_ok_per_replica`: the most running requests per replica seen within the SLO (0: none yet)."""
@@ -201,9 +209,7 @@ def decide(s: Signals, t: Targets, peak_ok_per_replica: float) -> Decision:
         return Decision(bounded(current + more), "queue",
                         f"{pending:.1f} requests waiting beside {s.running:.1f} running on {current} "
                         f"replica(s)")
-    measured = (("TTFT p90", s.ttft_s, t.ttft_s), ("TPOT p90", s.tpot_s, t.tpot_s),
-                ("decode step", s.step_s, t.tpot_s))
-    ratios = {name: value / target for name, value, target in measured if value is not None}
+    ratios = latency_ratios(s, t)
     if ratios and max(ratios.values()) > UP_AT:
         name, ratio = max(ratios.items(), key=lambda kv: kv[1])
         want = max(current + 1, math.ceil(current * ratio / UP_AT))
@@ -255,8 +261,8 @@ class SloAutoscaler:
         targets = Targets(ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas,
                           self.ttft_s, self.tpot_s)
         peak = float(state.get("peak_ok_per_replica", 0.0))
-        if s.replicas and s.ttft_s is not None and s.ttft_s <= self.ttft_s and all(
-                v is None or v <= self.tpot_s for v in (s.tpot_s, s.step_s)):
+        ratios = latency_ratios(s, targets)
+        if s.replicas and "TTFT p90" in ratios and max(ratios.values()) <= 1:  # the SLO held
             peak = max(peak, s.running / s.replicas)
         state["peak_ok_per_replica"] = peak
         wanted = state.get("wanted", ctx.target_num_replicas)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -64,8 +65,8 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)  # fp32 tables, built for real after the meta init
-    by_layer: list[list[tuple[Path, str]]] = [[] for _ in model.layers]
-    rest: list[tuple[Path, str]] = []
+    by_layer: list[list[CheckpointTensor]] = [[] for _ in model.layers]
+    rest: list[CheckpointTensor] = []
     loaded: set[int] = set()
     for file in files:
         try:
@@ -77,15 +78,17 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
             target = model.param_for_checkpoint_name(name)
             if target is None:
                 continue
-            loaded.add(id(target[1]) * 8 + target[2])
+            module, param, shard = target
+            loaded.add(id(param) * 8 + shard)
             layer = _layer_index(name)
-            (rest if layer is None else by_layer[layer]).append((file, name))
+            into = rest if layer is None else by_layer[layer]
+            into.append(CheckpointTensor(file, name, module, param, shard))
     missing = _missing_params(model, loaded)
     if missing:
         raise ConfigError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
-    _copy_tensors(model, rest)
-    _prepare_quantized(model.embed_tokens)
-    _prepare_quantized(model.lm_head)
+    _copy_tensors(rest)
+    for module in dict.fromkeys((model.embed_tokens, model.lm_head)):  # once when they are tied
+        _prepare_quantized(module)
     model.eval()
     return model, cfg, time.perf_counter() - start, LayerLoad(model, by_layer)
 
@@ -99,18 +102,27 @@ def _layer_index(name: str) -> int | None:
     return int(index) if index.isdigit() else None
 
 
-def _copy_tensors(model: LlamaForCausalLM, names: list[tuple[Path, str]]) -> None:
-    """Copy the named checkpoint tensors into the model's parameters, a file open at a time."""
-    for file, group in itertools.groupby(names, key=lambda fn: fn[0]):
+class CheckpointTensor(NamedTuple):
+    """A checkpoint tensor and where it goes in the model."""
+
+    file: Path
+    name: str
+    module: nn.Module
+    param: torch.Tensor
+    shard: int
+
+
+def _copy_tensors(tensors: list[CheckpointTensor]) -> None:
+    """Copy checkpoint tensors into the model's parameters, a file open at a time."""
+    for file, group in itertools.groupby(tensors, key=lambda t: t.file):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for _, name in group:
-                    module, param, shard = model.param_for_checkpoint_name(name)  # type: ignore[misc]
-                    tensor = f.get_tensor(name)
-                    if hasattr(module, "load_shard"):
-                        module.load_shard(param, tensor, shard)
+                for t in group:
+                    tensor = f.get_tensor(t.name)
+                    if hasattr(t.module, "load_shard"):
+                        t.module.load_shard(t.param, tensor, t.shard)
                     else:
-                        param.data.copy_(tensor)
+                        t.param.data.copy_(tensor)
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
 
@@ -128,53 +140,42 @@ class LayerLoad:
     `finish(layer)` runs on each layer once its tensors are in (the engine's prepacking); the
     bytes it returns add up in `finished_bytes`."""
 
-    def __init__(self, model: LlamaForCausalLM, names: list[list[tuple[Path, str]]]) -> None:
+    def __init__(self, model: LlamaForCausalLM, tensors: list[list[CheckpointTensor]]) -> None:
         self.model = model
-        self.names = names
-        self.finish: Callable[[nn.Module], int] | None = None
+        self.tensors = tensors  # per layer
         self.finished_bytes = 0
         self.ready = 0  # layers loaded and finished, in order
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.changed = threading.Condition()
 
-    def _load(self, index: int) -> None:
-        layer = self.model.layers[index]
-        _copy_tensors(self.model, self.names[index])
-        _prepare_quantized(layer)
-        if self.finish is not None:
-            self.finished_bytes += self.finish(layer)
-
     def run(self, finish: Callable[[nn.Module], int] | None = None) -> None:
         start = time.perf_counter()
-        self.finish = finish
-        for i in range(len(self.names)):
-            self._load(i)
-        self.ready = len(self.names)
+        for i, (layer, tensors) in enumerate(zip(self.model.layers, self.tensors, strict=True)):
+            _copy_tensors(tensors)
+            _prepare_quantized(layer)
+            if finish is not None:
+                self.finished_bytes += finish(layer)
+            with self.changed:
+                self.ready = i + 1
+                self.changed.notify_all()
         self.seconds = time.perf_counter() - start
 
     def start(self, finish: Callable[[nn.Module], int] | None = None) -> None:
-        self.finish = finish
         self.model.pending_layers = self
-        threading.Thread(target=self._stream, name="llmscale-layer-load", daemon=True).start()
+        threading.Thread(target=self._stream, args=(finish,), name="llmscale-layer-load", daemon=True).start()
 
-    def _stream(self) -> None:
-        start = time.perf_counter()
+    def _stream(self, finish: Callable[[nn.Module], int] | None) -> None:
         try:
-            for i in range(len(self.names)):
-                self._load(i)
-                with self.changed:
-                    self.ready = i + 1
-                    self.changed.notify_all()
+            self.run(finish)
         except BaseException as e:  # noqa: BLE001 (handed to the thread that waits)
             with self.changed:
                 self.error = e
                 self.changed.notify_all()
-        self.seconds = time.perf_counter() - start
 
     @property
     def done(self) -> bool:
-        return self.ready == len(self.names)
+        return self.ready == len(self.tensors)
 
     def wait(self, index: int) -> None:
         """Block until layer `index` is loaded; raise what stopped the load, if anything did."""
