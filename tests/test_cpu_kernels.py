@@ -113,9 +113,12 @@ def test_rms_norm_with_and_without_residual(m: int) -> None:
 
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 1, 128), (8, 2, 48), (6, 3, 64)])
 @pytest.mark.parametrize("block_size", [16, 4])
-def test_paged_decode_attention_matches_sdpa(hq: int, hkv: int, d: int, block_size: int) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_matches_sdpa(hq: int, hkv: int, d: int, block_size: int,
+                                             cache_dtype: torch.dtype) -> None:
     """Query-head groups of 1-8 (tiles of up to 3 heads), head dims in whole and half 32-wide
-    tiles, blocks scattered over the cache, and cache rows past each context holding NaN."""
+    tiles, blocks scattered over the cache, and cache rows past each context holding NaN; a
+    bf16 cache is read as it is and summed in fp32, so it matches fp32 SDPA over its values."""
     torch.manual_seed(hq + d + block_size)
     lens = [1, 17, 150, 300]  # a partial first block, block boundaries, long enough for threads
     needs = [-(-n // block_size) for n in lens]
@@ -130,8 +133,10 @@ def test_paged_decode_attention_matches_sdpa(hq: int, hkv: int, d: int, block_si
         rows = torch.arange(n)
         k_cache[tables[i][rows // block_size], rows % block_size] = torch.randn(n, hkv, d)
         v_cache[tables[i][rows // block_size], rows % block_size] = torch.randn(n, hkv, d)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     q = torch.randn(len(lens), hq, d)
     out = cpu.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens), d ** -0.5)
+    k_cache, v_cache = k_cache.float(), v_cache.float()
     for i, n in enumerate(lens):
         k = k_cache[tables[i]].reshape(-1, hkv, d)[:n].transpose(0, 1)  # [Hkv, n, D]
         v = v_cache[tables[i]].reshape(-1, hkv, d)[:n].transpose(0, 1)
@@ -203,3 +208,37 @@ def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: 
         out_a, out_b = a.outputs[0], b.outputs[0]
         for la, lb, tok in zip(out_a.logprobs, out_b.logprobs, out_a.token_ids, strict=True):
             assert la[tok] == pytest.approx(lb[tok], abs=1e-3)
+
+
+def test_bf16_decodes_read_the_cache_in_place_as_the_gathered_sdpa_path_does() -> None:
+    """A bf16 batch of decodes over contexts of very different lengths: reading each sequence's
+    blocks in place gives what the padded gather + masked SDPA path gives, to bf16's precision."""
+    from llmscale.model.attention import AttentionMetadata, paged_attention
+
+    torch.manual_seed(0)
+    hq, hkv, d, bs = 9, 3, 64, 16
+    lens = [3, 40, 700, 129, 16]
+    needs = [-(-n // bs) for n in lens]
+    num_blocks = sum(needs) + 2
+    k_cache = torch.randn(num_blocks, bs, hkv, d).bfloat16()
+    v_cache = torch.randn(num_blocks, bs, hkv, d).bfloat16()
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(lens), max(needs), dtype=torch.long)
+    for i, need in enumerate(needs):
+        tables[i, :need] = torch.tensor(perm[:need])
+        perm = perm[need:]
+    q = torch.randn(len(lens), hq, d).bfloat16()
+    k = v = torch.zeros(len(lens), hkv, d, dtype=torch.bfloat16)  # already in the cache
+    context = torch.tensor(lens)
+    width = tables.shape[1] * bs
+    mask = torch.zeros(len(lens), width, dtype=torch.bfloat16)
+    mask.masked_fill_(torch.arange(width)[None, :] >= context[:, None], float("-inf"))
+    common = {"slot_mapping": torch.empty(0), "num_decode_tokens": len(lens), "decode_block_tables": tables}
+    gathered = paged_attention(q, k, v, k_cache, v_cache,
+                               AttentionMetadata(decode_mask=mask.view(len(lens), 1, 1, width), **common),
+                               d ** -0.5)
+    in_place = paged_attention(q, k, v, k_cache, v_cache,
+                               AttentionMetadata(decode_in_place=True, decode_context_lens=context, **common),
+                               d ** -0.5)
+    assert in_place.dtype == torch.bfloat16
+    torch.testing.assert_close(in_place.float(), gathered.float(), rtol=2e-2, atol=2e-2)

@@ -56,8 +56,9 @@ class ModelRunner:
         # Attention runs llmscale's C kernels where they apply (see AttentionMetadata); the
         # cache has the model's dtype. Their decode kernel reads blocks 4 rows at a time.
         head_dim = model.layers[0].self_attn.head_dim
-        self.c_kernels = (device.type == "cpu" and kv_dtype == torch.float32 and head_dim % 16 == 0
-                          and block_size % 4 == 0 and cpu_kernels.available())
+        self.decode_in_place = (device.type == "cpu" and kv_dtype in (torch.float32, torch.bfloat16)
+                                and head_dim % 16 == 0 and block_size % 4 == 0 and cpu_kernels.available())
+        self.c_kernels = self.decode_in_place and kv_dtype == torch.float32
         # One block more than the pool hands out: a scratch block for padded rows (see cuda_graphs).
         self.scratch_block = num_blocks
         for layer in model.layers:
@@ -118,12 +119,13 @@ class ModelRunner:
                 sampled.append(r)
         meta_slots = [self._tensor(slots)] if slots else []
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes),
-                                 workspaces=self.workspaces, c_kernels=self.c_kernels)
+                                 workspaces=self.workspaces, c_kernels=self.c_kernels,
+                                 decode_in_place=self.decode_in_place)
         if decodes:
             width = max(len(t) for t in tables)
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in tables])
             context = self._tensor([r.num_computed_tokens + 1 for r, _ in decodes])
-            if self.c_kernels:
+            if self.decode_in_place:
                 meta.decode_context_lens = context
             else:
                 meta.decode_mask = self._decode_mask(context, width * bs)

@@ -549,19 +549,24 @@ static void softmax(float *p, int64_t len) {
     for (; t < len; t++) p[t] /= total;
 }
 
+/* 8 cache elements from element `i` of `base`, as floats: the cache holds fp32, or bf16 (BF). */
+static inline __attribute__((always_inline)) __m256 load_cache(const char *base, int64_t i, const int BF) {
+    return BF ? load_bf16((const uint16_t *)base + i) : _mm256_loadu_ps((const float *)base + i);
+}
+
 /* Scores of up to 3 query heads (G) against 4 consecutive cache rows, over d: 12 independent
  * accumulators, each K vector loaded once for the G heads. q: G heads d floats apart; k: 4 rows
- * `row` floats apart; out p[g * stride + i] = scale * q_g . k_i. */
-static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k,
+ * `row` elements apart; out p[g * stride + i] = scale * q_g . k_i. */
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const char *k,
                                                          int64_t row, int64_t d, float scale,
                                                          float *p, int64_t stride, const int G,
-                                                         const char *pf, int npf) {
+                                                         const int BF, const char *pf, int npf) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
     __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
     for (int64_t j = 0; j < d; j += 8) {
         for (int f = 0; f < npf; f++, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
-        const __m256 k0 = _mm256_loadu_ps(k + j), k1 = _mm256_loadu_ps(k + row + j);
-        const __m256 k2 = _mm256_loadu_ps(k + 2 * row + j), k3 = _mm256_loadu_ps(k + 3 * row + j);
+        const __m256 k0 = load_cache(k, j, BF), k1 = load_cache(k, row + j, BF);
+        const __m256 k2 = load_cache(k, 2 * row + j, BF), k3 = load_cache(k, 3 * row + j, BF);
         __m256 qv = _mm256_loadu_ps(q + j);
         a00 = _mm256_fmadd_ps(qv, k0, a00); a01 = _mm256_fmadd_ps(qv, k1, a01);
         a02 = _mm256_fmadd_ps(qv, k2, a02); a03 = _mm256_fmadd_ps(qv, k3, a03);
@@ -589,12 +594,13 @@ static inline __attribute__((always_inline)) void qk_tile(const float *q, const 
 #undef QK_REDUCE
 }
 
-/* o_g[0, 8 NC) += sum_i p[g * stride + i] v_i[0, 8 NC) over n rows `row` floats apart, for up
+/* o_g[0, 8 NC) += sum_i p[g * stride + i] v_i[0, 8 NC) over n rows `row` elements apart, for up
  * to 3 query heads (G): each V vector is loaded once for the G heads. */
 static inline __attribute__((always_inline)) void pv_tile(const float *p, int64_t stride,
-                                                         const float *v, int64_t row, int64_t n,
+                                                         const char *v, int64_t row, int64_t n,
                                                          float *o, int64_t d, const int G,
-                                                         const int NC, const char *pf, int npf) {
+                                                         const int NC, const int BF, const char *pf,
+                                                         int npf) {
     __m256 a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23;
 #define PV_LOAD(g) a##g##0 = _mm256_loadu_ps(o + g * d); a##g##1 = _mm256_loadu_ps(o + g * d + 8); \
     if (NC > 2) { a##g##2 = _mm256_loadu_ps(o + g * d + 16); a##g##3 = _mm256_loadu_ps(o + g * d + 24); }
@@ -611,10 +617,10 @@ static inline __attribute__((always_inline)) void pv_tile(const float *p, int64_
     if (G > 2) { PV_LOAD(2) }
     for (int64_t i = 0; i < n; i++) {
         for (int f = 0; f < npf; f++, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
-        const float *vr = v + i * row;
-        const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+        const int64_t vr = i * row;
+        const __m256 v0 = load_cache(v, vr, BF), v1 = load_cache(v, vr + 8, BF);
         __m256 v2 = v0, v3 = v0;
-        if (NC > 2) { v2 = _mm256_loadu_ps(vr + 16); v3 = _mm256_loadu_ps(vr + 24); }
+        if (NC > 2) { v2 = load_cache(v, vr + 16, BF); v3 = load_cache(v, vr + 24, BF); }
         PV_FMA(0)
         if (G > 1) PV_FMA(1)
         if (G > 2) PV_FMA(2)
@@ -637,13 +643,14 @@ static inline void prefetch_rows(const float *x, int64_t floats) {
  * each block's rows in address order with every head at once (in a row the heads lie side by
  * side), the next block prefetched a few lines per step of the current one: read head by head,
  * or without the prefetch, each block costs the core its latency. Query heads sharing a KV
- * head (GQA) share each load of it. d % 16 == 0; block_size % 4 == 0. */
-void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
-                            const float *kc, const float *vc, int64_t block_size,
-                            const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
-                            float scale, float *out, int nthreads) {
-    const int64_t group = hq / hkv, row = hkv * d, block_floats = block_size * row;
-    const int64_t block_lines = block_floats * (int64_t)sizeof(float) / 64;
+ * head (GQA) share each load of it. The cache holds fp32, or bf16 (BF: widened as it is read,
+ * the sums in fp32). d % 16 == 0; block_size % 4 == 0. */
+static inline __attribute__((always_inline)) void paged_decode(
+    const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d, const char *kc, const char *vc,
+    int64_t block_size, const int64_t *tables, int64_t max_blocks, const int64_t *ctx, float scale,
+    float *out, int nthreads, const int BF) {
+    const int64_t group = hq / hkv, row = hkv * d, block_elems = block_size * row;
+    const int64_t block_bytes = block_elems * (BF ? 2 : 4), block_lines = block_bytes / 64;
     const int64_t head_tiles = hkv * ((group + 2) / 3); /* (kv head, up to 3 query heads) */
     /* Lines to prefetch per inner step: the K pass takes d/8 steps per 4 rows and head tile,
      * the V pass a step per row, head tile and 32 dims. */
@@ -661,18 +668,19 @@ void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, 
         /* Scores of every row of each block, valid or not: a partial block's tail rows are in
          * the cache, and their scores are never read. */
         for (int64_t blk = 0; blk < nblk; blk++) {
-            const float *kb = kc + table[blk] * block_floats;
-            const char *pf = (const char *)(kc + table[blk + 1 < nblk ? blk + 1 : blk] * block_floats);
+            const char *kb = kc + table[blk] * block_bytes;
+            const char *pf = kc + table[blk + 1 < nblk ? blk + 1 : blk] * block_bytes;
             const int npf = blk + 1 < nblk ? qk_pf : 0;
             for (int64_t i = 0; i < block_size; i += 4)
                 for (int64_t h = 0; h < hkv; h++)
                     for (int64_t g = 0; g < group; g += 3) {
-                        const float *qh = qs + (h * group + g) * d, *kr = kb + i * row + h * d;
+                        const float *qh = qs + (h * group + g) * d;
+                        const char *kr = kb + (i * row + h * d) * (BF ? 2 : 4);
                         float *ph = p + (h * group + g) * stride + blk * block_size + i;
                         switch (group - g < 3 ? group - g : 3) {
-                            case 1: qk_tile(qh, kr, row, d, scale, ph, stride, 1, pf, npf); break;
-                            case 2: qk_tile(qh, kr, row, d, scale, ph, stride, 2, pf, npf); break;
-                            default: qk_tile(qh, kr, row, d, scale, ph, stride, 3, pf, npf); break;
+                            case 1: qk_tile(qh, kr, row, d, scale, ph, stride, 1, BF, pf, npf); break;
+                            case 2: qk_tile(qh, kr, row, d, scale, ph, stride, 2, BF, pf, npf); break;
+                            default: qk_tile(qh, kr, row, d, scale, ph, stride, 3, BF, pf, npf); break;
                         }
                         pf += npf * (d / 8) * 64;
                     }
@@ -681,9 +689,9 @@ void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, 
         for (int64_t j = 0; j < hq * d; j++) os[j] = 0.f;
         /* Weighted values, over the valid rows only (a tail row may hold anything, NaN too). */
         for (int64_t blk = 0; blk < nblk; blk++) {
-            const float *vb = vc + table[blk] * block_floats;
+            const char *vb = vc + table[blk] * block_bytes;
             const int64_t n = len - blk * block_size < block_size ? len - blk * block_size : block_size;
-            const char *pf = (const char *)(vc + table[blk + 1 < nblk ? blk + 1 : blk] * block_floats);
+            const char *pf = vc + table[blk + 1 < nblk ? blk + 1 : blk] * block_bytes;
             const int npf = blk + 1 < nblk ? pv_pf : 0;
             for (int64_t h = 0; h < hkv; h++)
                 for (int64_t g = 0; g < group; g += 3) {
@@ -691,16 +699,16 @@ void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, 
                     const int64_t head = h * group + g;
                     const float *pp = p + head * stride + blk * block_size;
                     for (int64_t c = 0; c < d; c += 32) {
-                        const float *vr = vb + h * d + c;
+                        const char *vr = vb + (h * d + c) * (BF ? 2 : 4);
                         float *o = os + head * d + c;
                         if (d - c >= 32) {
-                            if (G == 3) pv_tile(pp, stride, vr, row, n, o, d, 3, 4, pf, npf);
-                            else if (G == 2) pv_tile(pp, stride, vr, row, n, o, d, 2, 4, pf, npf);
-                            else pv_tile(pp, stride, vr, row, n, o, d, 1, 4, pf, npf);
+                            if (G == 3) pv_tile(pp, stride, vr, row, n, o, d, 3, 4, BF, pf, npf);
+                            else if (G == 2) pv_tile(pp, stride, vr, row, n, o, d, 2, 4, BF, pf, npf);
+                            else pv_tile(pp, stride, vr, row, n, o, d, 1, 4, BF, pf, npf);
                         } else {
-                            if (G == 3) pv_tile(pp, stride, vr, row, n, o, d, 3, 2, pf, npf);
-                            else if (G == 2) pv_tile(pp, stride, vr, row, n, o, d, 2, 2, pf, npf);
-                            else pv_tile(pp, stride, vr, row, n, o, d, 1, 2, pf, npf);
+                            if (G == 3) pv_tile(pp, stride, vr, row, n, o, d, 3, 2, BF, pf, npf);
+                            else if (G == 2) pv_tile(pp, stride, vr, row, n, o, d, 2, 2, BF, pf, npf);
+                            else pv_tile(pp, stride, vr, row, n, o, d, 1, 2, BF, pf, npf);
                         }
                         pf += npf * n * 64;
                     }
@@ -708,6 +716,22 @@ void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, 
         }
         free(p);
     }
+}
+
+void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
+                            const float *kc, const float *vc, int64_t block_size,
+                            const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
+                            float scale, float *out, int nthreads) {
+    paged_decode(q, b, hq, hkv, d, (const char *)kc, (const char *)vc, block_size, tables, max_blocks,
+                 ctx, scale, out, nthreads, 0);
+}
+
+void paged_decode_attention_bf16(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
+                                 const uint16_t *kc, const uint16_t *vc, int64_t block_size,
+                                 const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
+                                 float scale, float *out, int nthreads) {
+    paged_decode(q, b, hq, hkv, d, (const char *)kc, (const char *)vc, block_size, tables, max_blocks,
+                 ctx, scale, out, nthreads, 1);
 }
 
 /* ---------------------------------------------------------------- prefill attention */

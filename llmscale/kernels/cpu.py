@@ -44,6 +44,8 @@ _SIGNATURES = {
     "rms_norm": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
     "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, ctypes.c_float, _P,
                                ctypes.c_int],
+    "paged_decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, ctypes.c_float, _P,
+                                    ctypes.c_int],
     "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int],
     "prefill_attention_workspace": [_I, _I, _I, ctypes.c_int],
     "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
@@ -231,12 +233,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
                            ) -> torch.Tensor:
-    """q [b, hq, d] fp32 contiguous; caches [blocks, block_size, hkv, d] fp32; block_tables
-    [b, max_blocks] and context_lens [b] int64 -> [b, hq, d]."""
+    """q [b, hq, d] fp32 contiguous; caches [blocks, block_size, hkv, d] fp32 or bf16 (read as
+    they are, summed in fp32); block_tables [b, max_blocks] and context_lens [b] int64 ->
+    fp32 [b, hq, d]."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q)
-    library().paged_decode_attention(
+    kernel = library().paged_decode_attention_bf16 if k_cache.dtype == torch.bfloat16 else \
+        library().paged_decode_attention
+    kernel(
         q.data_ptr(), b, hq, hkv, d, k_cache.data_ptr(), v_cache.data_ptr(), block_size,
         block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), scale,
         out.data_ptr(), torch.get_num_threads())

@@ -4,8 +4,9 @@ The cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads, he
 A step's flat batch puts single-token queries (decodes) first and multi-token chunks
 (prefills) after them; `AttentionMetadata` describes both parts.
 
-With llmscale's C kernels (an fp32 cache on CPU), decodes read the paged cache in place and
-prefill chunks run a causal attention kernel on the GEMM micro-kernel (`kernels/cpu.c`).
+With llmscale's C kernels on CPU, decodes read the paged cache (fp32 or bf16) in place, each
+sequence over its own context only; with an fp32 cache prefill chunks also run a causal
+attention kernel on the GEMM micro-kernel (`kernels/cpu.c`).
 Otherwise decodes run as one batched SDPA call: their blocks are gathered into a padded
 `[B, Hkv, L, D]` view and the query heads of each KV group are folded into the query-length
 axis (`[B, Hkv, G, D]`), which is exact for one query position and avoids repeating K/V for
@@ -39,9 +40,11 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], 0 or -inf
     # With `c_kernels` (an fp32 cache on CPU where llmscale's C kernels run), rotary and the
-    # cache write are one C call, and decodes read the paged cache in place given their
-    # context lengths instead of a gather and a mask.
+    # cache write are one C call and prefills run the C attention kernel.
     c_kernels: bool = False
+    # With `decode_in_place` (an fp32 or bf16 cache on CPU where the C kernels run), decodes
+    # read the paged cache in place given their context lengths instead of a gather and a mask.
+    decode_in_place: bool = False
     decode_context_lens: torch.Tensor | None = None  # [B] long
     prefills: list[PrefillChunk] = field(default_factory=list)
     # Gather buffers owned by the model runner, reused across layers and steps: on CPU a fresh
@@ -95,7 +98,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd and meta.c_kernels:
+    if nd and meta.decode_in_place:
         out[:nd] = cpu_kernels.paged_decode_attention(
             q[:nd].float().contiguous(), k_cache, v_cache, meta.decode_block_tables,
             meta.decode_context_lens, scale)
