@@ -38,7 +38,7 @@ BATCHES = (1, 2, 4, 8, 16, 32)
 PROMPT_TOKENS = 200
 OUTPUT_TOKENS = 48
 SKIP_TOKENS = 8  # gaps while other streams still prefill are not steady decode steps
-LONE_REQUESTS = 6
+LONE_REQUESTS = 12  # per state (idle, busy): their medians move by a few ms with 6
 BACKGROUND_TOKENS = 400  # the stream that keeps the engine busy outlasts the lone requests
 BACKGROUND_LEAD_S = 0.5  # its prefill done before the first lone request
 

@@ -174,8 +174,9 @@ class StepModel(Protocol):
 
 def curve_terms(chunks: Sequence[Chunk], knots: Sequence[int]) -> list[float]:
     """CurveModel's fitted terms: decodes, prefill chunks, decode context tokens (summed; their
-    square, since past the caches gathering more K/V costs more per token; and padded to the
-    longest, which is what attention over a padded batch of block tables reads), prefill causal
+    square, since past the caches reading more K/V costs more per token; and padded to the
+    longest, which is what attention over a padded batch of gathered blocks reads, as torch's
+    SDPA path does where the C decode kernel does not run), prefill causal
     pairs, then the token count's interpolation weights on the knots (linear extrapolation past
     the last one)."""
     contexts = [c.context + 1 for c in chunks if c.new == 1]
