@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
                    help="pin the engine's threads to these cores, one each (0-1, 0,2,4); default: no "
                         "pinning")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
+                   help="split every layer over T ranks, one process each, joined by torch.distributed "
+                        "(gloo on CPU, NCCL on GPU); default 1")
     g.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run every step eagerly instead of replaying CUDA graphs for decodes")
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
@@ -60,6 +63,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
         stream_weights=args.stream_weights,
         cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,

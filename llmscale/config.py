@@ -333,6 +333,31 @@ class CacheConfig:
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
 
 
+@dataclass
+class ParallelConfig:
+    # Ranks that split every layer (attention heads, MLP columns/rows, vocabulary), one process
+    # each on this machine: rank 0 is the engine's own process, the others are workers it starts.
+    tensor_parallel_size: int = 1
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """One-line errors for a model these sizes cannot split, before anything loads."""
+        tp = self.tensor_parallel_size
+        if cfg.num_attention_heads % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} does not divide the model's "
+                              f"{cfg.num_attention_heads} attention heads")
+        kv = cfg.num_key_value_heads
+        if kv % tp and tp % kv:
+            raise ConfigError(f"tensor_parallel_size {tp} and the model's {kv} KV heads: one must divide "
+                              f"the other (fewer KV heads than ranks are replicated)")
+        if cfg.intermediate_size % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} does not divide the MLP's intermediate size "
+                              f"{cfg.intermediate_size}")
+
+
 BATCHING_POLICIES = ("continuous", "static", "dynamic")
 
 # The token budget per step when none is given. Offline, big steps batch prefill best. A server
@@ -395,21 +420,23 @@ class EngineConfig:
     enforce_eager: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineConfig:
         """Build from flat keyword arguments named like the CLI flags."""
         cfg = cls(model=model)
-        sections = (cfg, cfg.cache, cfg.scheduler)
+        sections = (cfg, cfg.cache, cfg.scheduler, cfg.parallel)
         for key, value in kwargs.items():
             if value is None and key != "num_gpu_blocks_override":
                 continue
             target = next((s for s in sections if key in s.__dataclass_fields__), None)
-            if target is None or key in ("cache", "scheduler"):
+            if target is None or key in ("cache", "scheduler", "parallel"):
                 raise ConfigError(f"unknown engine argument {key!r}")
             setattr(target, key, value)
         cfg.cache.validate()
         cfg.scheduler.validate()
+        cfg.parallel.validate()
         if cfg.cpu_threads_bind is not None:
             parse_cpu_list(cfg.cpu_threads_bind)
         parse_device(cfg.device)

@@ -31,11 +31,15 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
         """`engine`, or a function that builds one: it then runs on the loop's thread, so that
         thread is the only one that ever started OpenMP work. Once another thread has (the
         main thread, loading the model), this one's parallel regions run markedly slower
-        (BENCHMARKS.md, "the engine's thread"). Waits for the build; its errors raise here."""
+        (BENCHMARKS.md, "the engine's thread"). Waits for the build; its errors raise here.
+        `on_death` is called (on the loop's thread) with the error a failed step raised, after
+        every waiting request got it (a server stops on it)."""
+        self._on_death = on_death
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
@@ -52,8 +56,9 @@ class AsyncLLMEngine:
         self.engine = built.result()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
-        return cls(lambda: LLMEngine(config, stream_text=True, online=True))
+    def from_config(cls, config: EngineConfig,
+                    on_death: Callable[[BaseException], None] | None = None) -> AsyncLLMEngine:
+        return cls(lambda: LLMEngine(config, stream_text=True, online=True), on_death)
 
     def _run(self, engine: LLMEngine | Callable[[], LLMEngine], built: Future[LLMEngine]) -> None:
         if not built.done():
@@ -64,7 +69,10 @@ class AsyncLLMEngine:
                 built.set_exception(e)
                 return
             built.set_result(self.engine)
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            self.engine.shutdown()  # its tensor-parallel workers, from the thread that stepped them
 
     @property
     def is_running(self) -> bool:
@@ -164,6 +172,8 @@ class AsyncLLMEngine:
                 self.error = e
                 for rid in list(self._streams):
                     self._deliver(rid, EngineDeadError(f"engine step failed: {e}"))
+                if self._on_death is not None:
+                    self._on_death(e)
                 return
             if self.engine.stats["steps"] == steps_before:
                 self._wake.wait(0.002)  # a batching policy is waiting for its batch to fill

@@ -10,26 +10,24 @@ from typing import Any
 import torch
 
 from llmscale.config import (
-    CacheConfig,
     ConfigError,
     EngineConfig,
-    ModelConfig,
-    available_memory_bytes,
     parse_cpu_list,
-    parse_memory,
 )
 from llmscale.engine.kv_cache import KVCacheManager
 from llmscale.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmscale.engine.request import Request, RequestStatus
-from llmscale.engine.runner import ModelRunner, kv_bytes_per_block
+from llmscale.engine.runner import ModelRunner, StepResult
 from llmscale.engine.sampler import Sampler, SamplingRow
 from llmscale.engine.sampling_params import SamplingParams
 from llmscale.engine.scheduler import ScheduledBatch, make_scheduler
+from llmscale.engine.shard import Phases, load_rank_model
 from llmscale.kernels import cpu as cpu_kernels
-from llmscale.model import layers
 from llmscale.model.gguf_loader import resolve_model
-from llmscale.model.loader import load_model, read_model_config
+from llmscale.model.loader import read_model_config
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from llmscale.parallel.step_delta import DeltaEncoder
+from llmscale.parallel.workers import WorkerDiedError, WorkerGroup, threads_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -44,36 +42,6 @@ class EngineState:
     prefix_hit_rate: float  # fraction of looked-up prompt tokens found in the prefix cache
     num_preemptions: int
     requests_served: int  # finished requests (groups of n samples count once)
-
-
-class Phases:
-    """Consecutive timed phases: each `lap` closes the one running since the last."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.mark = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = now - self.mark
-        self.mark = now
-
-
-def kv_cache_blocks(cache: CacheConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype,
-                    max_model_len: int) -> int:
-    """How many KV blocks `cache` asks for (a size, or a fraction of free memory now); a one-line
-    error when they hold less than one request of `max_model_len`."""
-    if cache.num_gpu_blocks_override:
-        num_blocks = cache.num_gpu_blocks_override
-    else:
-        per_block = kv_bytes_per_block(model_cfg, cache.block_size, kv_dtype)
-        num_blocks = parse_memory(cache.kv_cache_memory, available_memory_bytes()) // per_block
-    if num_blocks * cache.block_size < max_model_len:
-        raise ConfigError(
-            f"KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} blocks of "
-            f"{cache.block_size}), less than one request of max_model_len {max_model_len}; "
-            f"raise --kv-cache-memory or lower --max-model-len")
-    return num_blocks
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str | list[int] | dict[str, Any]
@@ -106,6 +74,11 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         model_cfg = read_model_config(self.model_path)
+        config.parallel.check_model(model_cfg)
+        tp = config.parallel.tensor_parallel_size
+        if tp > 1 and config.stream_weights:
+            raise ConfigError("stream_weights loads one engine's layers on a thread; it does not apply "
+                              "with tensor_parallel_size > 1")
         self.max_model_len = model_cfg.context_len(config.max_model_len)
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
@@ -113,33 +86,31 @@ class LLMEngine:
         if self.device.type == "cpu":
             cpu_kernels.library()  # built once per machine and cached on disk, or loaded from there
             phases.lap("kernels")
-        self.model, self.model_config, self.load_time_s, layer_load = load_model(
-            self.model_path, self.dtype, self.device, self.max_model_len)
-        if not config.stream_weights:
-            layer_load.run()
-            self.load_time_s += layer_load.seconds
-        phases.lap("weights")
-        # The lm_head and each decoder layer (as it arrives, when streamed); never the input
-        # embedding, which is only looked up.
-        prepack = self._prepack_wanted(config.prepack_weights)
-        self._prepacked_now = layers.prepack_linears(self.model.lm_head) if prepack else 0
-        if config.stream_weights:
-            layer_load.start(layers.prepack_linears if prepack else None)
-        elif prepack:
-            self._prepacked_now += sum(layers.prepack_linears(layer) for layer in self.model.layers)
-        self.layer_load = layer_load
-        phases.lap("prepack")
+        # Ranks 1..T-1 load their shards in their own processes while this one loads rank 0's.
+        self.workers = WorkerGroup(config, self.model_path, self.max_model_len) if tp > 1 else None
+        self._threads_before = torch.get_num_threads()
+        try:
+            if self.workers is not None:
+                torch.set_num_threads(threads_per_rank(tp))
+            shard = load_rank_model(config, self.model_path, self.max_model_len, 0, tp, phases)
+            num_blocks = shard.kv_capacity
+            if self.workers is not None:
+                num_blocks = self.workers.join_group(self.device, min(num_blocks, self.workers.wait_loaded()))
+        except BaseException:
+            self.shutdown()
+            raise
+        self.model, self.model_config, self.load_time_s = shard.model, shard.model_config, shard.load_time_s
+        self.layer_load, self._prepacked_now = shard.layer_load, shard.prepacked_bytes
+        self.delta = DeltaEncoder() if self.workers is not None else None
 
         cache = config.cache
-        num_blocks = kv_cache_blocks(cache, self.model_config, self.model.activation_dtype,
-                                     self.max_model_len)
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = make_scheduler(config.scheduler.resolved(self.device, online), self.kv)
         cores = parse_cpu_list(config.cpu_threads_bind) if config.cpu_threads_bind else None
         self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.model.activation_dtype,
                                   self.device, cores if self.device.type == "cpu" else None)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and tp == 1:
             self.runner.use_decode_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         phases.lap("kv_cache")
         self.sampler = Sampler(seed=config.seed)
@@ -160,12 +131,12 @@ class LLMEngine:
                  self.startup_time_s, self.load_time_s, num_blocks, cache.block_size,
                  self.scheduler.config.max_num_batched_tokens)
 
-    def _prepack_wanted(self, wanted: bool | None) -> bool:
-        """Whether to copy the dense weights into a GEMM's packed layout: if asked, or by default
-        where it is cheap."""
-        if wanted is False or self.device.type != "cpu" or self.dtype != torch.float32:
-            return False
-        return wanted is True or layers.dense_linear_bytes(self.model) * 8 <= available_memory_bytes()
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); the engine cannot step after."""
+        if getattr(self, "workers", None) is not None:
+            self.workers.shutdown()
+            self.workers = None
+            torch.set_num_threads(self._threads_before)
 
     @property
     def prepacked_bytes(self) -> int:
@@ -256,7 +227,7 @@ class LLMEngine:
                 self.stats["decode_step_s"] += time.perf_counter() - start
 
     def _step(self, batch: ScheduledBatch, include_unfinished: bool) -> list[RequestOutput]:
-        result = self.runner.execute(batch, self.kv)
+        result = self._execute(batch)
         for req, start, logits in result.prompt_logits:
             self._record_prompt_logprobs(req, start, logits)
         logits, sampled = result.logits, result.sampled
@@ -291,6 +262,17 @@ class LLMEngine:
                 del self.groups[gid]
                 self.group_prompts.pop(gid, None)
         return outputs
+
+    def _execute(self, batch: ScheduledBatch) -> StepResult:
+        """Run the model over the batch: here, and on every tensor-parallel rank in step."""
+        if self.workers is None:
+            return self.runner.execute(batch, self.kv)
+        try:
+            self.workers.send(self.delta.encode(batch, self.kv))
+            return self.runner.execute(batch, self.kv)
+        except RuntimeError as e:  # a collective failed: name the rank that died, if one did
+            self.workers.check()
+            raise WorkerDiedError(f"tensor-parallel step failed: {e}") from e
 
     @staticmethod
     def _record_prompt_logprobs(req: Request, start: int, logits: torch.Tensor) -> None:

@@ -66,11 +66,13 @@ class ModelRunner:
             shape = (num_blocks + 1, block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
-        # Decode-only steps run every layer in one C call where the model allows it; with the
-        # layers' weights still streaming in, once a forward has seen them all (`_fused_later`).
+        # Decode-only steps run every layer in one C call where the model allows it (not with
+        # tensor parallelism: the layers all-reduce between them); with the layers' weights still
+        # streaming in, once a forward has seen them all (`_fused_later`).
         self.fused = None
-        self._fused_later = self.c_kernels and model.pending_layers is not None
-        if self.c_kernels and not self._fused_later:
+        fusable = self.c_kernels and model.tp_size == 1
+        self._fused_later = fusable and model.pending_layers is not None
+        if fusable and not self._fused_later:
             self.fused = fused_decode.FusedDecoder.build(model, block_size)
         self.graphs: DecodeGraphs | None = None
 

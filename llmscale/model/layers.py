@@ -131,17 +131,22 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows across ranks; outputs stay sharded.
 
     `output_sizes` lists the logical sub-matrices packed into this one (q, k, v or gate, up):
-    each is split separately so every rank holds matching slices of all of them.
+    each is split separately so every rank holds matching slices of all of them. `shards`
+    says into how many parts each is cut (default: one per rank); with fewer parts than ranks,
+    consecutive ranks share a part (K and V of a model with fewer KV heads than ranks).
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1, quant: QuantConfig | None = None) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, quant: QuantConfig | None = None,
+                 shards: list[int] | None = None) -> None:
         super().__init__()
-        for s in output_sizes:
-            if s % tp_size:
-                raise ConfigError(f"output size {s} is not divisible by tensor-parallel size {tp_size}")
+        self.shards = shards or [tp_size] * len(output_sizes)
+        for s, count in zip(output_sizes, self.shards, strict=True):
+            if s % count or tp_size % count and count % tp_size:
+                raise ConfigError(f"output size {s} does not split into {count} parts over "
+                                  f"{tp_size} tensor-parallel ranks")
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.output_sizes = [s // tp_size for s in output_sizes]
+        self.output_sizes = [s // count for s, count in zip(output_sizes, self.shards, strict=True)]
         out = sum(self.output_sizes)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
         self.quant: QuantizedWeight | None = None
@@ -154,7 +159,8 @@ class ColumnParallelLinear(nn.Module):
     def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
         offset = sum(self.output_sizes[:shard_id])
         size = self.output_sizes[shard_id]
-        part = _shard(loaded, 0, self.tp_rank, self.tp_size)
+        count = self.shards[shard_id]
+        part = _shard(loaded, 0, self.tp_rank * count // self.tp_size, count)
         param.data[offset:offset + size].copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,25 +207,58 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding; also the lm_head (`project`), tied to it or not."""
+    """Token embedding; also the lm_head (`project`), tied to it or not.
 
-    def __init__(self, vocab_size: int, dim: int, bits: int = 0) -> None:
+    Vocabulary-parallel over `tp_size` ranks: each holds a contiguous range of ceil(V / tp)
+    rows (the last zero-padded). A lookup embeds the ids in its range and zeros elsewhere, then
+    the ranks all-reduce; a projection computes its range's logits, gathered on rank 0 only,
+    which samples (the other ranks get no columns).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, bits: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
+        self.vocab_size, self.tp_rank, self.tp_size = vocab_size, tp_rank, tp_size
+        self.rows = -(-vocab_size // tp_size)
+        self.vocab_start = tp_rank * self.rows
         self.quant: QuantizedWeight | None = None
         if bits:
-            self.quant = QuantizedWeight(vocab_size, dim, bits)
+            self.quant = QuantizedWeight(self.rows, dim, bits)
         else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
+            self.weight = nn.Parameter(torch.empty(self.rows, dim), requires_grad=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        part = loaded[self.vocab_start:self.vocab_start + self.rows]
+        if part.shape[0] < param.shape[0]:
+            param.data.zero_()
+        param.data[:part.shape[0]].copy_(part)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
             return F.embedding(ids, self.weight)
         # The scales carry the model's dtype (the loader casts floating tensors to it).
         return self.quant.embed(ids, self.quant.scales.dtype)
 
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return self._embed(ids)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows)
+        x = self._embed(local.masked_fill(outside, 0)).masked_fill(outside.unsqueeze(-1), 0)
+        dist.all_reduce(x)
+        return x
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, dim] -> [N, vocab] logits."""
-        return _linear(self, hidden, None)
+        """[N, dim] -> [N, vocab] logits (on rank 0; [N, 0] on the others)."""
+        logits = _linear(self, hidden, None)
+        if self.tp_size == 1:
+            return logits
+        logits = logits.contiguous()
+        if self.tp_rank:
+            dist.gather(logits, None, dst=0)
+            return logits[:, :0]
+        parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+        dist.gather(logits, parts, dst=0)
+        return torch.cat(parts, dim=-1)[:, :self.vocab_size]
 
 
 def _dense_linears(model: nn.Module) -> list[nn.Module]:

@@ -45,8 +45,10 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         quant = cfg.quantization
+        # Fewer KV heads than ranks: each KV head is replicated on the ranks whose query heads use it.
+        kv_parts = min(cfg.num_key_value_heads, tp_size)
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [q, kv, kv], cfg.attention_bias,
-                                             tp_rank, tp_size, quant)
+                                             tp_rank, tp_size, quant, shards=[tp_size, kv_parts, kv_parts])
         self.o_proj = RowParallelLinear(q, cfg.hidden_size, False, tp_rank, tp_size, quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -127,12 +129,13 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         embed_bits = cfg.quantization.embedding_bits if cfg.quantization else 0
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, embed_bits)
+        self.tp_size = tp_size
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, embed_bits, tp_rank, tp_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, tp_rank, tp_size)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabEmbedding(
-            cfg.vocab_size, cfg.hidden_size, embed_bits)
+            cfg.vocab_size, cfg.hidden_size, embed_bits, tp_rank, tp_size)
         # While the decoder layers' weights stream in (loader.LayerLoad.start): what forward waits on.
         self.pending_layers: LayerLoad | None = None
         # One dequantize buffer for all quantized layers: they run one after another.

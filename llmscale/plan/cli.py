@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="on catalogue hardware with an fp8 peak: store K/V in fp8, as FP8 engines of "
                         "TensorRT-LLM and vLLM can (default: 16 bits)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T")
+    # --tensor-parallel-size is an engine flag: the simulated deployment splits its layers too
     g.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="P")
     g.add_argument("--num-replicas", type=int, default=1, metavar="N")
     g.add_argument("--routing", default="prefix", choices=ROUTING_POLICIES,
@@ -89,7 +89,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from llmscale.bench.metrics import parse_slo
     from llmscale.cli import engine_config_from_args
     from llmscale.console import status
-    from llmscale.engine.llm_engine import kv_cache_blocks
+    from llmscale.engine.shard import kv_cache_blocks
     from llmscale.plan.calibrate import Calibration
     from llmscale.plan.deployment import THIS_MACHINE, Deployment, ModelSpec, weight_format_of_dtype
     from llmscale.plan.simulator import CATALOGUE_REQUEST_OVERHEAD, RequestOverhead, make_router

@@ -51,7 +51,13 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> None:
     if args.max_queue < 0 or args.drain_timeout < 0:
         raise ConfigError("--max-queue and --drain-timeout must be >= 0")
     cost = CostModel(args.price_input_per_1m, args.price_output_per_1m, args.hardware_cost_per_hour)
-    engine = AsyncLLMEngine.from_config(config)
+    died: list[BaseException] = []
+
+    def stop_on_death(error: BaseException) -> None:  # the engine cannot serve again: stop
+        died.append(error)
+        server.should_exit = True
+
+    engine = AsyncLLMEngine.from_config(config, stop_on_death)
     announce_engine(engine.engine)
     app = create_app(engine, args.served_model_name, args.api_key, args.max_queue, cost,
                      max_n=args.max_n, max_body_bytes=args.max_body_bytes)
@@ -66,4 +72,6 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> None:
         server.run()
     finally:
         engine.shutdown()
+    if died:
+        raise ConfigError(f"the engine stopped: {died[0]}")
     status("llmscale serve: stopped")
