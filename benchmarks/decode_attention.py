@@ -21,7 +21,7 @@ import statistics
 from llmscale.bench.profile import PromptSource, corpus_tokens
 from llmscale.bench.roofline import Chunk
 from llmscale.config import cpu_model_name
-from llmscale.plan.calibrate import _run_shape, calibration_engine
+from llmscale.plan.calibrate import calibration_engine, run_shape
 
 
 def shapes() -> dict[str, list[Chunk]]:
@@ -48,14 +48,14 @@ def main() -> None:
         raise SystemExit("decodes cannot read the cache in place here (no C kernels, or a GPU)")
     print(f"{cpu_model_name()}; KV cache {runner.kv_dtype}; median of {args.repeats} steps")
     prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(0))
-    _run_shape(engine, [Chunk(128, 1, True)], prompts, "warm-up")
+    run_shape(engine, [Chunk(128, 1, True)], prompts, "warm-up")
     print(f"{'decodes x context':34s} {'in place ms':>12s} {'gathered ms':>12s} {'ratio':>6s}")
     for name, shape in shapes().items():
         times: dict[bool, list[float]] = {True: [], False: []}
         for r in range(args.repeats):
             for in_place in (True, False):
                 runner.decode_in_place = in_place
-                times[in_place].append(_run_shape(engine, shape, prompts, f"{name}-{r}-{in_place}"))
+                times[in_place].append(run_shape(engine, shape, prompts, f"{name}-{r}-{in_place}"))
         a, b = (statistics.median(times[m]) * 1e3 for m in (True, False))
         print(f"{name:34s} {a:12.1f} {b:12.1f} {b / a:5.2f}x")
 

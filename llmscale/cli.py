@@ -37,7 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="start serving before every layer's weights are loaded: layers load in order "
                         "while the first request runs through them (CPU)")
     g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
-                   help="pin the engine's threads to these cores, one each (0-1, 0,2,4); default: no "
+                   help="pin the engine's threads to these cores, one each (0-1, 0,2,4); with several "
+                        "tensor-parallel ranks one list per rank, separated by | (0-7|8-15); default: no "
                         "pinning")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
                    help="split every layer over T ranks, one process each, joined by torch.distributed "

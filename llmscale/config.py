@@ -285,6 +285,19 @@ def parse_cpu_list(spec: str) -> list[int]:
     return cores
 
 
+def parse_rank_cpu_lists(spec: str, ranks: int) -> list[list[int]]:
+    """'0-1|2-3' -> [[0, 1], [2, 3]]: one CPU list per tensor-parallel rank, as vLLM's
+    VLLM_CPU_OMP_THREADS_BIND takes them; no core in two lists."""
+    lists = [parse_cpu_list(part) for part in spec.split("|")]
+    if len(lists) != ranks:
+        raise ConfigError(f"--cpu-threads-bind {spec!r} names {len(lists)} CPU lists for {ranks} ranks; "
+                          f"give one per rank, separated by |")
+    flat = [c for cores in lists for c in cores]
+    if len(set(flat)) != len(flat):
+        raise ConfigError(f"--cpu-threads-bind {spec!r} gives a core to two ranks")
+    return lists
+
+
 def parse_memory(value: str | int | float, available_bytes: int) -> int:
     """'2GiB', '512MB', 1e9 or a fraction like 0.3 (of `available_bytes`) -> bytes."""
     if isinstance(value, str):
@@ -356,6 +369,12 @@ class ParallelConfig:
         if cfg.intermediate_size % tp:
             raise ConfigError(f"tensor_parallel_size {tp} does not divide the MLP's intermediate size "
                               f"{cfg.intermediate_size}")
+        group = cfg.quantization.group_size if cfg.quantization else 0
+        for name, k in (("attention output", cfg.num_attention_heads * cfg.head_dim),
+                        ("MLP down", cfg.intermediate_size)):
+            if group and (k // tp) % group:  # row-parallel shards must hold whole int4 groups
+                raise ConfigError(f"tensor_parallel_size {tp} cuts the {name} projection's {k} inputs into "
+                                  f"parts of {k // tp}, not whole int4 groups of {group}")
 
 
 BATCHING_POLICIES = ("continuous", "static", "dynamic")
@@ -438,9 +457,19 @@ class EngineConfig:
         cfg.scheduler.validate()
         cfg.parallel.validate()
         if cfg.cpu_threads_bind is not None:
-            parse_cpu_list(cfg.cpu_threads_bind)
+            cfg.rank_cores(0)  # a one-line error for a list that does not fit
         parse_device(cfg.device)
         return cfg
+
+    def rank_cores(self, rank: int) -> list[int] | None:
+        """The cores tensor-parallel rank `rank` pins its threads to (`cpu_threads_bind`: one
+        list, or with several ranks one list per rank separated by |); None: no pinning."""
+        if self.cpu_threads_bind is None:
+            return None
+        ranks = self.parallel.tensor_parallel_size
+        if ranks == 1:
+            return parse_cpu_list(self.cpu_threads_bind)
+        return parse_rank_cpu_lists(self.cpu_threads_bind, ranks)[rank]
 
     @property
     def model_name(self) -> str:

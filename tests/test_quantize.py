@@ -28,6 +28,8 @@ from llmscale.model.quant import (
     unpack_nibbles,
 )
 
+from .divergence import first_divergence
+
 
 def test_int8_round_trip_is_within_half_a_step() -> None:
     w = torch.randn(96, 200) * torch.rand(96, 1) * 3
@@ -145,10 +147,6 @@ def _llm(folder: Path) -> LLM:
     return LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", max_model_len=512)
 
 
-def _first_divergence(got: list[int], want: list[int]) -> int | None:
-    return next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
-
-
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_model_agrees_with_the_dense_one(method: str, quantized: dict[str, Path],
                                                    smollm_folder: Path) -> None:
@@ -170,7 +168,7 @@ def test_quantized_model_agrees_with_the_dense_one(method: str, quantized: dict[
         [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
     gaps = []
     for run, dense_run in zip(runs, dense_runs, strict=True):
-        i = _first_divergence(run, dense_run.token_ids)
+        i = first_divergence(run, dense_run.token_ids)
         if i is not None:
             top2 = sorted(dense_run.logprobs[i].values(), reverse=True)[:2]
             gaps.append(top2[0] - top2[1])

@@ -12,7 +12,6 @@ import torch
 from llmscale.config import (
     ConfigError,
     EngineConfig,
-    parse_cpu_list,
 )
 from llmscale.engine.kv_cache import KVCacheManager
 from llmscale.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -86,16 +85,21 @@ class LLMEngine:
         if self.device.type == "cpu":
             cpu_kernels.library()  # built once per machine and cached on disk, or loaded from there
             phases.lap("kernels")
+        scheduler_config = config.scheduler.resolved(self.device, online)
         # Ranks 1..T-1 load their shards in their own processes while this one loads rank 0's.
-        self.workers = WorkerGroup(config, self.model_path, self.max_model_len) if tp > 1 else None
+        self.workers = None
+        if tp > 1:
+            max_bytes = scheduler_config.max_num_batched_tokens * model_cfg.hidden_size * 4
+            self.workers = WorkerGroup(config, self.model_path, self.max_model_len, max_bytes)
         self._threads_before = torch.get_num_threads()
         try:
             if self.workers is not None:
-                torch.set_num_threads(threads_per_rank(tp))
+                torch.set_num_threads(threads_per_rank(tp, config.rank_cores(0)))
             shard = load_rank_model(config, self.model_path, self.max_model_len, 0, tp, phases)
             num_blocks = shard.kv_capacity
             if self.workers is not None:
-                num_blocks = self.workers.join_group(self.device, min(num_blocks, self.workers.wait_loaded()))
+                capacity = min(num_blocks, self.workers.wait_loaded())
+                num_blocks = self.workers.join_group(shard.model, self.device, capacity)
         except BaseException:
             self.shutdown()
             raise
@@ -106,8 +110,8 @@ class LLMEngine:
         cache = config.cache
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = make_scheduler(config.scheduler.resolved(self.device, online), self.kv)
-        cores = parse_cpu_list(config.cpu_threads_bind) if config.cpu_threads_bind else None
+        self.scheduler = make_scheduler(scheduler_config, self.kv)
+        cores = config.rank_cores(0)
         self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.model.activation_dtype,
                                   self.device, cores if self.device.type == "cpu" else None)
         if self.device.type == "cuda" and not config.enforce_eager and tp == 1:
@@ -270,7 +274,7 @@ class LLMEngine:
         try:
             self.workers.send(self.delta.encode(batch, self.kv))
             return self.runner.execute(batch, self.kv)
-        except RuntimeError as e:  # a collective failed: name the rank that died, if one did
+        except (RuntimeError, OSError) as e:  # a pipe or collective failed: name the rank that died
             self.workers.check()
             raise WorkerDiedError(f"tensor-parallel step failed: {e}") from e
 

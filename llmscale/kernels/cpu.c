@@ -23,6 +23,7 @@
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define MAX_ROWS 8
 #define QBLOCK 32
@@ -850,6 +851,85 @@ void silu_and_mul(const float *gate_up, int64_t m, int64_t i, float *out) {
         const float *g = gate_up + r * 2 * i, *u = g + i;
         for (int64_t j = 0; j < i; j += 8)
             _mm256_storeu_ps(out + r * i + j, swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
+    }
+}
+
+/* ---------------------------------------------------------------- shared-memory all-reduce */
+
+/* The tensor-parallel ranks of one machine all-reduce through a shared segment: per rank a
+ * 64-byte line of flags (ready, done) and a buffer, `stride` bytes apart (parallel/shm.py lays
+ * it out and runs the protocol; these are its steps). x86 keeps stores in order, and the flags
+ * are written with release and read with acquire semantics, so a rank that sees a peer's flag
+ * sees the data written before it. */
+
+/* Spin until flag `which` of every rank's line holds at least `target`; 0 when it does, 1 when
+ * `timeout_us` passed first (the caller checks that its peers are alive, then waits again). */
+int shm_wait(const char *lines, int64_t stride, int world, int which, int64_t target, int64_t timeout_us) {
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int r = 0; r < world; r++) {
+        const int64_t *flag = (const int64_t *)(lines + r * stride) + which;
+        for (int64_t spins = 0; __atomic_load_n(flag, __ATOMIC_ACQUIRE) < target; spins++) {
+            _mm_pause();
+            if ((spins & 1023) == 1023) {
+                clock_gettime(CLOCK_MONOTONIC, &t);
+                if ((t.tv_sec - t0.tv_sec) * 1000000 + (t.tv_nsec - t0.tv_nsec) / 1000 > timeout_us) return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+void shm_publish(char *line, int which, int64_t value) {
+    __atomic_store_n((int64_t *)line + which, value, __ATOMIC_RELEASE);
+}
+
+/* out[0, n) = the sum over ranks of the n values at `data` (offset `stride` bytes per rank), in
+ * rank order on every rank, so all ranks hold the same bits: fp32, or bf16 (BF) summed in fp32
+ * and rounded once (to nearest even). */
+void shm_sum(const char *data, int64_t stride, int world, int64_t n, int bf, void *out) {
+    int64_t i = 0;
+    if (!bf) {
+        float *o = out;
+        for (; i + 8 <= n; i += 8) {
+            __m256 acc = _mm256_loadu_ps((const float *)data + i);
+            for (int r = 1; r < world; r++)
+                acc = _mm256_add_ps(acc, _mm256_loadu_ps((const float *)(data + r * stride) + i));
+            _mm256_storeu_ps(o + i, acc);
+        }
+        for (; i < n; i++) {
+            float acc = ((const float *)data)[i];
+            for (int r = 1; r < world; r++) acc += ((const float *)(data + r * stride))[i];
+            o[i] = acc;
+        }
+        return;
+    }
+    uint16_t *o = out;
+    const __m256i round = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc = load_bf16((const uint16_t *)data + i);
+        for (int r = 1; r < world; r++) acc = _mm256_add_ps(acc, load_bf16((const uint16_t *)(data + r * stride) + i));
+        const __m256i b = _mm256_castps_si256(acc);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), one);
+        __m256i h = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(round, lsb)), 16);
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, abs_mask), inf);
+        h = _mm256_blendv_epi8(h, _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40)), nan);
+        _mm_storeu_si128((__m128i *)(o + i), _mm_packus_epi32(_mm256_castsi256_si128(h),
+                                                               _mm256_extracti128_si256(h, 1)));
+    }
+    for (; i < n; i++) {
+        float acc = 0.f;
+        for (int r = 0; r < world; r++) {
+            uint32_t bits = (uint32_t)((const uint16_t *)(data + r * stride))[i] << 16;
+            float v;
+            __builtin_memcpy(&v, &bits, 4);
+            acc += v;
+        }
+        uint32_t bits;
+        __builtin_memcpy(&bits, &acc, 4);
+        if ((bits & 0x7fffffff) > 0x7f800000) o[i] = (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+        else o[i] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
     }
 }
 

@@ -50,6 +50,9 @@ _SIGNATURES = {
     "prefill_attention_workspace": [_I, _I, _I, ctypes.c_int],
     "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
     "silu_and_mul": [_P, _I, _I, _P],
+    "shm_wait": [_P, _I, ctypes.c_int, ctypes.c_int, _I, _I],
+    "shm_publish": [_P, ctypes.c_int, _I],
+    "shm_sum": [_P, _I, ctypes.c_int, _I, ctypes.c_int, _P],
     "bind_threads": [_P, ctypes.c_int],
     "decode_step": [_P, _P, _I, _P, _P, _P, _I, _P, _P, ctypes.c_int],
 }
@@ -99,6 +102,7 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
     lib.bind_threads.restype = ctypes.c_int
+    lib.shm_wait.restype = ctypes.c_int
     lib.prefill_attention_workspace.restype = ctypes.c_int64
     return lib
 

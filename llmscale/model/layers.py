@@ -2,13 +2,15 @@
 
 Linear layers are written the Megatron way (column split for q/k/v and gate/up, row split for
 o/down) so tensor parallelism only has to set `tp_rank`/`tp_size`; with `tp_size == 1` they
-are plain matmuls. Each parameter carries a `weight_loader` that knows how to cut its shard
-out of a full checkpoint tensor.
+are plain matmuls. Each parallel module says which part of a checkpoint tensor its rank holds
+(`checkpoint_part`: the loader reads only that part from the memory-mapped file) and copies
+that part into its parameter (`load_shard`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -121,10 +123,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(dtype)
 
 
-def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    if size == 1:
-        return t
-    return t.chunk(size, dim=dim)[rank]
+AllReduce = Callable[[torch.Tensor], None]
+
+
+def torch_all_reduce(t: torch.Tensor) -> None:
+    dist.all_reduce(t)
+
+
+def use_all_reduce(model: nn.Module, all_reduce: AllReduce) -> None:
+    """Make every module that sums partial results across tensor-parallel ranks (row-parallel
+    linears, the vocabulary-parallel embedding) call `all_reduce`, chosen once per engine."""
+    for module in model.modules():
+        if isinstance(module, RowParallelLinear | VocabEmbedding):
+            module.all_reduce = all_reduce
+
+
+def _part(length: int, index: int, count: int) -> slice:
+    """Part `index` of `count` equal parts of a dimension of `length`."""
+    size = length // count
+    return slice(index * size, (index + 1) * size)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -156,12 +173,15 @@ class ColumnParallelLinear(nn.Module):
             self.quant = QuantizedWeight(out, input_size, quant.bits, quant.group_size)
             self.quant.output_sizes = self.output_sizes
 
-    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        offset = sum(self.output_sizes[:shard_id])
-        size = self.output_sizes[shard_id]
+    def checkpoint_part(self, shape: tuple[int, ...], shard_id: int = 0) -> tuple[slice, ...]:
+        """Which rows of checkpoint tensor `shard_id` (q, k, v; gate, up) this rank holds: the
+        loader reads only those from the file."""
         count = self.shards[shard_id]
-        part = _shard(loaded, 0, self.tp_rank * count // self.tp_size, count)
-        param.data[offset:offset + size].copy_(part)
+        return (_part(shape[0], self.tp_rank * count // self.tp_size, count),)
+
+    def load_shard(self, param: torch.Tensor, part: torch.Tensor, shard_id: int = 0) -> None:
+        offset = sum(self.output_sizes[:shard_id])
+        param.data[offset:offset + self.output_sizes[shard_id]].copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(self, x, self.bias)
@@ -186,6 +206,7 @@ class RowParallelLinear(nn.Module):
         if input_size % tp_size:
             raise ConfigError(f"input size {input_size} is not divisible by tensor-parallel size {tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.all_reduce: AllReduce = torch_all_reduce
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
         self.quant: QuantizedWeight | None = None
         if quant is None:
@@ -193,16 +214,19 @@ class RowParallelLinear(nn.Module):
         else:
             self.quant = QuantizedWeight(output_size, input_size // tp_size, quant.bits, quant.group_size)
 
-    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        if loaded.dim() == 1:  # the bias, or int8 per-output-row scales: whole on every rank
-            param.data.copy_(loaded)
-        else:  # weights, int4 codes and per-group scales/zeros split along the input
-            param.data.copy_(_shard(loaded, 1, self.tp_rank, self.tp_size))
+    def checkpoint_part(self, shape: tuple[int, ...], shard_id: int = 0) -> tuple[slice, ...]:
+        if len(shape) == 1:  # the bias, or int8 per-output-row scales: whole on every rank
+            return (slice(None),)
+        # weights, int4 codes and per-group scales/zeros split along the input
+        return slice(None), _part(shape[1], self.tp_rank, self.tp_size)
+
+    def load_shard(self, param: torch.Tensor, part: torch.Tensor, shard_id: int = 0) -> None:
+        param.data.copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _linear(self, x, None)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            self.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -218,6 +242,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, bits: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.vocab_size, self.tp_rank, self.tp_size = vocab_size, tp_rank, tp_size
+        self.all_reduce: AllReduce = torch_all_reduce
         self.rows = -(-vocab_size // tp_size)
         self.vocab_start = tp_rank * self.rows
         self.quant: QuantizedWeight | None = None
@@ -226,8 +251,10 @@ class VocabEmbedding(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(self.rows, dim), requires_grad=False)
 
-    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        part = loaded[self.vocab_start:self.vocab_start + self.rows]
+    def checkpoint_part(self, shape: tuple[int, ...], shard_id: int = 0) -> tuple[slice, ...]:
+        return (slice(min(self.vocab_start, shape[0]), min(self.vocab_start + self.rows, shape[0])),)
+
+    def load_shard(self, param: torch.Tensor, part: torch.Tensor, shard_id: int = 0) -> None:
         if part.shape[0] < param.shape[0]:
             param.data.zero_()
         param.data[:part.shape[0]].copy_(part)
@@ -244,7 +271,7 @@ class VocabEmbedding(nn.Module):
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows)
         x = self._embed(local.masked_fill(outside, 0)).masked_fill(outside.unsqueeze(-1), 0)
-        dist.all_reduce(x)
+        self.all_reduce(x)
         return x
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:

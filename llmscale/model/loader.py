@@ -113,16 +113,18 @@ class CheckpointTensor(NamedTuple):
 
 
 def _copy_tensors(tensors: list[CheckpointTensor]) -> None:
-    """Copy checkpoint tensors into the model's parameters, a file open at a time."""
+    """Copy checkpoint tensors into the model's parameters, a file open at a time; a parallel
+    module's rank reads only its part of each tensor from the mapped file."""
     for file, group in itertools.groupby(tensors, key=lambda t: t.file):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for t in group:
-                    tensor = f.get_tensor(t.name)
-                    if hasattr(t.module, "load_shard"):
-                        t.module.load_shard(t.param, tensor, t.shard)
+                    if hasattr(t.module, "checkpoint_part"):
+                        stored = f.get_slice(t.name)
+                        part = stored[t.module.checkpoint_part(tuple(stored.get_shape()), t.shard)]
+                        t.module.load_shard(t.param, part, t.shard)
                     else:
-                        t.param.data.copy_(tensor)
+                        t.param.data.copy_(f.get_tensor(t.name))
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
 

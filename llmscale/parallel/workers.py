@@ -4,13 +4,14 @@ Rank 0 is the engine's own process: it schedules, samples and runs its shard of 
 `WorkerGroup.start` spawns ranks 1..T-1; each loads only its shard of the weights (one
 checkpoint tensor at a time, as the engine does), sizes its KV cache from its own memory and
 reports how many blocks fit. Once every rank has loaded, they form a process group (gloo on
-CPU, NCCL on GPU) and agree on the smallest block count. Then each step rank 0 broadcasts the
-step's delta (`step_delta.py`) and all ranks run the model together, all-reducing after every
-row-parallel linear and the embedding, gathering the logits on rank 0.
+CPU, NCCL on GPU) and agree on the smallest block count. Then each step rank 0 sends the step's
+delta (`step_delta.py`) down a pipe to each worker and all ranks run the model together,
+all-reducing after every row-parallel linear and the embedding (through shared memory between
+CPU ranks: `shm.py`), gathering the logits on rank 0.
 
 Failures end the engine with a message naming the rank: a rank that cannot load its shard is a
-one-line error before anything serves; a rank that dies while serving breaks the next
-collective (its sockets close) and `check` names it.
+one-line error before anything serves; a rank that dies while serving breaks the next step
+(its pipe or sockets close, or the shared-memory wait finds it gone) and `check` names it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -26,8 +29,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from llmscale.config import ConfigError, EngineConfig
+from llmscale.kernels import cpu as cpu_kernels
+from llmscale.model.layers import AllReduce, torch_all_reduce, use_all_reduce
+from llmscale.parallel.shm import ShmAllReduce
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,11 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
-def threads_per_rank(world_size: int) -> int:
-    """This machine's cores shared out, so the ranks' thread teams do not oversubscribe them."""
+def threads_per_rank(world_size: int, cores: list[int] | None) -> int:
+    """A rank's thread count: its own cores when it pins them, else its share of this machine's,
+    so the ranks' thread teams do not oversubscribe the cores."""
+    if cores is not None:
+        return len(cores)
     return max(1, len(os.sched_getaffinity(0)) // world_size)
 
 
@@ -58,6 +68,16 @@ def init_group(rank: int, world_size: int, port: int, device: torch.device) -> N
                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
 
 
+def choose_all_reduce(rank: int, world_size: int, device: torch.device, max_bytes: int,
+                      check_peers: Callable[[], None]) -> AllReduce:
+    """How this rank sums partial results with the others, decided once: NCCL on GPU; between
+    local CPU ranks, shared memory (an order of magnitude faster than gloo here: BENCHMARKS.md),
+    where the C kernels build; else gloo."""
+    if device.type == "cpu" and cpu_kernels.available():
+        return ShmAllReduce(rank, world_size, max_bytes, check_peers)
+    return torch_all_reduce
+
+
 def agree_num_blocks(capacity: int) -> int:
     """The KV block count every rank can hold: the smallest capacity."""
     t = torch.tensor([capacity], dtype=torch.int64)
@@ -68,8 +88,10 @@ def agree_num_blocks(capacity: int) -> int:
 class WorkerGroup:
     """Ranks 1..T-1 of a tensor-parallel engine, seen from rank 0."""
 
-    def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int, max_bytes: int) -> None:
+        """`max_bytes`: the largest tensor a step all-reduces (its token budget x hidden size in fp32)."""
         self.world_size = config.parallel.tensor_parallel_size
+        self.max_bytes = max_bytes
         self.port = _free_port()
         ctx = mp.get_context("spawn")
         self.procs: list[Any] = []
@@ -77,7 +99,7 @@ class WorkerGroup:
         for rank in range(1, self.world_size):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, name=f"llmscale-tp-rank{rank}", daemon=True,
-                               args=(config, model_path, max_model_len, rank, self.port, theirs))
+                               args=(config, model_path, max_model_len, max_bytes, rank, self.port, theirs))
             proc.start()
             theirs.close()
             self.procs.append(proc)
@@ -90,7 +112,8 @@ class WorkerGroup:
         capacities: dict[int, int] = {}
         pending = dict(enumerate(self.conns, start=1))
         while pending:
-            ready = wait(list(pending.values()) + [p.sentinel for p in self.procs], timeout=LOAD_TIMEOUT_S)
+            ready = wait(list(pending.values()) + [self.procs[rank - 1].sentinel for rank in pending],
+                         timeout=LOAD_TIMEOUT_S)
             if not ready:
                 raise ConfigError(f"tensor-parallel ranks {sorted(pending)} did not load within "
                                   f"{LOAD_TIMEOUT_S:.0f} s")
@@ -115,13 +138,25 @@ class WorkerGroup:
         proc.join(timeout=1.0)
         return f"worker process {proc.pid} exited with code {proc.exitcode} before it had loaded"
 
-    def join_group(self, device: torch.device, capacity: int) -> int:
-        init_group(0, self.world_size, self.port, device)
+    def join_group(self, model: nn.Module, device: torch.device, capacity: int) -> int:
+        """Form the process group with the workers, set up how `model` all-reduces, and return
+        the KV block count every rank holds."""
+        try:
+            init_group(0, self.world_size, self.port, device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"tensor-parallel process group on 127.0.0.1:{self.port}: "
+                              f"{str(e).splitlines()[0]}") from None
         self.joined = True
+        use_all_reduce(model, choose_all_reduce(0, self.world_size, device, self.max_bytes, self.check))
         return agree_num_blocks(capacity)
 
     def send(self, delta: Any) -> None:
-        dist.broadcast_object_list([delta], src=0)
+        """Hand every worker the step's delta (None: stop), pickled once. Through a pipe, not a
+        collective: a worker waits for the next step as long as the engine idles, where a
+        collective would time out."""
+        data = pickle.dumps(delta, protocol=pickle.HIGHEST_PROTOCOL)
+        for conn in self.conns:
+            conn.send_bytes(data)
 
     def check(self) -> None:
         """Raise `WorkerDiedError` naming the first rank that is no longer running."""
@@ -135,10 +170,12 @@ class WorkerGroup:
             try:
                 self.check()
                 self.send(None)
-            except (WorkerDiedError, RuntimeError) as e:
+            except (RuntimeError, OSError) as e:
                 log.warning("stopping tensor-parallel workers: %s", e)
             dist.destroy_process_group()
             self.joined = False
+        for conn in self.conns:
+            conn.close()  # a worker still waiting for a step reads EOF and ends
         for proc in self.procs:
             proc.join(timeout=5.0)
             if proc.is_alive():
@@ -146,31 +183,42 @@ class WorkerGroup:
                 proc.join()
 
 
-def _worker_main(config: EngineConfig, model_path: Path, max_model_len: int, rank: int, port: int,
-                 conn: Connection) -> None:
+def _parent_alive(parent: int) -> Callable[[], None]:
+    def check() -> None:
+        if os.getppid() != parent:
+            raise WorkerDiedError(f"rank 0 (pid {parent}) exited")
+    return check
+
+
+def _worker_main(config: EngineConfig, model_path: Path, max_model_len: int, max_bytes: int, rank: int,
+                 port: int, conn: Connection) -> None:
     from llmscale.engine.runner import ModelRunner
     from llmscale.engine.shard import load_rank_model
     from llmscale.parallel.step_delta import WorkerState
 
     world_size = config.parallel.tensor_parallel_size
-    torch.set_num_threads(threads_per_rank(world_size))
+    cores = config.rank_cores(rank)
+    torch.set_num_threads(threads_per_rank(world_size, cores))
     try:
         shard = load_rank_model(config, model_path, max_model_len, rank, world_size)
     except Exception as e:  # noqa: BLE001 (reported to rank 0 as one line)
         conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
         return
     conn.send(("loaded", shard.kv_capacity))
-    conn.close()
     device = config.torch_device
     init_group(rank, world_size, port, device)
-    num_blocks = agree_num_blocks(shard.kv_capacity)
     model = shard.model
-    runner = ModelRunner(model, config.cache.block_size, num_blocks, model.activation_dtype, device)
+    use_all_reduce(model, choose_all_reduce(rank, world_size, device, max_bytes, _parent_alive(os.getppid())))
+    num_blocks = agree_num_blocks(shard.kv_capacity)
+    runner = ModelRunner(model, config.cache.block_size, num_blocks, model.activation_dtype, device,
+                         cores if device.type == "cpu" else None)
     state = WorkerState()
     while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is None:
+        try:
+            delta = pickle.loads(conn.recv_bytes())
+        except EOFError:  # rank 0 is gone
             break
-        runner.execute(state.apply(box[0]), state)  # type: ignore[arg-type]
+        if delta is None:
+            break
+        runner.execute(state.apply(delta), state)  # type: ignore[arg-type]
     dist.destroy_process_group()

@@ -107,7 +107,7 @@ def geometry_of_engine(engine: Any) -> Geometry:
     return replace(dense, body_bytes=cost.body_weight_bytes, head_bytes=cost.lm_head_bytes)
 
 
-def _run_shape(engine: Any, shape: Sequence[Chunk], prompts: PromptSource, tag: str) -> float:
+def run_shape(engine: Any, shape: Sequence[Chunk], prompts: PromptSource, tag: str) -> float:
     """Place the shape's requests in the running batch (`profile.place_running`), time one
     step, drop them."""
     from llmscale.engine.request import Request, RequestStatus
@@ -135,10 +135,10 @@ def _run_shape(engine: Any, shape: Sequence[Chunk], prompts: PromptSource, tag: 
 def measure(engine: Any, shapes: Sequence[tuple[Chunk, ...]], repeats: int,
             advance: Callable[[], None] = lambda: None) -> list[Sample]:
     prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(0))
-    _run_shape(engine, shapes[0], prompts, "warm-up")  # allocator growth, first-call setup
+    run_shape(engine, shapes[0], prompts, "warm-up")  # allocator growth, first-call setup
     samples = []
     for k, shape in enumerate(shapes):
-        times = [_run_shape(engine, shape, prompts, f"{k}-{r}") for r in range(repeats)]
+        times = [run_shape(engine, shape, prompts, f"{k}-{r}") for r in range(repeats)]
         samples.append(Sample(tuple(shape), statistics.median(times)))
         advance()
     return samples
