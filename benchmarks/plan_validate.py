@@ -12,7 +12,10 @@
    both), `llmscale bench serve --sweep-rates R1,R2,R3,inf` is sent to it, it is stopped, and
    `llmscale simulate` runs the same flags: the same prompts, lengths, seeds and arrival times.
    Before each measured sweep a sixth of the calibration's step shapes are timed again, to say
-   how fast the machine ran then relative to the calibration (this shared host drifts).
+   how fast the machine ran then relative to the calibration (this shared host drifts); during
+   it the server logs every step (`--log-steps`), and the sum of those steps is set against
+   what the model says steps of the same shapes take: the model's own error, apart from the
+   simulator's scheduling and the host's drift.
    With --repeats R the measured side runs R times, each on a fresh server (a second sweep of
    the same prompts would hit the prefix cache); errors are against the median, with the range.
 4. Printed: predicted against measured output throughput, TTFT p50/p99 and TPOT p50/p99 per
@@ -102,14 +105,16 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
     saturation = runs_of(probe / "results.json")[0]["summary"]["request_throughput"]
     rates = ",".join(f"{saturation * f:.3g}" for f in FRACTIONS) + ",inf"
     sweep = [*flags, "--sweep-rates", rates]
-    measured_runs, speeds = [], []
+    measured_runs, speeds, step_ratios = [], [], []
     for r in range(args.repeats):
         speeds.append(machine_speed(calib))
         # A fresh server each time: a second sweep of the same prompts would hit the prefix cache.
         tag = "measured" if args.repeats == 1 else f"measured-{r + 1}"
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(port, ENGINE, out / name / f"server-{r + 1}.log")
+        steps = out / name / f"steps-{r + 1}.jsonl"
+        steps.unlink(missing_ok=True)
+        server = start_server(port, [*ENGINE, "--log-steps", str(steps)], out / name / f"server-{r + 1}.log")
         try:
             wait_ready(url, server)
             llmscale("bench", "serve", "--base-url", url, *sweep, "--out", str(out / name / tag),
@@ -117,6 +122,7 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
         finally:
             stop_server(server)
         measured_runs.append(runs_of(out / name / tag / "results.json"))
+        step_ratios.append(served_step_ratio(steps, calib))
     llmscale("simulate", "--calibration", str(calib), *ENGINE, *sweep, "--out", str(out / name / "predicted"),
              log=out / name / "simulate.log")
     predicted = runs_of(out / name / "predicted" / "results.json")
@@ -134,7 +140,25 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
                                                                       for m in repeats),
                                         "predicted": p["summary"]["request_throughput"]}})
     return {"workload": name, "flags": sweep, "predicted_saturation": saturation, "runs": rows,
-            "machine_speed": speeds}
+            "machine_speed": speeds, "served_step_ratio": step_ratios}
+
+
+def served_step_ratio(steps: Path, calib: Path) -> float:
+    """How long a sweep's server steps took (its `--log-steps` file) against what the calibrated
+    model says steps of those very shapes take as served: the model's own error, apart from
+    the simulator's scheduling, the arrivals and the host drifting before the sweep."""
+    from llmscale.bench.roofline import Chunk
+    from llmscale.plan.calibrate import Calibration
+    from llmscale.plan.serving import Served
+
+    calibration = Calibration.read(calib)
+    model = Served(calibration.curve(), calibration.serving_overhead())
+    measured = predicted = 0.0
+    for line in steps.read_text().splitlines():
+        _, seconds, chunks = json.loads(line)
+        measured += seconds
+        predicted += model.step_seconds([Chunk(*c) for c in chunks])
+    return measured / predicted
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -157,9 +181,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
         sat = r["runs"][-1]["requests_per_s"]
         speeds = ", ".join(f"{s:.2f}" for s in r["machine_speed"])
+        ratios = ", ".join(f"{s:.2f}" for s in r["served_step_ratio"])
         console.print(f"{r['workload']}: saturation {sat['predicted']:.2f} req/s predicted, "
                       f"{sat['measured']:.2f} measured ({sat['predicted'] / sat['measured'] - 1:+.1%}); "
-                      f"calibrated steps took {speeds}x their fitted time before each measured sweep")
+                      f"calibrated steps took {speeds}x their fitted time before each measured sweep; "
+                      f"the server's steps took {ratios}x the model's time for their shapes")
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

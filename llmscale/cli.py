@@ -43,6 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
                    help="split every layer over T ranks, one process each, joined by torch.distributed "
                         "(gloo on CPU, NCCL on GPU); default 1")
+    g.add_argument("--log-steps", default=None, metavar="FILE",
+                   help="append one JSON line per engine step to FILE: when it ended, its seconds, and "
+                        "each scheduled request's [cached tokens, new tokens, samples]")
     g.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run every step eagerly instead of replaying CUDA graphs for decodes")
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
@@ -64,7 +67,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
         stream_weights=args.stream_weights,
         cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, log_steps=args.log_steps,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,

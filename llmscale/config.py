@@ -437,6 +437,10 @@ class EngineConfig:
     cpu_threads_bind: str | None = None
     # On a GPU, decode-only steps replay CUDA graphs (engine/cuda_graphs.py) unless this is set.
     enforce_eager: bool = False
+    # Append one JSON line per engine step to this file: when it ended (Unix seconds), how long
+    # it took, and each scheduled request's [cached tokens, new tokens, samples] (the planner's
+    # `Chunk`s), so a real server's steps can be set beside the performance model's.
+    log_steps: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

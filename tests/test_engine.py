@@ -302,3 +302,20 @@ def test_the_engine_times_its_decode_steps(tiny_model) -> None:
                  use_tqdm=False)
     assert stats["decode_steps"] == 4  # the prefill step samples the first of the five tokens
     assert stats["steps"] == 5 and stats["decode_step_s"] > 0
+
+
+def test_log_steps_writes_each_step_with_its_chunks(tmp_path: Path, tiny_model) -> None:
+    """One JSON line per step: when, seconds, and each scheduled request's [cached, new, samples],
+    the shape the planner's step model reads."""
+    path = tmp_path / "steps.jsonl"
+    llm = LLM(model=str(tiny_model("llama")), dtype="float32", kv_cache_memory="64MiB", log_steps=str(path),
+              max_num_batched_tokens=16)
+    llm.generate([{"prompt_token_ids": list(range(5, 45))}],
+                 SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), use_tqdm=False)
+    llm.llm_engine.shutdown()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == llm.llm_engine.stats["steps"]
+    assert [chunks for _, _, chunks in lines] == [  # a 40-token prompt in 16-token steps, then decodes
+        [[0, 16, False]], [[16, 16, False]], [[32, 8, True]],
+        [[40, 1, True]], [[41, 1, True]], [[42, 1, True]]]
+    assert all(seconds > 0 for _, seconds, _ in lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -126,6 +127,8 @@ class LLMEngine:
         self.groups: dict[str, list[Request]] = {}  # parent id -> its n samples
         self.group_prompts: dict[str, str | None] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        # Line-buffered: each step's line is on disk when the step returns.
+        self.step_log = open(config.log_steps, "a", buffering=1) if config.log_steps else None  # noqa: SIM115
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "decode_steps": 0, "decode_step_s": 0.0, "requests_served": 0}
         self.startup_time_s = time.perf_counter() - start
@@ -136,7 +139,11 @@ class LLMEngine:
                  self.scheduler.config.max_num_batched_tokens)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (idempotent); the engine cannot step after."""
+        """Stop the tensor-parallel workers, if any, and close the step log (idempotent); the
+        engine cannot step after."""
+        if getattr(self, "step_log", None) is not None:
+            self.step_log.close()
+            self.step_log = None
         if getattr(self, "workers", None) is not None:
             self.workers.shutdown()
             self.workers = None
@@ -223,12 +230,17 @@ class LLMEngine:
         # steps, seconds per step is the TPOT of the requests running now (the autoscaler reads it).
         decodes = any(r.output_token_ids and n == 1 and r.num_computed_tokens + 1 == r.num_tokens
                       for r, n in batch.scheduled)
+        chunks = [[r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens]
+                  for r, n in batch.scheduled] if self.step_log else None
         try:
             return self._step(batch, include_unfinished)
         finally:
+            seconds = time.perf_counter() - start
             if decodes:
                 self.stats["decode_steps"] += 1
-                self.stats["decode_step_s"] += time.perf_counter() - start
+                self.stats["decode_step_s"] += seconds
+            if self.step_log is not None:
+                self.step_log.write(json.dumps([time.time(), seconds, chunks]) + "\n")
 
     def _step(self, batch: ScheduledBatch, include_unfinished: bool) -> list[RequestOutput]:
         result = self._execute(batch)
