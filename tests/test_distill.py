@@ -68,6 +68,13 @@ def test_copy_init_hidden_loss_and_resume(tiny_model, tmp_path: Path) -> None:
     assert history["heldout_kl"][-1] == pytest.approx(resumed.kl_after)
     assert (out / CURVE).stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 96
+    # A checkpoint written before loss histories existed resumes, its history starting there.
+    state = torch.load(out / CHECKPOINT, weights_only=False)
+    del state["history"]
+    torch.save(state, out / CHECKPOINT)
+    distill(str(teacher), out, steps=9, resume=True, **args)
+    history = json.loads((out / HISTORY).read_text())
+    assert history["step"] == [8, 9] and history["eval_step"][0] == 7
 
 
 @pytest.mark.parametrize("identity_layer", [0, 1])

@@ -318,7 +318,7 @@ def distill(teacher: str | None, out: str | Path, steps: int, student: str | Non
         optim.load_state_dict(state["optim"])
         gen.set_state(state["rng"])
         start = state["step"]
-        history = state["history"]
+        history = state.get("history", history)  # a checkpoint from before histories: starts here
 
     kl_before = mean_kl(student_net, teacher_net, eval_batch, batch_size, mixed)
     if not history["eval_step"]:
