@@ -2,6 +2,7 @@
 communication.
 
     python benchmarks/tensor_parallel.py [--model DIR] [--dtype auto] [--repeats 5] [--sizes 1,2]
+                                         [--backend mp|ray] [--no-planner]
 
 The default model's 9 attention heads do not split over 2 ranks, so by default the model is
 Qwen2.5-0.5B's shape (hidden 896, 14 query and 2 KV heads, MLP 4864, 24 layers) with SmolLM2's
@@ -81,20 +82,21 @@ def random_model(out: Path) -> Path:
     return out
 
 
-def engine_of(model: Path, tp: int, dtype: str) -> Any:
+def engine_of(model: Path, tp: int, dtype: str, backend: str) -> Any:
     from llmscale.config import EngineConfig
     from llmscale.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig.from_kwargs(model=str(model), dtype=dtype, tensor_parallel_size=tp,
-                                              kv_cache_memory="1GiB", max_model_len=2048,
-                                              max_num_batched_tokens=512, enable_prefix_caching=False),
-                     online=True)
+                                              distributed_executor_backend=backend, kv_cache_memory="1GiB",
+                                              max_model_len=2048, max_num_batched_tokens=512,
+                                              enable_prefix_caching=False), online=True)
 
 
-def measure(model: Path, tp: int, dtype: str, repeats: int) -> dict[str, tuple[float, float, float]]:
+def measure(model: Path, tp: int, dtype: str, repeats: int, backend: str
+            ) -> dict[str, tuple[float, float, float]]:
     from llmscale.model.layers import use_all_reduce
 
-    engine = engine_of(model, tp, dtype)
+    engine = engine_of(model, tp, dtype, backend)
     reduce = delta = None
     if engine.workers is not None:
         reduce = Timer(engine.model.layers[0].mlp.down_proj.all_reduce)
@@ -135,12 +137,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="1,2")
+    parser.add_argument("--backend", default="mp", choices=("mp", "ray"), help="where ranks 1..T-1 run")
+    parser.add_argument("--no-planner", action="store_true", help="skip the planner's GPU figures")
     parser.add_argument("--gpu", default="h100-sxm", help="catalogue entry for the planner's predictions")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     model = args.model or random_model(Path("results/tp-model"))
-    results = {tp: measure(model, tp, args.dtype, args.repeats) for tp in sizes}
-    print(f"{cpu_model_name()}; {model}; dtype {args.dtype}; median of {args.repeats} steps; ms")
+    results = {tp: measure(model, tp, args.dtype, args.repeats, args.backend) for tp in sizes}
+    print(f"{cpu_model_name()}; {model}; dtype {args.dtype}; {args.backend} ranks; median of {args.repeats} "
+          f"steps; ms")
     header = ("shape", "TP", "step", "all-reduce", "delta", "rest", "vs TP=1")
     print(f"{header[0]:18s} {header[1]:>3s} " + " ".join(f"{h:>10s}" for h in header[2:]))
     for name in SHAPES:
@@ -149,7 +154,7 @@ def main() -> None:
             step, reduce, delta = results[tp][name]
             print(f"{name:18s} {tp:3d} {step * 1e3:10.1f} {reduce * 1e3:10.1f} {delta * 1e3:10.2f} "
                   f"{(step - reduce - delta) * 1e3:10.1f} {base / step:9.2f}x")
-    for model in ("llama-3.1-8b", "llama-3.1-70b"):
+    for model in () if args.no_planner else ("llama-3.1-8b", "llama-3.1-70b"):
         rows = planner_rows(model, args.gpu, sizes)
         print(f"\nplanner's model, {model} bf16 on {args.gpu} (NVLink), ms")
         base = {name: seconds for name, tp, seconds in rows if tp == sizes[0]}

@@ -9,7 +9,14 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from llmscale.config import BATCHING_POLICIES, DTYPE_CHOICES, DTYPE_HELP, ConfigError, EngineConfig
+from llmscale.config import (
+    BATCHING_POLICIES,
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    EXECUTOR_BACKENDS,
+    ConfigError,
+    EngineConfig,
+)
 from llmscale.console import set_quiet, status
 
 # Commands that live with their layer: each module has `register(subparsers)`, which adds its
@@ -43,6 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
                    help="split every layer over T ranks, one process each, joined by torch.distributed "
                         "(gloo on CPU, NCCL on GPU); default 1")
+    g.add_argument("--distributed-executor-backend", default="mp", choices=EXECUTOR_BACKENDS,
+                   help="where tensor-parallel ranks 1..T-1 run: mp, local processes; ray, Ray actors in a "
+                        "placement group (the cluster at RAY_ADDRESS, or a local one started here)")
     g.add_argument("--log-steps", default=None, metavar="FILE",
                    help="append one JSON line per engine step to FILE: when it ended, its seconds, and "
                         "each scheduled request's [cached tokens, new tokens, samples]")
@@ -67,7 +77,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
         stream_weights=args.stream_weights,
         cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size, log_steps=args.log_steps,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend, log_steps=args.log_steps,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,

@@ -346,15 +346,24 @@ class CacheConfig:
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
 
 
+EXECUTOR_BACKENDS = ("mp", "ray")
+
+
 @dataclass
 class ParallelConfig:
     # Ranks that split every layer (attention heads, MLP columns/rows, vocabulary), one process
     # each on this machine: rank 0 is the engine's own process, the others are workers it starts.
     tensor_parallel_size: int = 1
+    # Where ranks 1..T-1 run: "mp", local processes this one starts; "ray", Ray actors in a
+    # placement group (one bundle per rank, so ranks may sit on different nodes).
+    distributed_executor_backend: str = "mp"
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"unknown distributed_executor_backend {self.distributed_executor_backend!r}; "
+                              f"choose {' or '.join(EXECUTOR_BACKENDS)}")
 
     def check_model(self, cfg: ModelConfig) -> None:
         """One-line errors for a model these sizes cannot split, before anything loads."""

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from llmscale.cluster.ray_cluster import is_loopback
+from llmscale.ray_cluster import is_loopback
 
 from .live_server import free_port
 from .test_cli import run_cli

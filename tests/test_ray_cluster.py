@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmscale.cluster.ray_cluster import (
+from llmscale.ray_cluster import (
     AUTH_TOKEN_VAR,
     RayCluster,
     connect,
@@ -40,7 +40,7 @@ FIXED_PORTS = {"ray::DashboardAgent": 52365, "autoscaler": 44217, "dashboard/das
 JOIN_SCRIPT = """
 import sys
 import ray
-from llmscale.cluster.ray_cluster import connect
+from llmscale.ray_cluster import connect
 cluster = connect(sys.argv[1])
 print(cluster.started, ray.cluster_resources()["CPU"])
 cluster.shutdown()

@@ -19,10 +19,12 @@ from llmscale import LLM, SamplingParams
 from llmscale.config import ConfigError, activation_dtype
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.parallel.workers import WorkerDiedError
+from llmscale.ray_cluster import is_loopback
 
 from .divergence import assert_parts_only_at_near_ties
 from .hf_reference import hf_greedy
 from .live_server import start_server
+from .test_ray_cluster import _listeners
 
 NUM_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
@@ -63,6 +65,8 @@ def test_two_ranks_match_transformers_and_one_rank(kind: str, tiny_model, prompt
         assert engine.model.embed_tokens.weight.shape[0] == 49152 // 2  # a vocabulary shard
         got = _greedy(llm, ids)
         assert engine.runner.fused is None  # layers all-reduce between them: no fused decode
+        ranks = {os.getpid(), *(p.pid for p in engine.workers.procs)}
+        assert all(is_loopback(lsn.host) for lsn in _listeners() if lsn.pid in ranks)  # the store too
     assert got == one_rank
     for p, g in zip(ids, got, strict=True):
         assert g == hf_greedy(folder, p, NUM_TOKENS)

@@ -149,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from ray import serve
 
     from llmscale.cluster.board import NAMESPACE, REPORT_PERIOD_S, StatusBoard
-    from llmscale.cluster.ray_cluster import connect
+    from llmscale.ray_cluster import connect
 
     # The replicas' and Serve's own logs (tracebacks of refused starts included) only with -v;
     # without it the command says what happened in its own lines.

@@ -117,8 +117,8 @@ def one_cold_start(args: argparse.Namespace, config: Any, url: str) -> dict[str,
 
 def cmd_coldstart(args: argparse.Namespace) -> None:
     from llmscale.cli import engine_config_from_args
-    from llmscale.cluster.ray_cluster import connect
     from llmscale.console import status, stdout_console
+    from llmscale.ray_cluster import connect
 
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")

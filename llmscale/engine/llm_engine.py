@@ -27,7 +27,7 @@ from llmscale.model.gguf_loader import resolve_model
 from llmscale.model.loader import read_model_config
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from llmscale.parallel.step_delta import DeltaEncoder
-from llmscale.parallel.workers import WorkerDiedError, WorkerGroup, threads_per_rank
+from llmscale.parallel.workers import WorkerDiedError, start_workers, threads_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LLMEngine:
         self.workers = None
         if tp > 1:
             max_bytes = scheduler_config.max_num_batched_tokens * model_cfg.hidden_size * 4
-            self.workers = WorkerGroup(config, self.model_path, self.max_model_len, max_bytes)
+            self.workers = start_workers(config, self.model_path, self.max_model_len, max_bytes)
         self._threads_before = torch.get_num_threads()
         try:
             if self.workers is not None:

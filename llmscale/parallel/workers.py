@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,9 @@ from llmscale.config import ConfigError, EngineConfig
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.layers import AllReduce, torch_all_reduce, use_all_reduce
 from llmscale.parallel.shm import ShmAllReduce
+
+if TYPE_CHECKING:
+    from llmscale.parallel.ray_workers import RayWorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +59,33 @@ def threads_per_rank(world_size: int, cores: list[int] | None) -> int:
     return max(1, len(os.sched_getaffinity(0)) // world_size)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def listen_on(host: str) -> socket.socket:
+    """A socket listening on `host` at a free port, for rank 0's rendezvous store: torch's own
+    would listen on every interface."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    s.listen(128)
+    return s
 
 
-def init_group(rank: int, world_size: int, port: int, device: torch.device) -> None:
+def init_group(rank: int, world_size: int, address: str, device: torch.device,
+               listen_fd: int | None = None) -> None:
+    """Join the default process group whose rank 0 serves its store at `address` (host:port);
+    rank 0 hands over the listening socket's descriptor (the store closes it)."""
+    host, port = address.rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=COLLECTIVE_TIMEOUT,
+                          master_listen_fd=listen_fd)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
 
 
-def choose_all_reduce(rank: int, world_size: int, device: torch.device, max_bytes: int,
+def choose_all_reduce(rank: int, world_size: int, device: torch.device, max_bytes: int, one_machine: bool,
                       check_peers: Callable[[], None]) -> AllReduce:
     """How this rank sums partial results with the others, decided once: NCCL on GPU; between
-    local CPU ranks, shared memory (an order of magnitude faster than gloo here: BENCHMARKS.md),
-    where the C kernels build; else gloo."""
-    if device.type == "cpu" and cpu_kernels.available():
+    CPU ranks on one machine, shared memory (an order of magnitude faster than gloo here:
+    BENCHMARKS.md), where the C kernels build; else gloo."""
+    if device.type == "cpu" and one_machine and cpu_kernels.available():
         return ShmAllReduce(rank, world_size, max_bytes, check_peers)
     return torch_all_reduce
 
@@ -85,14 +97,59 @@ def agree_num_blocks(capacity: int) -> int:
     return int(t.item())
 
 
+def join_as_rank_zero(world_size: int, listener: socket.socket, device: torch.device) -> None:
+    host, port = listener.getsockname()[:2]
+    try:
+        init_group(0, world_size, f"{host}:{port}", device, listener.detach())
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"tensor-parallel process group on {host}:{port}: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
+class Rank:
+    """A worker rank (1..T-1), whichever backend runs it: its shard, then its place in the group,
+    then one step per delta."""
+
+    def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int, rank: int) -> None:
+        from llmscale.engine.shard import load_rank_model
+
+        self.config, self.rank = config, rank
+        self.world_size = config.parallel.tensor_parallel_size
+        self.cores = config.rank_cores(rank)
+        torch.set_num_threads(threads_per_rank(self.world_size, self.cores))
+        self.shard = load_rank_model(config, model_path, max_model_len, rank, self.world_size)
+
+    def join(self, address: str, max_bytes: int, one_machine: bool, check_peers: Callable[[], None]) -> None:
+        from llmscale.engine.runner import ModelRunner
+        from llmscale.parallel.step_delta import WorkerState
+
+        device = self.config.torch_device
+        init_group(self.rank, self.world_size, address, device)
+        model = self.shard.model
+        use_all_reduce(model, choose_all_reduce(self.rank, self.world_size, device, max_bytes, one_machine,
+                                                check_peers))
+        num_blocks = agree_num_blocks(self.shard.kv_capacity)
+        self.runner = ModelRunner(model, self.config.cache.block_size, num_blocks, model.activation_dtype,
+                                  device, self.cores if device.type == "cpu" else None)
+        self.state = WorkerState()
+
+    def execute(self, delta: Any) -> None:
+        self.runner.execute(self.state.apply(delta), self.state)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class WorkerGroup:
-    """Ranks 1..T-1 of a tensor-parallel engine, seen from rank 0."""
+    """Ranks 1..T-1 of a tensor-parallel engine as local processes, seen from rank 0."""
 
     def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int, max_bytes: int) -> None:
         """`max_bytes`: the largest tensor a step all-reduces (its token budget x hidden size in fp32)."""
         self.world_size = config.parallel.tensor_parallel_size
         self.max_bytes = max_bytes
-        self.port = _free_port()
+        self.listener = listen_on("127.0.0.1")
+        self.port = self.listener.getsockname()[1]
         ctx = mp.get_context("spawn")
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
@@ -136,18 +193,16 @@ class WorkerGroup:
     def _exit_text(self, rank: int) -> str:
         proc = self.procs[rank - 1]
         proc.join(timeout=1.0)
-        return f"worker process {proc.pid} exited with code {proc.exitcode} before it had loaded"
+        return (f"worker process {proc.pid} exited with code {proc.exitcode} before it had loaded (a script "
+                f"that builds the engine must do so under `if __name__ == \"__main__\":`, since each worker "
+                f"process imports it again)")
 
     def join_group(self, model: nn.Module, device: torch.device, capacity: int) -> int:
         """Form the process group with the workers, set up how `model` all-reduces, and return
         the KV block count every rank holds."""
-        try:
-            init_group(0, self.world_size, self.port, device)
-        except (RuntimeError, ValueError) as e:
-            raise ConfigError(f"tensor-parallel process group on 127.0.0.1:{self.port}: "
-                              f"{str(e).splitlines()[0]}") from None
+        join_as_rank_zero(self.world_size, self.listener, device)
         self.joined = True
-        use_all_reduce(model, choose_all_reduce(0, self.world_size, device, self.max_bytes, self.check))
+        use_all_reduce(model, choose_all_reduce(0, self.world_size, device, self.max_bytes, True, self.check))
         return agree_num_blocks(capacity)
 
     def send(self, delta: Any) -> None:
@@ -174,6 +229,7 @@ class WorkerGroup:
                 log.warning("stopping tensor-parallel workers: %s", e)
             dist.destroy_process_group()
             self.joined = False
+        self.listener.close()
         for conn in self.conns:
             conn.close()  # a worker still waiting for a step reads EOF and ends
         for proc in self.procs:
@@ -181,6 +237,16 @@ class WorkerGroup:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+
+
+def start_workers(config: EngineConfig, model_path: Path, max_model_len: int, max_bytes: int
+                  ) -> WorkerGroup | RayWorkerGroup:
+    """Ranks 1..T-1 on the configured backend, loading their shards while rank 0 loads its own."""
+    if config.parallel.distributed_executor_backend == "ray":
+        from llmscale.parallel.ray_workers import RayWorkerGroup
+
+        return RayWorkerGroup(config, model_path, max_model_len, max_bytes)
+    return WorkerGroup(config, model_path, max_model_len, max_bytes)
 
 
 def _parent_alive(parent: int) -> Callable[[], None]:
@@ -192,27 +258,13 @@ def _parent_alive(parent: int) -> Callable[[], None]:
 
 def _worker_main(config: EngineConfig, model_path: Path, max_model_len: int, max_bytes: int, rank: int,
                  port: int, conn: Connection) -> None:
-    from llmscale.engine.runner import ModelRunner
-    from llmscale.engine.shard import load_rank_model
-    from llmscale.parallel.step_delta import WorkerState
-
-    world_size = config.parallel.tensor_parallel_size
-    cores = config.rank_cores(rank)
-    torch.set_num_threads(threads_per_rank(world_size, cores))
     try:
-        shard = load_rank_model(config, model_path, max_model_len, rank, world_size)
+        worker = Rank(config, model_path, max_model_len, rank)
     except Exception as e:  # noqa: BLE001 (reported to rank 0 as one line)
         conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
         return
-    conn.send(("loaded", shard.kv_capacity))
-    device = config.torch_device
-    init_group(rank, world_size, port, device)
-    model = shard.model
-    use_all_reduce(model, choose_all_reduce(rank, world_size, device, max_bytes, _parent_alive(os.getppid())))
-    num_blocks = agree_num_blocks(shard.kv_capacity)
-    runner = ModelRunner(model, config.cache.block_size, num_blocks, model.activation_dtype, device,
-                         cores if device.type == "cpu" else None)
-    state = WorkerState()
+    conn.send(("loaded", worker.shard.kv_capacity))
+    worker.join(f"127.0.0.1:{port}", max_bytes, True, _parent_alive(os.getppid()))
     while True:
         try:
             delta = pickle.loads(conn.recv_bytes())
@@ -220,5 +272,5 @@ def _worker_main(config: EngineConfig, model_path: Path, max_model_len: int, max
             break
         if delta is None:
             break
-        runner.execute(state.apply(delta), state)  # type: ignore[arg-type]
-    dist.destroy_process_group()
+        worker.execute(delta)
+    worker.close()

@@ -1,9 +1,10 @@
-"""Where the engine replicas run: the Ray cluster behind `llmscale cluster serve`.
+"""The Ray cluster llmscale runs on: behind `llmscale cluster serve`, and for tensor-parallel ranks on Ray.
 
 `connect(None, ...)` starts a single-node head inside this process (`ray.init`) with every
 listener on loopback: the node IP is 127.0.0.1, so GCS, raylet, agents and each worker's core
 gRPC server bind it; the fixed ports two clusters on one machine would share are moved to free
-ones; the session directory is a temp dir of ours; token auth is on with a fresh token; and a
+ones; the session directory is a temp dir of ours; token auth is on, with a token fresh for this
+process (Ray keeps the first it loads, so every head the process starts shares it); and a
 worker setup hook rebinds the gRPC servers Serve opens on `[::]` to the node IP. That environment
 is decided once (`HEAD_ENV`) and set before Ray starts a process. `connect(address, ...)` joins a
 running cluster as one more driver (whose job gets the same hook) and changes none of its
@@ -195,7 +196,7 @@ def _join(address: str, host: str, log_to_driver: bool) -> RayCluster:
 
 def _start_head(num_cpus: int | None, host: str, log_to_driver: bool) -> RayCluster:
     temp_dir = tempfile.mkdtemp(prefix="llmscale-ray-")
-    token = os.environ.get(AUTH_TOKEN_VAR) or secrets.token_hex(32)
+    token = os.environ.get(AUTH_TOKEN_VAR) or _process_token()
     saved = _apply_env(_head_env(token))
     try:
         gcs_address = _init_head(num_cpus, temp_dir, log_to_driver)
@@ -207,6 +208,13 @@ def _start_head(num_cpus: int | None, host: str, log_to_driver: bool) -> RayClus
                          temp_dir=temp_dir, _saved_env=saved)
     atexit.register(cluster.shutdown)  # Ray stops its processes at exit; this also drops temp_dir
     return cluster
+
+
+@functools.cache
+def _process_token() -> str:
+    """One fresh token for every head this process starts: Ray caches the first token it loads
+    for the life of the process, so a second head with another one could not be reached."""
+    return secrets.token_hex(32)
 
 
 def _head_env(token: str) -> dict[str, str]:
