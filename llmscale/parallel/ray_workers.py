@@ -124,7 +124,11 @@ class RayWorkerGroup:
     def send(self, delta: Any) -> None:
         import ray
 
-        ray.get(self.pending)  # the previous step, done on every rank (it met rank 0 in its collectives)
+        try:  # the previous step, done on every rank (it met rank 0 in its collectives)
+            ray.get(self.pending)
+        except Exception as e:  # noqa: BLE001 (an actor died: named by check)
+            self.check()
+            raise WorkerDiedError(f"tensor-parallel rank on Ray failed: {type(_cause(e)).__name__}") from None
         self.pending = [a.execute.remote(delta) for a in self.actors]
 
     def check(self) -> None:
