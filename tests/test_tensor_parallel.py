@@ -265,4 +265,7 @@ def test_serve_with_two_ranks_answers_then_stops_with_503_when_a_rank_dies(tiny_
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         log.close()
-    assert "rank 1" in (tmp_path / "server.log").read_text()
+    text = (tmp_path / "server.log").read_text()
+    assert "rank 1" in text
+    assert "float32 on cpu, tensor parallel over 2 ranks (mp), context" in text  # the banner
+    assert "thread per rank" in text and "MiB float32 per rank" in text

@@ -37,7 +37,10 @@ def model_line(engine: LLMEngine) -> str:
         weights = f"int{quant.bits}" + (f" (groups of {quant.group_size})" if quant.group_size else "")
     computes = _dtype_name(engine.model.activation_dtype)
     dtype = weights if weights == computes else f"{weights} weights computing in {computes}"
-    return (f"llmscale serve: {engine.model_name}, {dtype} on {engine.device}, context "
+    parallel = engine.config.parallel
+    split = (f", tensor parallel over {parallel.tensor_parallel_size} ranks "
+             f"({parallel.distributed_executor_backend})" if parallel.tensor_parallel_size > 1 else "")
+    return (f"llmscale serve: {engine.model_name}, {dtype} on {engine.device}{split}, context "
             f"{engine.max_model_len} tokens, loaded in {engine.startup_time_s:.1f} s")
 
 
@@ -59,7 +62,9 @@ def kernels_line(engine: LLMEngine) -> str:
         graphs = "eager decode steps" if engine.config.enforce_eager else "decode steps replay CUDA graphs"
         return f"  kernels:  CUDA on {torch.cuda.get_device_name(engine.device)}, {graphs}"
     bind = engine.config.cpu_threads_bind
-    threads = f"{torch.get_num_threads()} threads" + (f" pinned to cores {bind}" if bind else "")
+    n = torch.get_num_threads()
+    threads = f"{n} thread{'s' * (n != 1)}" + (" per rank" if engine.workers is not None else "")
+    threads += f" pinned to cores {bind}" if bind else ""
     line = f"  kernels:  {cpu_kernels_path()}, {threads}"
     if engine.prepacked_bytes:
         line += f"; weights prepacked for the GEMM (+{_size(engine.prepacked_bytes)})"
@@ -69,9 +74,10 @@ def kernels_line(engine: LLMEngine) -> str:
 def kv_cache_line(engine: LLMEngine) -> str:
     blocks, block_size = engine.num_blocks, engine.config.cache.block_size
     dtype = engine.model.activation_dtype
-    total = blocks * kv_bytes_per_block(engine.model_config, block_size, dtype)
+    tp = engine.config.parallel.tensor_parallel_size
+    held = blocks * kv_bytes_per_block(engine.model_config, block_size, dtype, tp)
     return (f"  KV cache: {blocks} blocks x {block_size} tokens = {blocks * block_size} tokens, "
-            f"{_size(total)} {_dtype_name(dtype)}")
+            f"{_size(held)} {_dtype_name(dtype)}" + (" per rank" if tp > 1 else ""))
 
 
 def announce_engine(engine: LLMEngine) -> None:
