@@ -719,20 +719,15 @@ static inline __attribute__((always_inline)) void paged_decode(
     }
 }
 
+/* The entry point: `bf` says the cache holds bf16 (else fp32); each case gets its own copy of
+ * the kernel, the element type fixed. */
 void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
-                            const float *kc, const float *vc, int64_t block_size,
+                            const void *kc, const void *vc, int bf, int64_t block_size,
                             const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
                             float scale, float *out, int nthreads) {
-    paged_decode(q, b, hq, hkv, d, (const char *)kc, (const char *)vc, block_size, tables, max_blocks,
-                 ctx, scale, out, nthreads, 0);
-}
-
-void paged_decode_attention_bf16(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
-                                 const uint16_t *kc, const uint16_t *vc, int64_t block_size,
-                                 const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
-                                 float scale, float *out, int nthreads) {
-    paged_decode(q, b, hq, hkv, d, (const char *)kc, (const char *)vc, block_size, tables, max_blocks,
-                 ctx, scale, out, nthreads, 1);
+    const char *k = kc, *v = vc;
+    if (bf) paged_decode(q, b, hq, hkv, d, k, v, block_size, tables, max_blocks, ctx, scale, out, nthreads, 1);
+    else paged_decode(q, b, hq, hkv, d, k, v, block_size, tables, max_blocks, ctx, scale, out, nthreads, 0);
 }
 
 /* ---------------------------------------------------------------- prefill attention */
@@ -995,7 +990,7 @@ void decode_step(const Decoder *dec, const float *x, int64_t m, const int64_t *p
         linear_forward(&L->qkv, h, m, qkv, nthreads);
         rope_and_cache(qkv, m, dec->hq, dec->hkv, dec->d, dec->cos, dec->sin, positions, slots,
                        L->k_cache, L->v_cache, q, k);
-        paged_decode_attention(q, m, dec->hq, dec->hkv, dec->d, L->k_cache, L->v_cache,
+        paged_decode_attention(q, m, dec->hq, dec->hkv, dec->d, L->k_cache, L->v_cache, 0,
                                dec->block_size, tables, max_blocks, ctx, dec->scale, attn, nthreads);
         linear_forward(&L->o, attn, m, tmp, nthreads);
         rms_norm(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h);

@@ -42,10 +42,8 @@ _SIGNATURES = {
     "dequant_int8": [_P, _P, _I, _I, _P, ctypes.c_int],
     "dequant_int4": [_P, _P, _P, _I, _I, _I, _P, ctypes.c_int],
     "rms_norm": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
-    "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, ctypes.c_float, _P,
+    "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int, _I, _P, _I, _P, ctypes.c_float, _P,
                                ctypes.c_int],
-    "paged_decode_attention_bf16": [_P, _I, _I, _I, _I, _P, _P, _I, _P, _I, _P, ctypes.c_float, _P,
-                                    ctypes.c_int],
     "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int],
     "prefill_attention_workspace": [_I, _I, _I, ctypes.c_int],
     "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
@@ -243,12 +241,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q)
-    kernel = library().paged_decode_attention_bf16 if k_cache.dtype == torch.bfloat16 else \
-        library().paged_decode_attention
-    kernel(
-        q.data_ptr(), b, hq, hkv, d, k_cache.data_ptr(), v_cache.data_ptr(), block_size,
-        block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), scale,
-        out.data_ptr(), torch.get_num_threads())
+    library().paged_decode_attention(
+        q.data_ptr(), b, hq, hkv, d, k_cache.data_ptr(), v_cache.data_ptr(),
+        int(k_cache.dtype == torch.bfloat16), block_size, block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), scale, out.data_ptr(), torch.get_num_threads())
     return out
 
 
