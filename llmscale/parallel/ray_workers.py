@@ -21,14 +21,13 @@ import torch.distributed as dist
 from torch import nn
 
 from llmscale.config import ConfigError, EngineConfig
-from llmscale.model.layers import use_all_reduce
 from llmscale.parallel.workers import (
     Rank,
     WorkerDiedError,
-    agree_num_blocks,
-    choose_all_reduce,
     join_as_rank_zero,
     listen_on,
+    rank_error,
+    settle_group,
     threads_per_rank,
 )
 
@@ -89,35 +88,31 @@ class RayWorkerGroup:
             self.pg, placement_group_bundle_index=rank)).remote() for rank in range(1, self.world_size)]
         self.loads = [a.load.remote(config, model_path, max_model_len, rank)
                       for rank, a in enumerate(self.actors, start=1)]
-        self.one_machine = True
+        self.one_machine = True  # until the ranks report their nodes (`wait_loaded`)
 
     def wait_loaded(self) -> int:
         import ray
 
-        capacities = []
-        node = ray.get_runtime_context().get_node_id()
+        loaded = []
         for rank, ref in enumerate(self.loads, start=1):
             try:
-                capacity, actor_node = ray.get(ref)
+                loaded.append(ray.get(ref))
             except Exception as e:  # noqa: BLE001 (the rank's own error, as one line)
-                cause = _cause(e)
-                raise ConfigError(f"tensor-parallel rank {rank}: {type(cause).__name__}: "
-                                  f"{str(cause).splitlines()[0]}") from None
-            capacities.append(capacity)
-            self.one_machine &= actor_node == node
-        return min(capacities)
+                raise ConfigError(f"tensor-parallel rank {rank}: {rank_error(_cause(e))}") from None
+        node = ray.get_runtime_context().get_node_id()
+        self.one_machine = all(actor_node == node for _, actor_node in loaded)
+        return min(capacity for capacity, _ in loaded)
 
     def join_group(self, model: nn.Module, device: torch.device, capacity: int) -> int:
         import ray
 
-        self.listener = listen_on(ray.util.get_node_ip_address())
-        host, port = self.listener.getsockname()[:2]
+        listener = listen_on(ray.util.get_node_ip_address())
+        host, port = listener.getsockname()[:2]
         joins = [a.join.remote(f"{host}:{port}", self.max_bytes, self.one_machine) for a in self.actors]
-        join_as_rank_zero(self.world_size, self.listener, device)
+        join_as_rank_zero(self.world_size, listener, device)
         self.joined = True
-        use_all_reduce(model, choose_all_reduce(0, self.world_size, device, self.max_bytes, self.one_machine,
-                                                self.check))
-        blocks = agree_num_blocks(capacity)
+        blocks = settle_group(model, 0, self.world_size, device, self.max_bytes, self.one_machine, self.check,
+                              capacity)
         ray.get(joins)
         return blocks
 
@@ -154,7 +149,6 @@ class RayWorkerGroup:
                 pass
             if dist.is_initialized():
                 dist.destroy_process_group()
-            self.listener.close()
             self.joined = False
         for a in self.actors:
             ray.kill(a)

@@ -1,7 +1,7 @@
 """Tensor-parallel ranks as local worker processes, joined by torch.distributed.
 
 Rank 0 is the engine's own process: it schedules, samples and runs its shard of every step.
-`WorkerGroup.start` spawns ranks 1..T-1; each loads only its shard of the weights (one
+`WorkerGroup` spawns ranks 1..T-1; each loads only its shard of the weights (one
 checkpoint tensor at a time, as the engine does), sizes its KV cache from its own memory and
 reports how many blocks fit. Once every rank has loaded, they form a process group (gloo on
 CPU, NCCL on GPU) and agree on the smallest block count. Then each step rank 0 sends the step's
@@ -90,11 +90,19 @@ def choose_all_reduce(rank: int, world_size: int, device: torch.device, max_byte
     return torch_all_reduce
 
 
-def agree_num_blocks(capacity: int) -> int:
-    """The KV block count every rank can hold: the smallest capacity."""
+def settle_group(model: nn.Module, rank: int, world_size: int, device: torch.device, max_bytes: int,
+                 one_machine: bool, check_peers: Callable[[], None], capacity: int) -> int:
+    """Once a rank has joined the group, on every rank in this order (both are collectives): how
+    `model` all-reduces, then the KV block count every rank can hold (the smallest capacity)."""
+    use_all_reduce(model, choose_all_reduce(rank, world_size, device, max_bytes, one_machine, check_peers))
     t = torch.tensor([capacity], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def rank_error(error: BaseException) -> str:
+    """A rank's start-up error as one line, with its type."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def join_as_rank_zero(world_size: int, listener: socket.socket, device: torch.device) -> None:
@@ -126,9 +134,8 @@ class Rank:
         device = self.config.torch_device
         init_group(self.rank, self.world_size, address, device)
         model = self.shard.model
-        use_all_reduce(model, choose_all_reduce(self.rank, self.world_size, device, max_bytes, one_machine,
-                                                check_peers))
-        num_blocks = agree_num_blocks(self.shard.kv_capacity)
+        num_blocks = settle_group(model, self.rank, self.world_size, device, max_bytes, one_machine,
+                                  check_peers, self.shard.kv_capacity)
         self.runner = ModelRunner(model, self.config.cache.block_size, num_blocks, model.activation_dtype,
                                   device, self.cores if device.type == "cpu" else None)
         self.state = WorkerState()
@@ -202,8 +209,7 @@ class WorkerGroup:
         the KV block count every rank holds."""
         join_as_rank_zero(self.world_size, self.listener, device)
         self.joined = True
-        use_all_reduce(model, choose_all_reduce(0, self.world_size, device, self.max_bytes, True, self.check))
-        return agree_num_blocks(capacity)
+        return settle_group(model, 0, self.world_size, device, self.max_bytes, True, self.check, capacity)
 
     def send(self, delta: Any) -> None:
         """Hand every worker the step's delta (None: stop), pickled once. Through a pipe, not a
@@ -261,7 +267,7 @@ def _worker_main(config: EngineConfig, model_path: Path, max_model_len: int, max
     try:
         worker = Rank(config, model_path, max_model_len, rank)
     except Exception as e:  # noqa: BLE001 (reported to rank 0 as one line)
-        conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
+        conn.send(("error", rank_error(e)))
         return
     conn.send(("loaded", worker.shard.kv_capacity))
     worker.join(f"127.0.0.1:{port}", max_bytes, True, _parent_alive(os.getppid()))
