@@ -230,8 +230,7 @@ class LLMEngine:
         # steps, seconds per step is the TPOT of the requests running now (the autoscaler reads it).
         decodes = any(r.output_token_ids and n == 1 and r.num_computed_tokens + 1 == r.num_tokens
                       for r, n in batch.scheduled)
-        chunks = [[r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens]
-                  for r, n in batch.scheduled] if self.step_log else None
+        shapes = batch.shapes() if self.step_log else None
         try:
             return self._step(batch, include_unfinished)
         finally:
@@ -240,7 +239,7 @@ class LLMEngine:
                 self.stats["decode_steps"] += 1
                 self.stats["decode_step_s"] += seconds
             if self.step_log is not None:
-                self.step_log.write(json.dumps([time.time(), seconds, chunks]) + "\n")
+                self.step_log.write(json.dumps([time.time(), seconds, shapes]) + "\n")
 
     def _step(self, batch: ScheduledBatch, include_unfinished: bool) -> list[RequestOutput]:
         result = self._execute(batch)

@@ -31,6 +31,12 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
 
+    def shapes(self) -> list[tuple[int, int, bool]]:
+        """Per scheduled request (tokens already computed, tokens computed now, whether it then
+        samples): what a step's time depends on (the planner's `Chunk`)."""
+        return [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
+                for r, n in self.scheduled]
+
     def __bool__(self) -> bool:
         return bool(self.scheduled)
 

@@ -76,7 +76,7 @@ class RankModel:
 
 
 def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, tp_rank: int = 0,
-               tp_size: int = 1, phases: Phases | None = None) -> RankModel:
+                    tp_size: int = 1, phases: Phases | None = None) -> RankModel:
     """Load rank `tp_rank`'s shard of the weights, prepack them where that pays, and size its KV
     cache; with `config.stream_weights` the decoder layers go on loading on a thread."""
     device, dtype = config.torch_device, config.torch_dtype

@@ -108,8 +108,7 @@ class SimEngine:
     def begin_step(self) -> SimStep:
         """Schedule one step and price it; nothing advances until `end_step`."""
         batch = self.scheduler.schedule()
-        chunks = [Chunk(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
-                  for r, n in batch.scheduled]
+        chunks = [Chunk(*shape) for shape in batch.shapes()]
         return SimStep(batch, self.step_model.step_seconds(chunks) if chunks else 0.0)
 
     def end_step(self, step: SimStep) -> list[Emitted]:
