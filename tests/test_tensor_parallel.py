@@ -24,6 +24,7 @@ from llmscale.ray_cluster import is_loopback
 from .divergence import assert_parts_only_at_near_ties
 from .hf_reference import hf_greedy
 from .live_server import start_server
+from .test_parity import _encode
 from .test_ray_cluster import _listeners
 
 NUM_TOKENS = 24
@@ -39,13 +40,6 @@ def tp_llm(folder: Path, **engine_args: object) -> Iterator[LLM]:
         llm.llm_engine.shutdown()
 
 
-def _ids(folder: Path, prompts: list[str]) -> list[list[int]]:
-    from llmscale.model.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_folder(folder)
-    return [tok.encode(p) for p in prompts]
-
-
 def _greedy(llm: LLM, ids: list[list[int]]) -> list[list[int]]:
     outs = llm.generate([{"prompt_token_ids": p} for p in ids], GREEDY, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
@@ -56,7 +50,7 @@ def _greedy(llm: LLM, ids: list[list[int]]) -> list[list[int]]:
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3-rope"])
 def test_two_ranks_match_transformers_and_one_rank(kind: str, tiny_model, prompts: list[str]) -> None:
     folder = tiny_model(kind)
-    ids = _ids(folder, prompts)
+    ids = _encode(folder, prompts)
     one_rank = _greedy(LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB"), ids)
     with tp_llm(folder, kv_cache_memory="64MiB") as llm:
         engine = llm.llm_engine
@@ -76,7 +70,7 @@ def test_two_ranks_match_transformers_and_one_rank(kind: str, tiny_model, prompt
 def test_two_ranks_keep_parity_when_prefills_are_chunked_or_requests_preempted(
         mode: str, tiny_model, prompts: list[str]) -> None:
     folder = tiny_model("llama")
-    ids = _ids(folder, prompts)
+    ids = _encode(folder, prompts)
     args = ({"max_num_batched_tokens": 16} if mode == "chunked-prefill" else
             {"num_gpu_blocks_override": 10, "max_model_len": 128, "block_size": 16})
     with tp_llm(folder, kv_cache_memory="64MiB", **args) as llm:
@@ -108,7 +102,7 @@ def test_every_weight_format_shards(fmt: str, tiny_model, tmp_path: Path, prompt
     else:
         model = quantize_model(str(folder), fmt, 32, tmp_path / fmt, show_progress=False).out
         dtype = "float32"
-    ids = _ids(folder, prompts)
+    ids = _encode(folder, prompts)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
     runs = []
     for tp in (1, 2):
@@ -124,7 +118,7 @@ def test_every_weight_format_shards(fmt: str, tiny_model, tmp_path: Path, prompt
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 def test_each_rank_pins_its_own_cores(tiny_model, prompts: list[str]) -> None:
     folder = tiny_model("llama")
-    ids = _ids(folder, prompts[:2])
+    ids = _encode(folder, prompts[:2])
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
         with tp_llm(folder, kv_cache_memory="64MiB", cpu_threads_bind="0|1") as llm:
@@ -189,13 +183,13 @@ def test_a_rank_that_cannot_load_its_shard_is_a_one_line_error(tmp_path: Path) -
 def test_a_rank_that_dies_ends_the_engine_with_an_error_naming_it(tiny_model, prompts: list[str]) -> None:
     folder = tiny_model("llama")
     with tp_llm(folder, kv_cache_memory="64MiB") as llm:
-        _greedy(llm, _ids(folder, prompts[:1]))
+        _greedy(llm, _encode(folder, prompts[:1]))
         worker = llm.llm_engine.workers.procs[0]
         worker.kill()
         worker.join()
         start = time.monotonic()
         with pytest.raises(WorkerDiedError, match="rank 1"):
-            _greedy(llm, _ids(folder, prompts[:1]))
+            _greedy(llm, _encode(folder, prompts[:1]))
         assert time.monotonic() - start < 30
 
 
@@ -246,7 +240,7 @@ def test_serve_with_two_ranks_answers_then_stops_with_503_when_a_rank_dies(tiny_
     url, proc = start_server("--model", str(folder), "--dtype", "float32", "--kv-cache-memory", "64MiB",
                              "--tensor-parallel-size", "2", stderr=log)
     try:
-        ids = _ids(folder, prompts[:1])[0]
+        ids = _encode(folder, prompts[:1])[0]
         body = {"model": str(folder), "prompt": ids, "max_tokens": NUM_TOKENS, "temperature": 0,
                 "ignore_eos": True}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)

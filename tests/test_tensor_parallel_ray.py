@@ -8,30 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from llmscale import LLM, SamplingParams
+from llmscale import LLM
 from llmscale.parallel.workers import WorkerDiedError
 from llmscale.ray_cluster import is_loopback
 
 from .hf_reference import hf_greedy
+from .test_parity import _encode
 from .test_ray_cluster import _children, _listeners
-
-NUM_TOKENS = 16
-GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
-
-
-def _greedy(llm: LLM, ids: list[list[int]]) -> list[list[int]]:
-    outs = llm.generate([{"prompt_token_ids": p} for p in ids], GREEDY, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+from .test_tensor_parallel import NUM_TOKENS, _greedy
 
 
 def test_ranks_on_ray_match_one_rank_and_a_killed_actor_is_named(tiny_model, prompts: list[str]) -> None:
     import ray
 
-    from llmscale.model.tokenizer import Tokenizer
-
     folder: Path = tiny_model("llama")
-    tok = Tokenizer.from_folder(folder)
-    ids = [tok.encode(p) for p in prompts]
+    ids = _encode(folder, prompts)
     one_rank = _greedy(LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB"), ids)
     llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", tensor_parallel_size=2,
               distributed_executor_backend="ray", max_num_batched_tokens=16)  # chunked prefills too
@@ -107,11 +98,10 @@ def test_ranks_on_two_nodes_all_reduce_through_gloo(tiny_model, prompts: list[st
     import subprocess
     import sys
 
-    from llmscale.model.tokenizer import Tokenizer
     from llmscale.ray_cluster import AUTH_MODE_VAR, AUTH_TOKEN_VAR, HEAD_ENV
 
     folder: Path = tiny_model("llama")
-    ids = [Tokenizer.from_folder(folder).encode(p) for p in prompts[:2]]
+    ids = _encode(folder, prompts[:2])
     code = (f"from tests.test_tensor_parallel_ray import two_node_run; "
             f"two_node_run({str(folder)!r}, {json.dumps(ids)!r})")
     env = {**os.environ, **HEAD_ENV, AUTH_MODE_VAR: "token", AUTH_TOKEN_VAR: secrets.token_hex(32)}
