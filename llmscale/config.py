@@ -352,7 +352,7 @@ EXECUTOR_BACKENDS = ("mp", "ray")
 @dataclass
 class ParallelConfig:
     # Ranks that split every layer (attention heads, MLP columns/rows, vocabulary), one process
-    # each on this machine: rank 0 is the engine's own process, the others are workers it starts.
+    # each: rank 0 is the engine's own process, the others are workers it starts.
     tensor_parallel_size: int = 1
     # Where ranks 1..T-1 run: "mp", local processes this one starts; "ray", Ray actors in a
     # placement group (one bundle per rank, so ranks may sit on different nodes).
