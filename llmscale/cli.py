@@ -45,14 +45,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "while the first request runs through them (CPU)")
     g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
                    help="pin the engine's threads to these cores, one each (0-1, 0,2,4); with several "
-                        "tensor-parallel ranks one list per rank, separated by | (0-7|8-15); default: no "
-                        "pinning")
+                        "ranks one list per rank, separated by | (0-7|8-15); default: no pinning")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
                    help="split every layer over T ranks, one process each, joined by torch.distributed "
                         "(gloo on CPU, NCCL on GPU); default 1")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="P",
+                   help="split the layers into P stages of T ranks each, with up to P micro-batches in "
+                        "flight; default 1")
     g.add_argument("--distributed-executor-backend", default="mp", choices=EXECUTOR_BACKENDS,
-                   help="where tensor-parallel ranks 1..T-1 run: mp, local processes; ray, Ray actors in a "
-                        "placement group (the cluster at RAY_ADDRESS, or a local one started here)")
+                   help="where ranks 1..T*P-1 run: mp, local processes; ray, Ray actors in a placement "
+                        "group (the cluster at RAY_ADDRESS, or a local one started here)")
     g.add_argument("--log-steps", default=None, metavar="FILE",
                    help="append one JSON line per engine step to FILE: when it ended, its seconds, and "
                         "each scheduled request's [cached tokens, new tokens, samples]")
@@ -77,7 +79,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
         stream_weights=args.stream_weights,
         cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend, log_steps=args.log_steps,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

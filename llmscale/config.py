@@ -286,7 +286,7 @@ def parse_cpu_list(spec: str) -> list[int]:
 
 
 def parse_rank_cpu_lists(spec: str, ranks: int) -> list[list[int]]:
-    """'0-1|2-3' -> [[0, 1], [2, 3]]: one CPU list per tensor-parallel rank, as vLLM's
+    """'0-1|2-3' -> [[0, 1], [2, 3]]: one CPU list per rank, as vLLM's
     VLLM_CPU_OMP_THREADS_BIND takes them; no core in two lists."""
     lists = [parse_cpu_list(part) for part in spec.split("|")]
     if len(lists) != ranks:
@@ -354,19 +354,35 @@ class ParallelConfig:
     # Ranks that split every layer (attention heads, MLP columns/rows, vocabulary), one process
     # each: rank 0 is the engine's own process, the others are workers it starts.
     tensor_parallel_size: int = 1
-    # Where ranks 1..T-1 run: "mp", local processes this one starts; "ray", Ray actors in a
+    # Stages that each hold a contiguous range of the layers, T ranks each: rank r is tensor-
+    # parallel rank r % T of stage r // T, so rank 0 (the engine) holds stage 0.
+    pipeline_parallel_size: int = 1
+    # Where ranks 1..T*P-1 run: "mp", local processes this one starts; "ray", Ray actors in a
     # placement group (one bundle per rank, so ranks may sit on different nodes).
     distributed_executor_backend: str = "mp"
 
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def place(self, rank: int) -> tuple[int, int]:
+        """(pipeline stage, tensor-parallel rank within it) of global rank `rank`."""
+        return divmod(rank, self.tensor_parallel_size)
+
     def validate(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ConfigError(f"unknown distributed_executor_backend {self.distributed_executor_backend!r}; "
                               f"choose {' or '.join(EXECUTOR_BACKENDS)}")
 
     def check_model(self, cfg: ModelConfig) -> None:
         """One-line errors for a model these sizes cannot split, before anything loads."""
+        pp = self.pipeline_parallel_size
+        if pp > cfg.num_hidden_layers:
+            raise ConfigError(f"pipeline_parallel_size {pp} exceeds the model's {cfg.num_hidden_layers} "
+                              f"layers (each stage holds at least one)")
         tp = self.tensor_parallel_size
         if cfg.num_attention_heads % tp:
             raise ConfigError(f"tensor_parallel_size {tp} does not divide the model's "
@@ -384,6 +400,14 @@ class ParallelConfig:
             if group and (k // tp) % group:  # row-parallel shards must hold whole int4 groups
                 raise ConfigError(f"tensor_parallel_size {tp} cuts the {name} projection's {k} inputs into "
                                   f"parts of {k // tp}, not whole int4 groups of {group}")
+
+
+def stage_layers(num_layers: int, stage: int, stages: int) -> range:
+    """The contiguous layers pipeline stage `stage` of `stages` holds: equal shares, the first
+    stages taking one more when they do not divide (the last stage also runs the lm_head)."""
+    share, extra = divmod(num_layers, stages)
+    start = stage * share + min(stage, extra)
+    return range(start, start + share + (stage < extra))
 
 
 BATCHING_POLICIES = ("continuous", "static", "dynamic")
@@ -475,11 +499,11 @@ class EngineConfig:
         return cfg
 
     def rank_cores(self, rank: int) -> list[int] | None:
-        """The cores tensor-parallel rank `rank` pins its threads to (`cpu_threads_bind`: one
-        list, or with several ranks one list per rank separated by |); None: no pinning."""
+        """The cores rank `rank` pins its threads to (`cpu_threads_bind`: one list, or with
+        several ranks one list per rank separated by |); None: no pinning."""
         if self.cpu_threads_bind is None:
             return None
-        ranks = self.parallel.tensor_parallel_size
+        ranks = self.parallel.world_size
         if ranks == 1:
             return parse_cpu_list(self.cpu_threads_bind)
         return parse_rank_cpu_lists(self.cpu_threads_bind, ranks)[rank]

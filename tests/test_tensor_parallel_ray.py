@@ -1,5 +1,6 @@
-"""Tensor-parallel ranks as Ray actors (`distributed_executor_backend="ray"`) on a local,
-loopback-only Ray cluster: parity with one rank and transformers, and a killed actor."""
+"""Worker ranks as Ray actors (`distributed_executor_backend="ray"`) on a local, loopback-only
+Ray cluster: tensor-parallel parity with one rank and transformers, and a killed actor; tensor
+and pipeline parallelism across two nodes."""
 
 from __future__ import annotations
 
@@ -58,12 +59,12 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def two_node_run(folder: str, prompts_json: str) -> None:
+def two_node_run(folder: str, prompts_json: str, tp: int, pp: int) -> None:
     """In a fresh interpreter whose environment makes Ray loopback-only with a token of its own
     (Ray reads both when imported, and caches the token per process, so a cluster with another
     token cannot start beside one a test before started): a cluster of a CPU-less head, where
-    this driver attaches, and two 1-CPU nodes; TP = 2 on it. Prints {"one_machine", "wide"
-    (listeners beyond loopback), "tokens"} as JSON."""
+    this driver attaches, and two 1-CPU nodes; `tp` x `pp` ranks on it. Prints {"one_machine",
+    "wide" (listeners beyond loopback), "tokens"} as JSON."""
     import json
 
     import ray
@@ -74,8 +75,8 @@ def two_node_run(folder: str, prompts_json: str) -> None:
         for _ in range(2):
             cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, log_to_driver=False)
-        llm = LLM(model=folder, dtype="float32", kv_cache_memory="64MiB", tensor_parallel_size=2,
-                  distributed_executor_backend="ray")
+        llm = LLM(model=folder, dtype="float32", kv_cache_memory="64MiB", tensor_parallel_size=tp,
+                  pipeline_parallel_size=pp, distributed_executor_backend="ray", max_num_batched_tokens=16)
         try:
             one_machine = llm.llm_engine.workers.one_machine
             tokens = _greedy(llm, json.loads(prompts_json))
@@ -90,9 +91,12 @@ def two_node_run(folder: str, prompts_json: str) -> None:
         cluster.shutdown()
 
 
-def test_ranks_on_two_nodes_all_reduce_through_gloo(tiny_model, prompts: list[str]) -> None:
-    """The ranks land on other nodes than rank 0's (`two_node_run`), so they all-reduce through
-    gloo instead of shared memory, with the same tokens; every listener stays on loopback."""
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)], ids=["tensor", "pipeline"])
+def test_ranks_on_two_nodes_match_transformers(tp: int, pp: int, tiny_model, prompts: list[str]) -> None:
+    """The worker rank lands on another node than rank 0's (`two_node_run`): tensor-parallel
+    ranks all-reduce through gloo instead of shared memory, and pipeline stage 1 gets the
+    residual stream through gloo, with the same tokens (chunked prefills, micro-batches in
+    flight); every listener stays on loopback."""
     import json
     import secrets
     import subprocess
@@ -103,7 +107,7 @@ def test_ranks_on_two_nodes_all_reduce_through_gloo(tiny_model, prompts: list[st
     folder: Path = tiny_model("llama")
     ids = _encode(folder, prompts[:2])
     code = (f"from tests.test_tensor_parallel_ray import two_node_run; "
-            f"two_node_run({str(folder)!r}, {json.dumps(ids)!r})")
+            f"two_node_run({str(folder)!r}, {json.dumps(ids)!r}, {tp}, {pp})")
     env = {**os.environ, **HEAD_ENV, AUTH_MODE_VAR: "token", AUTH_TOKEN_VAR: secrets.token_hex(32)}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parent.parent, env=env)

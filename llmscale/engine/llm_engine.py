@@ -26,8 +26,9 @@ from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.gguf_loader import resolve_model
 from llmscale.model.loader import read_model_config
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from llmscale.parallel.pipeline import PipelineDriver
 from llmscale.parallel.step_delta import DeltaEncoder
-from llmscale.parallel.workers import WorkerDiedError, start_workers, threads_per_rank
+from llmscale.parallel.workers import WorkerDiedError, stage_link, start_workers, threads_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,12 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         model_cfg = read_model_config(self.model_path)
-        config.parallel.check_model(model_cfg)
-        tp = config.parallel.tensor_parallel_size
-        if tp > 1 and config.stream_weights:
+        parallel = config.parallel
+        parallel.check_model(model_cfg)
+        world = parallel.world_size
+        if world > 1 and config.stream_weights:
             raise ConfigError("stream_weights loads one engine's layers on a thread; it does not apply "
-                              "with tensor_parallel_size > 1")
+                              "with tensor_parallel_size or pipeline_parallel_size > 1")
         self.max_model_len = model_cfg.context_len(config.max_model_len)
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
@@ -87,16 +89,16 @@ class LLMEngine:
             cpu_kernels.library()  # built once per machine and cached on disk, or loaded from there
             phases.lap("kernels")
         scheduler_config = config.scheduler.resolved(self.device, online)
-        # Ranks 1..T-1 load their shards in their own processes while this one loads rank 0's.
-        self.workers = None
-        if tp > 1:
+        # Ranks 1..T*P-1 load their parts in their own processes while this one loads rank 0's.
+        self.workers = self.pipeline = None
+        if world > 1:
             max_bytes = scheduler_config.max_num_batched_tokens * model_cfg.hidden_size * 4
             self.workers = start_workers(config, self.model_path, self.max_model_len, max_bytes)
         self._threads_before = torch.get_num_threads()
         try:
             if self.workers is not None:
-                torch.set_num_threads(threads_per_rank(tp, config.rank_cores(0)))
-            shard = load_rank_model(config, self.model_path, self.max_model_len, 0, tp, phases)
+                torch.set_num_threads(threads_per_rank(world, config.rank_cores(0)))
+            shard = load_rank_model(config, self.model_path, self.max_model_len, 0, phases)
             num_blocks = shard.kv_capacity
             if self.workers is not None:
                 capacity = min(num_blocks, self.workers.wait_loaded())
@@ -115,8 +117,11 @@ class LLMEngine:
         cores = config.rank_cores(0)
         self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.model.activation_dtype,
                                   self.device, cores if self.device.type == "cpu" else None)
-        if self.device.type == "cuda" and not config.enforce_eager and tp == 1:
+        if self.device.type == "cuda" and not config.enforce_eager and world == 1:
             self.runner.use_decode_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
+        link = stage_link(self.model, parallel, 0)
+        if link is not None:
+            self.pipeline = PipelineDriver(self.runner, link, parallel.pipeline_parallel_size)
         phases.lap("kv_cache")
         self.sampler = Sampler(seed=config.seed)
         eos = set(self.model_config.eos_token_ids)
@@ -129,6 +134,7 @@ class LLMEngine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Line-buffered: each step's line is on disk when the step returns.
         self.step_log = open(config.log_steps, "a", buffering=1) if config.log_steps else None  # noqa: SIM115
+        self._last_step_end = 0.0  # when the last pipelined step returned
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                                         "decode_steps": 0, "decode_step_s": 0.0, "requests_served": 0}
         self.startup_time_s = time.perf_counter() - start
@@ -139,12 +145,19 @@ class LLMEngine:
                  self.scheduler.config.max_num_batched_tokens)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any, and close the step log (idempotent); the
-        engine cannot step after."""
+        """Stop the worker ranks, if any, and close the step log (idempotent); the engine cannot
+        step after."""
         if getattr(self, "step_log", None) is not None:
             self.step_log.close()
             self.step_log = None
         if getattr(self, "workers", None) is not None:
+            if self.pipeline is not None:
+                try:  # the micro-batches still in flight: their last stage waits to hand over logits
+                    while self.pipeline.in_flight:
+                        self.pipeline.collect()
+                    self.pipeline.link.flush()
+                except (RuntimeError, OSError) as e:
+                    log.warning("draining the pipeline: %s", e)
             self.workers.shutdown()
             self.workers = None
             torch.set_num_threads(self._threads_before)
@@ -212,7 +225,7 @@ class LLMEngine:
                            requests_served=int(self.stats["requests_served"]))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.pipeline and self.pipeline.in_flight)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -222,27 +235,66 @@ class LLMEngine:
 
     def step(self, include_unfinished: bool = True) -> list[RequestOutput]:
         """One iteration. Returns outputs of groups that changed (or only finished ones)."""
+        if self.pipeline is not None:
+            return self._pipelined_step(include_unfinished)
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        # A step that decodes some request is the gap between that request's tokens: over such
-        # steps, seconds per step is the TPOT of the requests running now (the autoscaler reads it).
-        decodes = any(r.output_token_ids and n == 1 and r.num_computed_tokens + 1 == r.num_tokens
-                      for r, n in batch.scheduled)
-        shapes = batch.shapes() if self.step_log else None
+        shapes, decodes = batch.shapes() if self.step_log else None, self._decodes(batch)
         try:
-            return self._step(batch, include_unfinished)
+            return self._finish(batch, self._execute(batch), include_unfinished)
         finally:
-            seconds = time.perf_counter() - start
-            if decodes:
-                self.stats["decode_steps"] += 1
-                self.stats["decode_step_s"] += seconds
-            if self.step_log is not None:
-                self.step_log.write(json.dumps([time.time(), seconds, shapes]) + "\n")
+            self._log_step(decodes, shapes, time.perf_counter() - start)
 
-    def _step(self, batch: ScheduledBatch, include_unfinished: bool) -> list[RequestOutput]:
-        result = self._execute(batch)
+    def _pipelined_step(self, include_unfinished: bool) -> list[RequestOutput]:
+        """Launch micro-batches until P are in flight or no request is left to schedule, then
+        finish the oldest: its stage 0 ran here, its later stages on the workers meanwhile."""
+        pipe = self.pipeline
+        assert pipe is not None
+        try:
+            while not pipe.full:
+                batch = self.scheduler.schedule()
+                if not batch:
+                    break
+                self.scheduler.in_flight.update(r.request_id for r, _ in batch.scheduled)
+                self.workers.send(self.delta.encode(batch, self.kv))
+                pipe.launch(batch, self.kv, time.perf_counter())
+            if not pipe.in_flight:
+                return []
+            flight, result = pipe.collect()
+        except (RuntimeError, OSError) as e:  # a pipe or transfer failed: name the rank that died
+            self.workers.check()
+            raise WorkerDiedError(f"pipeline-parallel step failed: {e}") from e
+        batch = flight.batch
+        self.scheduler.in_flight.difference_update(r.request_id for r, _ in batch.scheduled)
+        shapes, decodes = batch.shapes() if self.step_log else None, self._decodes(batch)
+        # The step's share of the wall time: since this micro-batch launched or the last step
+        # returned, whichever came later; the shares add up to the time spent.
+        start = max(flight.launched_s, self._last_step_end)
+        try:
+            return self._finish(batch, result, include_unfinished)
+        finally:
+            self._last_step_end = time.perf_counter()
+            self._log_step(decodes, shapes, self._last_step_end - start)
+
+    @staticmethod
+    def _decodes(batch: ScheduledBatch) -> bool:
+        """Whether the step (not yet finished) decodes some request. Such a step is the gap
+        between that request's tokens: over such steps, seconds per step is the TPOT of the
+        requests running now (the autoscaler reads it)."""
+        return any(r.output_token_ids and n == 1 and r.num_computed_tokens + 1 == r.num_tokens
+                   for r, n in batch.scheduled)
+
+    def _log_step(self, decodes: bool, shapes: list | None, seconds: float) -> None:
+        if decodes:
+            self.stats["decode_steps"] += 1
+            self.stats["decode_step_s"] += seconds
+        if self.step_log is not None:
+            self.step_log.write(json.dumps([time.time(), seconds, shapes]) + "\n")
+
+    def _finish(self, batch: ScheduledBatch, result: StepResult, include_unfinished: bool
+                ) -> list[RequestOutput]:
         for req, start, logits in result.prompt_logits:
             self._record_prompt_logprobs(req, start, logits)
         logits, sampled = result.logits, result.sampled
@@ -253,6 +305,9 @@ class LLMEngine:
         self.stats["steps"] += 1
         if logits is None:
             return []
+        if any(r.is_finished for r in sampled):  # aborted while its micro-batch was in flight
+            keep = [i for i, r in enumerate(sampled) if not r.is_finished]
+            logits, sampled = logits[keep], [sampled[i] for i in keep]
         rows = [SamplingRow(r.sampling_params, r.output_token_ids, r.prompt_token_ids, r.generator,
                             r.eos_token_ids) for r in sampled]
         results = self.sampler(logits, rows)

@@ -23,10 +23,13 @@ from llmscale.model.llama import LlamaForCausalLM
 log = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1,
+                       num_layers: int | None = None) -> int:
+    """Bytes of one KV block on a rank of `tp_size` holding `num_layers` layers (default all)."""
     kv_heads = max(1, cfg.num_key_value_heads // tp_size)
     elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * kv_heads * cfg.head_dim * elem
+    layers = cfg.num_hidden_layers if num_layers is None else num_layers
+    return 2 * layers * block_size * kv_heads * cfg.head_dim * elem
 
 
 @dataclass
@@ -38,6 +41,40 @@ class StepResult:
     # For requests that asked for prompt logprobs: (request, first position, logits [n, vocab])
     # where row i predicts prompt token first position + i + 1.
     prompt_logits: list[tuple[Request, int, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class StepInputs:
+    """One step's flat batch, as tensors, and which of its rows want logits."""
+
+    input_ids: torch.Tensor  # [T]: the decodes' tokens, then each prefill chunk's
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    has_prefills: bool
+    sample_rows: list[int]  # rows whose logits sample a token, for `sampled` in order
+    sampled: list[Request]
+    prompt_rows: list[tuple[Request, int, int, int]]  # (request, first position, row, count)
+
+    @property
+    def num_logit_rows(self) -> int:
+        return len(self.sample_rows) + sum(count for *_, count in self.prompt_rows)
+
+    def split_logits(self, logits: torch.Tensor) -> StepResult:
+        """A `StepResult` from the logits of every wanted row, stacked in `flat_logits`' order."""
+        n = len(self.sample_rows)
+        result = StepResult(logits=logits[:n] if n else None, sampled=self.sampled)
+        for r, start, _, count in self.prompt_rows:
+            result.prompt_logits.append((r, start, logits[n:n + count]))
+            n += count
+        return result
+
+
+def flat_logits(result: StepResult) -> torch.Tensor | None:
+    """Every row of a step's logits in one tensor (sampled rows, then prompt-logprob rows), for a
+    pipeline's last stage to send; None when it has none."""
+    parts = [result.logits] if result.logits is not None else []
+    parts += [logits for *_, logits in result.prompt_logits]
+    return torch.cat(parts) if parts else None
 
 
 class ModelRunner:
@@ -67,10 +104,11 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=kv_dtype, device=device)
         # Decode-only steps run every layer in one C call where the model allows it (not with
-        # tensor parallelism: the layers all-reduce between them); with the layers' weights still
+        # tensor parallelism, whose layers all-reduce between them, nor on a pipeline stage,
+        # which holds only some of them); with the layers' weights still
         # streaming in, once a forward has seen them all (`_fused_later`).
         self.fused = None
-        fusable = self.c_kernels and model.tp_size == 1
+        fusable = self.c_kernels and model.tp_size == 1 and model.is_first_stage and model.is_last_stage
         self._fused_later = fusable and model.pending_layers is not None
         if fusable and not self._fused_later:
             self.fused = fused_decode.FusedDecoder.build(model, block_size)
@@ -96,6 +134,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
         """Run one step of the model over every scheduled token."""
+        inputs = self.prepare(batch, kv)
+        return self.logits(inputs, self.run_model(inputs))
+
+    def prepare(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepInputs:
+        """The step's flat batch as tensors, and which rows' logits it wants."""
         if self.cpu_cores and self._pinned_thread != threading.get_ident():
             # An OpenMP team belongs to the thread that starts it: pin the one running steps.
             if not cpu_kernels.bind_threads(self.cpu_cores):
@@ -135,7 +178,7 @@ class ModelRunner:
         id_parts = [self._tensor(input_ids)] if input_ids else []
         pos_parts = [self._tensor(positions)] if positions else []
         offset = len(input_ids)
-        prompt_rows: list[tuple[Request, int, int, int]] = []  # request, first pos, row, count
+        prompt_rows: list[tuple[Request, int, int, int]] = []
         for r, n in prefills:
             start = r.num_computed_tokens
             table = self._tensor(kv.block_ids(r.request_id))
@@ -156,21 +199,31 @@ class ModelRunner:
                 sampled.append(r)
 
         meta.slot_mapping = torch.cat(meta_slots)
+        return StepInputs(torch.cat(id_parts), torch.cat(pos_parts), meta, bool(prefills), sample_rows,
+                          sampled, prompt_rows)
+
+    def run_model(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's layers over the batch: from the token ids, or from the previous pipeline
+        stage's `hidden`."""
+        meta, decodes = inputs.meta, inputs.meta.num_decode_tokens
         if self._fused_later and self.model.pending_layers is None:  # a forward has seen every layer
             self.fused = fused_decode.FusedDecoder.build(self.model, self.block_size)
             self._fused_later = False
-        if self.fused is not None and not prefills and len(decodes) <= self.fused.max_rows:
-            hidden = self.fused(id_parts[0], pos_parts[0], meta.slot_mapping, meta.decode_block_tables,
-                                meta.decode_context_lens)
-        elif (self.graphs is not None and not prefills and len(decodes) <= self.graphs.max_batch
-              and meta.decode_mask is not None):
-            hidden = self.graphs(id_parts[0], pos_parts[0], meta.slot_mapping, meta.decode_block_tables,
-                                 meta.decode_mask)
-        else:
-            hidden = self.model(torch.cat(id_parts), torch.cat(pos_parts), meta)
-        result = StepResult(sampled=sampled)
-        if sample_rows:
-            result.logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
+        if self.fused is not None and not inputs.has_prefills and decodes <= self.fused.max_rows:
+            return self.fused(inputs.input_ids, inputs.positions, meta.slot_mapping, meta.decode_block_tables,
+                              meta.decode_context_lens)
+        if (self.graphs is not None and not inputs.has_prefills and decodes <= self.graphs.max_batch
+                and meta.decode_mask is not None):
+            return self.graphs(inputs.input_ids, inputs.positions, meta.slot_mapping,
+                               meta.decode_block_tables, meta.decode_mask)
+        return self.model(inputs.input_ids, inputs.positions, meta, hidden)
+
+    def logits(self, inputs: StepInputs, hidden: torch.Tensor) -> StepResult:
+        """The logits of the rows the step samples and of its prompt-logprob rows (the last
+        pipeline stage's work)."""
+        result = StepResult(sampled=inputs.sampled)
+        if inputs.sample_rows:
+            result.logits = self.model.compute_logits(hidden[self._tensor(inputs.sample_rows)])
         result.prompt_logits = [(r, start, self.model.compute_logits(hidden[row:row + count]))
-                                for r, start, row, count in prompt_rows]
+                                for r, start, row, count in inputs.prompt_rows]
         return result

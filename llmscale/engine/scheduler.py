@@ -50,6 +50,10 @@ class Scheduler:
         self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Ids of requests in a micro-batch still in the pipeline (`parallel/pipeline.py`): left
+        # out of the next micro-batch, since their next token is not known yet, and never
+        # preempted, since their blocks are still being written.
+        self.in_flight: set[str] = set()
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -86,11 +90,14 @@ class Scheduler:
         for request in list(self.running):
             if request not in self.running:
                 continue  # preempted earlier in this loop
+            if request.request_id in self.in_flight:
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.running[-1]
+                # The newest running request not in flight: `request` itself at the latest.
+                victim = next(r for r in reversed(self.running) if r.request_id not in self.in_flight)
                 self._preempt(victim, batch)
                 if victim is request:
                     break

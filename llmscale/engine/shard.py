@@ -1,5 +1,5 @@
 """One rank's model, loaded and prepared, and the size of its KV cache: what `LLMEngine` builds
-for itself and a tensor-parallel worker for its shard (`parallel/workers.py`)."""
+for itself and a worker rank for its part (`parallel/workers.py`)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ class Phases:
 
 
 def kv_cache_blocks(cache: CacheConfig, model_cfg: ModelConfig, kv_dtype: torch.dtype,
-                    max_model_len: int, tp_size: int = 1) -> int:
-    """How many KV blocks `cache` asks for (a size, or a fraction of free memory now) on one of
-    `tp_size` tensor-parallel ranks; a one-line error when they hold less than one request of
-    `max_model_len`."""
+                    max_model_len: int, tp_size: int = 1, num_layers: int | None = None) -> int:
+    """How many KV blocks `cache` asks for (a size, or a fraction of free memory now) on a rank of
+    `tp_size` tensor-parallel ranks holding `num_layers` layers (default all); a one-line error
+    when they hold less than one request of `max_model_len`."""
     if cache.num_gpu_blocks_override:
         num_blocks = cache.num_gpu_blocks_override
     else:
-        per_block = kv_bytes_per_block(model_cfg, cache.block_size, kv_dtype, tp_size)
+        per_block = kv_bytes_per_block(model_cfg, cache.block_size, kv_dtype, tp_size, num_layers)
         num_blocks = parse_memory(cache.kv_cache_memory, available_memory_bytes()) // per_block
     if num_blocks * cache.block_size < max_model_len:
         raise ConfigError(
@@ -65,7 +65,7 @@ def prepack_wanted(wanted: bool | None, model: torch.nn.Module, device: torch.de
 
 @dataclass
 class RankModel:
-    """One tensor-parallel rank's model (the whole model at size 1), loaded and prepared."""
+    """One rank's model (the whole model at world size 1), loaded and prepared."""
 
     model: Any
     model_config: ModelConfig
@@ -75,13 +75,17 @@ class RankModel:
     kv_capacity: int  # KV blocks its cache memory holds
 
 
-def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, tp_rank: int = 0,
-                    tp_size: int = 1, phases: Phases | None = None) -> RankModel:
-    """Load rank `tp_rank`'s shard of the weights, prepack them where that pays, and size its KV
-    cache; with `config.stream_weights` the decoder layers go on loading on a thread."""
+def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, rank: int = 0,
+                    phases: Phases | None = None) -> RankModel:
+    """Load rank `rank`'s part of the weights (its pipeline stage's layers, its tensor-parallel
+    shard of each), prepack them where that pays, and size its KV cache; with
+    `config.stream_weights` the decoder layers go on loading on a thread."""
     device, dtype = config.torch_device, config.torch_dtype
-    model, model_config, load_time_s, layer_load = load_model(model_path, dtype, device, max_model_len,
-                                                              tp_rank, tp_size)
+    parallel = config.parallel
+    stage, tp_rank = parallel.place(rank)
+    tp_size = parallel.tensor_parallel_size
+    model, model_config, load_time_s, layer_load = load_model(
+        model_path, dtype, device, max_model_len, tp_rank, tp_size, stage, parallel.pipeline_parallel_size)
     if not config.stream_weights:
         layer_load.run()
         load_time_s += layer_load.seconds
@@ -90,12 +94,13 @@ def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, 
     # The lm_head and each decoder layer (as it arrives, when streamed); never the input
     # embedding, which is only looked up.
     prepack = prepack_wanted(config.prepack_weights, model, device, dtype)
-    prepacked = layers.prepack_linears(model.lm_head) if prepack else 0
+    prepacked = layers.prepack_linears(model.lm_head) if prepack and model.lm_head is not None else 0
     if config.stream_weights:
         layer_load.start(layers.prepack_linears if prepack else None)
     elif prepack:
         prepacked += sum(layers.prepack_linears(layer) for layer in model.layers)
     if phases is not None:
         phases.lap("prepack")
-    capacity = kv_cache_blocks(config.cache, model_config, model.activation_dtype, max_model_len, tp_size)
+    capacity = kv_cache_blocks(config.cache, model_config, model.activation_dtype, max_model_len, tp_size,
+                               len(model.layers))
     return RankModel(model, model_config, load_time_s, layer_load, prepacked, capacity)

@@ -138,6 +138,16 @@ def use_all_reduce(model: nn.Module, all_reduce: AllReduce) -> None:
             module.all_reduce = all_reduce
 
 
+def use_tp_group(model: nn.Module, group: dist.ProcessGroup, all_reduce: AllReduce) -> None:
+    """Make the modules that combine tensor-parallel ranks' parts do so within `group` (the
+    ranks of this pipeline stage): sums through `all_reduce`, the lm_head's logits gathered on
+    the group's first rank."""
+    use_all_reduce(model, all_reduce)
+    for module in model.modules():
+        if isinstance(module, VocabEmbedding):
+            module.group = group
+
+
 def _part(length: int, index: int, count: int) -> slice:
     """Part `index` of `count` equal parts of a dimension of `length`."""
     size = length // count
@@ -235,14 +245,15 @@ class VocabEmbedding(nn.Module):
 
     Vocabulary-parallel over `tp_size` ranks: each holds a contiguous range of ceil(V / tp)
     rows (the last zero-padded). A lookup embeds the ids in its range and zeros elsewhere, then
-    the ranks all-reduce; a projection computes its range's logits, gathered on rank 0 only,
-    which samples (the other ranks get no columns).
+    the ranks all-reduce; a projection computes its range's logits, gathered on the group's
+    first rank only (the other ranks get no columns).
     """
 
     def __init__(self, vocab_size: int, dim: int, bits: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.vocab_size, self.tp_rank, self.tp_size = vocab_size, tp_rank, tp_size
         self.all_reduce: AllReduce = torch_all_reduce
+        self.group: dist.ProcessGroup | None = None  # the tensor-parallel ranks (None: all)
         self.rows = -(-vocab_size // tp_size)
         self.vocab_start = tp_rank * self.rows
         self.quant: QuantizedWeight | None = None
@@ -281,10 +292,10 @@ class VocabEmbedding(nn.Module):
             return logits
         logits = logits.contiguous()
         if self.tp_rank:
-            dist.gather(logits, None, dst=0)
+            dist.gather(logits, None, group=self.group, group_dst=0)
             return logits[:, :0]
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-        dist.gather(logits, parts, dst=0)
+        dist.gather(logits, parts, group=self.group, group_dst=0)
         return torch.cat(parts, dim=-1)[:, :self.vocab_size]
 
 

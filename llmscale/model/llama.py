@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from llmscale.config import ModelConfig
+from llmscale.config import ModelConfig, stage_layers
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.attention import AttentionMetadata, paged_attention, write_kv
 from llmscale.model.layers import (
@@ -124,18 +124,26 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_position: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(self, cfg: ModelConfig, max_position: int, tp_rank: int = 0, tp_size: int = 1,
+                 stage: int = 0, stages: int = 1) -> None:
+        """Pipeline stage `stage` of `stages` holds its range of the layers (`stage_layers`),
+        the first the embedding, the last the final norm and the lm_head."""
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         embed_bits = cfg.quantization.embedding_bits if cfg.quantization else 0
         self.tp_size = tp_size
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, embed_bits, tp_rank, tp_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, tp_rank, tp_size)
-                                    for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabEmbedding(
-            cfg.vocab_size, cfg.hidden_size, embed_bits, tp_rank, tp_size)
+        self.is_first_stage, self.is_last_stage = stage == 0, stage == stages - 1
+        self.layer_range = stage_layers(cfg.num_hidden_layers, stage, stages)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, embed_bits, tp_rank, tp_size
+                                           ) if self.is_first_stage else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, tp_rank, tp_size) for _ in self.layer_range)
+        self.norm = self.lm_head = None
+        if self.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            tied = cfg.tie_word_embeddings and self.embed_tokens is not None
+            self.lm_head = self.embed_tokens if tied else VocabEmbedding(
+                cfg.vocab_size, cfg.hidden_size, embed_bits, tp_rank, tp_size)
         # While the decoder layers' weights stream in (loader.LayerLoad.start): what forward waits on.
         self.pending_layers: LayerLoad | None = None
         # One dequantize buffer for all quantized layers: they run one after another.
@@ -144,10 +152,13 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, QuantizedWeight):
                 module.workspace = self.workspace
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-                ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        x, residual = self.embed_tokens(input_ids).to(self.activation_dtype), None
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> [T, hidden]: the final hidden states on the last stage,
+        else the residual stream after this stage's layers (`hidden`, what the next stage takes
+        instead of embedding the ids)."""
+        x = self.embed_tokens(input_ids).to(self.activation_dtype) if hidden is None else hidden
+        residual = None
         pending = self.pending_layers
         for i, layer in enumerate(self.layers):
             if pending is not None:
@@ -155,22 +166,36 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, meta)
         if pending is not None and pending.done:
             self.pending_layers = None
+        if self.norm is None:
+            return x + residual  # what the next stage's first norm would add
         return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
 
     @property
     def activation_dtype(self) -> torch.dtype:
         """The dtype between layers (the weights' may differ: see config.activation_dtype)."""
-        return self.norm.weight.dtype
+        return self.layers[0].input_layernorm.weight.dtype
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in fp32."""
+        """[N, hidden] -> [N, vocab] in fp32 (the last stage's)."""
+        assert self.lm_head is not None
         return self.lm_head.project(hidden).float()
 
     def param_for_checkpoint_name(self, name: str) -> tuple[nn.Module, torch.Tensor, int] | None:
-        """Map an HF checkpoint tensor name to (owning module, parameter, shard index)."""
+        """Map an HF checkpoint tensor name to (owning module, parameter, shard index); None for
+        a tensor this stage does not hold."""
         name = name.removeprefix("model.")
-        if name.startswith("lm_head.") and self.config.tie_word_embeddings:
-            return None  # tied: the embedding already holds it
+        if name.startswith("embed_tokens.") and self.embed_tokens is None:
+            if not (self.config.tie_word_embeddings and self.lm_head is not None):
+                return None
+            name = name.replace("embed_tokens.", "lm_head.", 1)  # a later stage's tied lm_head
+        elif name.startswith("lm_head."):
+            if self.config.tie_word_embeddings or self.lm_head is None:
+                return None  # tied: the embedding matrix fills it
+        elif name.startswith("layers."):
+            index, _, rest = name.removeprefix("layers.").partition(".")
+            if not index.isdigit() or int(index) not in self.layer_range:
+                return None
+            name = f"layers.{int(index) - self.layer_range.start}.{rest}"
         shard = 0
         for ckpt, (ours, index) in self.packed_modules.items():
             if f".{ckpt}." in name:
@@ -180,6 +205,8 @@ class LlamaForCausalLM(nn.Module):
         try:
             module = self.get_submodule(module_name)
         except AttributeError:
+            return None
+        if module is None:
             return None
         param = getattr(module, attr, None)
         if param is None and getattr(module, "quant", None) is not None:

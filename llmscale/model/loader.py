@@ -48,7 +48,8 @@ def read_model_config(folder: Path) -> ModelConfig:
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_position: int,
-               tp_rank: int = 0, tp_size: int = 1) -> tuple[LlamaForCausalLM, ModelConfig, float, LayerLoad]:
+               tp_rank: int = 0, tp_size: int = 1, stage: int = 0, stages: int = 1
+               ) -> tuple[LlamaForCausalLM, ModelConfig, float, LayerLoad]:
     """Build the model and fill every weight but the decoder layers', whose tensors are checked
     present and left to the returned `LayerLoad` (run it, or start it to serve while it loads).
     Returns (model, config, load seconds so far, the layers' load)."""
@@ -58,7 +59,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
     if not files:
         raise ConfigError(f"no *.safetensors files in {folder}")
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_position, tp_rank, tp_size)
+        model = LlamaForCausalLM(cfg, max_position, tp_rank, tp_size, stage, stages)
     model.to_empty(device=device)
     model.to(activation_dtype(dtype, device))
     cast_dense_weights(model, dtype)  # a no-op unless activations differ (bf16 weights on AVX2)
@@ -81,14 +82,15 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
             module, param, shard = target
             loaded.add(id(param) * 8 + shard)
             layer = _layer_index(name)
-            into = rest if layer is None else by_layer[layer]
+            into = rest if layer is None else by_layer[layer - model.layer_range.start]
             into.append(CheckpointTensor(file, name, module, param, shard))
     missing = _missing_params(model, loaded)
     if missing:
         raise ConfigError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
     _copy_tensors(rest)
     for module in dict.fromkeys((model.embed_tokens, model.lm_head)):  # once when they are tied
-        _prepare_quantized(module)
+        if module is not None:  # a pipeline stage holds either, both or neither
+            _prepare_quantized(module)
     model.eval()
     return model, cfg, time.perf_counter() - start, LayerLoad(model, by_layer)
 

@@ -1,18 +1,20 @@
-"""Tensor-parallel ranks as Ray actors (`--distributed-executor-backend ray`).
+"""Worker ranks as Ray actors (`--distributed-executor-backend ray`).
 
 The same ranks as `workers.py`'s processes, placed by Ray instead: a placement group holds one
 bundle per rank (bundle 0 is rank 0, this process; PACK puts them on one node when they fit,
-else across nodes), and ranks 1..T-1 are actors in the other bundles. The engine joins the
+else across nodes), and ranks 1..T*P-1 are actors in the other bundles. The engine joins the
 Ray cluster at RAY_ADDRESS or starts a loopback-only one (`llmscale.ray_cluster`). Each step,
 rank 0 calls every actor's `execute` with the step's delta (Ray keeps one caller's calls to an
-actor in order) and runs its own shard; the ranks meet in the all-reduces, through shared
-memory when every rank is on rank 0's node, else gloo. A dead actor resolves its pending call
-with an error, which `check` turns into one naming the rank.
+actor in order) and runs its own part; tensor-parallel ranks meet in the all-reduces, through
+shared memory when every rank is on rank 0's node, else gloo, and pipeline stages pass the
+residual stream through gloo. A dead actor resolves its pending call with an error, which
+`check` turns into one naming the rank.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from llmscale.parallel.workers import (
     join_as_rank_zero,
     listen_on,
     rank_error,
+    rank_name,
     settle_group,
     threads_per_rank,
 )
@@ -60,7 +63,7 @@ def _cause(error: BaseException) -> BaseException:
 
 
 class RayWorkerGroup:
-    """Ranks 1..T-1 as Ray actors, seen from rank 0: `WorkerGroup`'s interface."""
+    """Ranks 1..T*P-1 as Ray actors, seen from rank 0: `WorkerGroup`'s interface."""
 
     def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int, max_bytes: int) -> None:
         import ray
@@ -69,10 +72,13 @@ class RayWorkerGroup:
 
         from llmscale.ray_cluster import connect
 
-        self.world_size = config.parallel.tensor_parallel_size
+        self.parallel = config.parallel
+        self.world_size = config.parallel.world_size
         self.max_bytes = max_bytes
         self.joined = False
-        self.pending: list[Any] = []
+        # Each launched step's calls, one per actor, until done: up to P steps are in flight.
+        self.pending: deque[list[Any]] = deque()
+        self.depth = config.parallel.pipeline_parallel_size
         self.actors: list[Any] = []
         self.cluster = None if ray.is_initialized() else connect(os.environ.get("RAY_ADDRESS"),
                                                                  log_to_driver=False)
@@ -81,7 +87,7 @@ class RayWorkerGroup:
         ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             self.shutdown()
-            raise ConfigError(f"Ray cannot place {self.world_size} tensor-parallel ranks of {cpus} CPUs each "
+            raise ConfigError(f"Ray cannot place {self.world_size} ranks of {cpus} CPUs each "
                               f"(cluster resources: {ray.cluster_resources()})")
         actor = ray.remote(RankActor)
         self.actors = [actor.options(num_cpus=cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -98,7 +104,7 @@ class RayWorkerGroup:
             try:
                 loaded.append(ray.get(ref))
             except Exception as e:  # noqa: BLE001 (the rank's own error, as one line)
-                raise ConfigError(f"tensor-parallel rank {rank}: {rank_error(_cause(e))}") from None
+                raise ConfigError(f"{rank_name(self.parallel, rank)}: {rank_error(_cause(e))}") from None
         node = ray.get_runtime_context().get_node_id()
         self.one_machine = all(actor_node == node for _, actor_node in loaded)
         return min(capacity for capacity, _ in loaded)
@@ -111,7 +117,7 @@ class RayWorkerGroup:
         joins = [a.join.remote(f"{host}:{port}", self.max_bytes, self.one_machine) for a in self.actors]
         join_as_rank_zero(self.world_size, listener, device)
         self.joined = True
-        blocks = settle_group(model, 0, self.world_size, device, self.max_bytes, self.one_machine, self.check,
+        blocks = settle_group(model, self.parallel, 0, device, self.max_bytes, self.one_machine, self.check,
                               capacity)
         ray.get(joins)
         return blocks
@@ -119,24 +125,27 @@ class RayWorkerGroup:
     def send(self, delta: Any) -> None:
         import ray
 
-        try:  # the previous step, done on every rank (it met rank 0 in its collectives)
-            ray.get(self.pending)
+        try:  # the step launched P steps ago, done on every rank (it met rank 0 in its collectives)
+            while len(self.pending) >= self.depth:
+                ray.get(self.pending[0])
+                self.pending.popleft()
         except Exception as e:  # noqa: BLE001 (an actor died: named by check)
             self.check()
-            raise WorkerDiedError(f"tensor-parallel rank on Ray failed: {type(_cause(e)).__name__}") from None
-        self.pending = [a.execute.remote(delta) for a in self.actors]
+            raise WorkerDiedError(f"a worker rank on Ray failed: {type(_cause(e)).__name__}") from None
+        self.pending.append([a.execute.remote(delta) for a in self.actors])
 
     def check(self) -> None:
         import ray
 
-        for rank, ref in enumerate(self.pending, start=1):
-            ready, _ = ray.wait([ref], timeout=0)
-            if ready:
-                try:
-                    ray.get(ref)
-                except Exception as e:  # noqa: BLE001 (named, with the rank)
-                    raise WorkerDiedError(f"tensor-parallel rank {rank} (Ray actor) died: "
-                                          f"{type(_cause(e)).__name__}") from None
+        for step in self.pending:
+            for rank, ref in enumerate(step, start=1):
+                ready, _ = ray.wait([ref], timeout=0)
+                if ready:
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 (named, with the rank)
+                        raise WorkerDiedError(f"{rank_name(self.parallel, rank)} (Ray actor) died: "
+                                              f"{type(_cause(e)).__name__}") from None
 
     def shutdown(self) -> None:
         import ray

@@ -33,26 +33,28 @@ def _round_up(n: int, to: int) -> int:
 
 class ShmAllReduce:
     """`all_reduce(t)` in place for fp32 or bf16 tensors of up to `max_bytes`; others go to
-    torch.distributed. Every rank of the default process group constructs it, together."""
+    torch.distributed. Every rank of `group` (default: the default process group) constructs
+    it, together; `rank` and `world_size` are within the group."""
 
-    def __init__(self, rank: int, world_size: int, max_bytes: int, check_peers: Callable[[], None]) -> None:
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, rank: int, world_size: int, max_bytes: int, check_peers: Callable[[], None],
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.rank, self.world_size, self.group = rank, world_size, group
         self.max_bytes = max_bytes
         self.stride = LINE + _round_up(max_bytes, LINE)
         self.check_peers = check_peers
         self.lib = cpu_kernels.library()
         name = [f"/dev/shm/llmscale-tp-{os.getpid()}-{id(self):x}" if rank == 0 else None]
-        dist.broadcast_object_list(name, src=0)
+        dist.broadcast_object_list(name, group=group, group_src=0)
         path = name[0]
         if rank == 0:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             os.ftruncate(fd, self.stride * world_size)
-        dist.barrier()
+        dist.barrier(group=group)
         if rank != 0:
             fd = os.open(path, os.O_RDWR)
         self.segment = mmap.mmap(fd, self.stride * world_size)
         os.close(fd)
-        dist.barrier()  # every rank has it mapped: the name can go
+        dist.barrier(group=group)  # every rank has it mapped: the name can go
         if rank == 0:
             os.unlink(path)
         whole = torch.frombuffer(self.segment, dtype=torch.uint8)
@@ -67,7 +69,7 @@ class ShmAllReduce:
     def __call__(self, t: torch.Tensor) -> None:
         fits = t.nbytes <= self.max_bytes and t.is_contiguous()
         if t.dtype not in (torch.float32, torch.bfloat16) or not fits:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
             return
         self.seq += 1
         line = self.base + self.rank * self.stride

@@ -53,8 +53,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="on catalogue hardware with an fp8 peak: store K/V in fp8, as FP8 engines of "
                         "TensorRT-LLM and vLLM can (default: 16 bits)")
-    # --tensor-parallel-size is an engine flag: the simulated deployment splits its layers too
-    g.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="P")
+    # --tensor-parallel-size and --pipeline-parallel-size are engine flags: the simulated
+    # deployment splits its layers too
     g.add_argument("--num-replicas", type=int, default=1, metavar="N")
     g.add_argument("--routing", default="prefix", choices=ROUTING_POLICIES,
                    help="how requests pick a replica (the cluster's policies; default: %(default)s)")

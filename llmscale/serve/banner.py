@@ -11,7 +11,7 @@ import socket
 import torch
 import uvicorn
 
-from llmscale.config import cpu_flags
+from llmscale.config import ParallelConfig, cpu_flags
 from llmscale.console import status
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.engine.runner import kv_bytes_per_block
@@ -38,8 +38,10 @@ def model_line(engine: LLMEngine) -> str:
     computes = _dtype_name(engine.model.activation_dtype)
     dtype = weights if weights == computes else f"{weights} weights computing in {computes}"
     parallel = engine.config.parallel
-    split = (f", tensor parallel over {parallel.tensor_parallel_size} ranks "
-             f"({parallel.distributed_executor_backend})" if parallel.tensor_parallel_size > 1 else "")
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    splits = ([f"tensor parallel over {tp} ranks"] if tp > 1 else []) + (
+        [f"{pp} pipeline stages"] if pp > 1 else [])
+    split = f", {' x '.join(splits)} ({parallel.distributed_executor_backend})" if splits else ""
     return (f"llmscale serve: {engine.model_name}, {dtype} on {engine.device}{split}, context "
             f"{engine.max_model_len} tokens, loaded in {engine.startup_time_s:.1f} s")
 
@@ -74,10 +76,18 @@ def kernels_line(engine: LLMEngine) -> str:
 def kv_cache_line(engine: LLMEngine) -> str:
     blocks, block_size = engine.num_blocks, engine.config.cache.block_size
     dtype = engine.model.activation_dtype
-    tp = engine.config.parallel.tensor_parallel_size
-    held = blocks * kv_bytes_per_block(engine.model_config, block_size, dtype, tp)
+    parallel = engine.config.parallel
+    held = blocks * kv_bytes_per_block(engine.model_config, block_size, dtype, parallel.tensor_parallel_size,
+                                       len(engine.model.layers))
     return (f"  KV cache: {blocks} blocks x {block_size} tokens = {blocks * block_size} tokens, "
-            f"{_size(held)} {_dtype_name(dtype)}" + (" per rank" if tp > 1 else ""))
+            f"{_size(held)} {_dtype_name(dtype)}" + _where_held(parallel))
+
+
+def _where_held(parallel: ParallelConfig) -> str:
+    """Every tensor-parallel rank holds as much KV cache; pipeline stages hold their layers'."""
+    if parallel.pipeline_parallel_size > 1:
+        return " on rank 0 (stage 0's layers)"
+    return " per rank" if parallel.world_size > 1 else ""
 
 
 def announce_engine(engine: LLMEngine) -> None:
