@@ -52,8 +52,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="P",
                    help="split the layers into P stages of T ranks each, with up to P micro-batches in "
                         "flight; default 1")
+    g.add_argument("--context-parallel-size", "-cp", type=int, default=1, metavar="C",
+                   help="C ranks, each holding the whole model, share every long prefill chunk (ring "
+                        "attention); decodes and short chunks run on every rank; default 1")
+    g.add_argument("--context-parallel-min-tokens", type=int, default=None, metavar="N",
+                   help="with C > 1, split prefill chunks of at least N tokens (default: 256)")
     g.add_argument("--distributed-executor-backend", default="mp", choices=EXECUTOR_BACKENDS,
-                   help="where ranks 1..T*P-1 run: mp, local processes; ray, Ray actors in a placement "
+                   help="where ranks 1..T*P*C-1 run: mp, local processes; ray, Ray actors in a placement "
                         "group (the cluster at RAY_ADDRESS, or a local one started here)")
     g.add_argument("--log-steps", default=None, metavar="FILE",
                    help="append one JSON line per engine step to FILE: when it ended, its seconds, and "
@@ -80,6 +85,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         stream_weights=args.stream_weights,
         cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        context_parallel_min_tokens=args.context_parallel_min_tokens,
         distributed_executor_backend=args.distributed_executor_backend, log_steps=args.log_steps,
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

@@ -357,22 +357,33 @@ class ParallelConfig:
     # Stages that each hold a contiguous range of the layers, T ranks each: rank r is tensor-
     # parallel rank r % T of stage r // T, so rank 0 (the engine) holds stage 0.
     pipeline_parallel_size: int = 1
-    # Where ranks 1..T*P-1 run: "mp", local processes this one starts; "ray", Ray actors in a
+    # Ranks that each hold the whole model and share long prefill chunks (ring attention);
+    # chunks of at least `context_parallel_min_tokens` are split, the rest runs on every rank.
+    context_parallel_size: int = 1
+    context_parallel_min_tokens: int = 256
+    # Where ranks 1..T*P*C-1 run: "mp", local processes this one starts; "ray", Ray actors in a
     # placement group (one bundle per rank, so ranks may sit on different nodes).
     distributed_executor_backend: str = "mp"
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
 
     def place(self, rank: int) -> tuple[int, int]:
-        """(pipeline stage, tensor-parallel rank within it) of global rank `rank`."""
+        """(pipeline stage, tensor-parallel rank within it) of global rank `rank`; every
+        context-parallel rank holds the whole model, stage 0 at tensor-parallel rank 0."""
+        if self.context_parallel_size > 1:
+            return 0, 0
         return divmod(rank, self.tensor_parallel_size)
 
     def validate(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
+                     "context_parallel_min_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_parallel_size > 1 and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ConfigError("context_parallel_size does not combine with tensor or pipeline parallelism "
+                              "yet: give one of the three")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ConfigError(f"unknown distributed_executor_backend {self.distributed_executor_backend!r}; "
                               f"choose {' or '.join(EXECUTOR_BACKENDS)}")

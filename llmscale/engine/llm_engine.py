@@ -28,7 +28,7 @@ from llmscale.model.loader import read_model_config
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from llmscale.parallel.pipeline import PipelineDriver
 from llmscale.parallel.step_delta import DeltaEncoder
-from llmscale.parallel.workers import WorkerDiedError, stage_link, start_workers, threads_per_rank
+from llmscale.parallel.workers import WorkerDiedError, context_of, stage_link, start_workers, threads_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class LLMEngine:
         self.scheduler = make_scheduler(scheduler_config, self.kv)
         cores = config.rank_cores(0)
         self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.model.activation_dtype,
-                                  self.device, cores if self.device.type == "cpu" else None)
+                                  self.device, cores if self.device.type == "cpu" else None,
+                                  context_of(parallel, 0))
         if self.device.type == "cuda" and not config.enforce_eager and world == 1:
             self.runner.use_decode_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
         link = stage_link(self.model, parallel, 0)
@@ -334,15 +335,17 @@ class LLMEngine:
         return outputs
 
     def _execute(self, batch: ScheduledBatch) -> StepResult:
-        """Run the model over the batch: here, and on every tensor-parallel rank in step."""
+        """Run the model over the batch: here, and on every other rank in step."""
         if self.workers is None:
             return self.runner.execute(batch, self.kv)
         try:
             self.workers.send(self.delta.encode(batch, self.kv))
-            return self.runner.execute(batch, self.kv)
+            result = self.runner.execute(batch, self.kv)
         except (RuntimeError, OSError) as e:  # a pipe or collective failed: name the rank that died
             self.workers.check()
-            raise WorkerDiedError(f"tensor-parallel step failed: {e}") from e
+            raise WorkerDiedError(f"parallel step failed: {e}") from e
+        assert result is not None  # rank 0 samples
+        return result
 
     @staticmethod
     def _record_prompt_logprobs(req: Request, start: int, logits: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from llmscale.engine.transfer import to_device
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.attention import AttentionMetadata, PrefillChunk
 from llmscale.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from llmscale.parallel.context import ContextParallel, SplitChunk
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,8 @@ class StepInputs:
     sample_rows: list[int]  # rows whose logits sample a token, for `sampled` in order
     sampled: list[Request]
     prompt_rows: list[tuple[Request, int, int, int]]  # (request, first position, row, count)
+    splits: list[SplitChunk]  # chunks split over context-parallel ranks
+    num_rows: int  # of the whole batch: more than this rank's when it runs parts of split chunks
 
     @property
     def num_logit_rows(self) -> int:
@@ -79,9 +85,12 @@ def flat_logits(result: StepResult) -> torch.Tensor | None:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, block_size: int, num_blocks: int,
-                 kv_dtype: torch.dtype, device: torch.device, cpu_cores: list[int] | None = None) -> None:
-        """`cpu_cores`: pin the step loop's OpenMP threads to these cores, one each."""
+                 kv_dtype: torch.dtype, device: torch.device, cpu_cores: list[int] | None = None,
+                 context: ContextParallel | None = None) -> None:
+        """`cpu_cores`: pin the step loop's OpenMP threads to these cores, one each; `context`:
+        this rank's place among context-parallel ranks, which split long prefill chunks."""
         self.model = model
+        self.context = context
         self.cpu_cores = cpu_cores
         self._pinned_thread: int | None = None
         self.block_size = block_size
@@ -132,10 +141,16 @@ class ModelRunner:
         return to_device(data, torch.long, self.device)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult:
-        """Run one step of the model over every scheduled token."""
+    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepResult | None:
+        """Run one step of the model over every scheduled token (None on a context-parallel
+        rank but the first, which samples)."""
         inputs = self.prepare(batch, kv)
-        return self.logits(inputs, self.run_model(inputs))
+        hidden = self.run_model(inputs)
+        if self.context is not None:
+            hidden = self.context.gather_hidden(hidden, inputs.splits, inputs.num_rows)
+            if hidden is None:
+                return None
+        return self.logits(inputs, hidden)
 
     def prepare(self, batch: ScheduledBatch, kv: KVCacheManager) -> StepInputs:
         """The step's flat batch as tensors, and which rows' logits it wants."""
@@ -177,30 +192,44 @@ class ModelRunner:
 
         id_parts = [self._tensor(input_ids)] if input_ids else []
         pos_parts = [self._tensor(positions)] if positions else []
-        offset = len(input_ids)
+        # Rows of the whole batch (what logits are indexed by), and of this rank's part of it:
+        # the same unless a context-parallel rank runs only its part of a long chunk.
+        offset = local = len(input_ids)
         prompt_rows: list[tuple[Request, int, int, int]] = []
+        splits: list[SplitChunk] = []
         for r, n in prefills:
             start = r.num_computed_tokens
             table = self._tensor(kv.block_ids(r.request_id))
             pos = torch.arange(start, start + n, device=self.device)
-            id_parts.append(self._tensor(r.all_token_ids[start:start + n]))
-            pos_parts.append(pos)
-            meta_slots.append(table[pos // bs] * bs + pos % bs)
+            ids = self._tensor(r.all_token_ids[start:start + n])
+            slot = table[pos // bs] * bs + pos % bs
             context_len = start + n
             if r.prompt_logprobs is not None:
                 # Positions whose next token is still a prompt token.
                 count = min(context_len, r.num_prompt_tokens - 1) - start
                 if count > 0:
                     prompt_rows.append((r, start, offset, count))
-            meta.prefills.append(PrefillChunk(offset, n, context_len, table[: -(-context_len // bs)]))
+            table = table[: -(-context_len // bs)]
+            split = self.context.split(n, slot, start, offset, local) if self.context is not None else None
+            if split is None:
+                meta.prefills.append(PrefillChunk(local, n, context_len, table))
+                part = slice(0, n)
+            else:
+                part, ring, where = split
+                meta.prefills.append(PrefillChunk(local, part.stop - part.start, context_len, table, ring))
+                splits.append(where)
+            id_parts.append(ids[part])
+            pos_parts.append(pos[part])
+            meta_slots.append(slot[part])
             offset += n
+            local += part.stop - part.start
             if context_len == r.num_tokens:
                 sample_rows.append(offset - 1)
                 sampled.append(r)
 
         meta.slot_mapping = torch.cat(meta_slots)
         return StepInputs(torch.cat(id_parts), torch.cat(pos_parts), meta, bool(prefills), sample_rows,
-                          sampled, prompt_rows)
+                          sampled, prompt_rows, splits, offset)
 
     def run_model(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's layers over the batch: from the token ids, or from the previous pipeline

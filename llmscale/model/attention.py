@@ -17,12 +17,23 @@ and uses a bottom-right-aligned causal mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from llmscale.kernels import cpu as cpu_kernels
+
+
+class SplitAttention(Protocol):
+    """A prefill chunk split over context-parallel ranks (`parallel/context.py`'s `RingChunk`):
+    this rank's part attends to every part through the other ranks."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, block_table: torch.Tensor, scale: float,
+               gather: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -31,6 +42,7 @@ class PrefillChunk:
     query_len: int
     context_len: int  # tokens in the cache after this step, including the chunk
     block_table: torch.Tensor  # [num_blocks_needed] long
+    split: SplitAttention | None = None  # this rank's part of a chunk split over ranks
 
 
 @dataclass
@@ -110,6 +122,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[:nd] = od.reshape(nd, num_heads, head_dim).to(q.dtype)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
+        if chunk.split is not None:
+            out[s:s + n] = chunk.split.attend(
+                q[s:s + n], k[s:s + n], v[s:s + n], k_cache, v_cache, chunk.block_table, scale,
+                lambda cache, table, name: _gather_tokens(cache, table, meta.workspaces, name))
+            continue
         if meta.c_kernels:  # the C kernel reads K/V token-major, as they are in the batch and cache
             kc, vc = k[s:s + n], v[s:s + n]
             if chunk.context_len != n:

@@ -36,6 +36,7 @@ from torch import nn
 from llmscale.config import ConfigError, EngineConfig, ParallelConfig
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.layers import AllReduce, use_tp_group
+from llmscale.parallel.context import ContextParallel
 from llmscale.parallel.pipeline import StageLink, run_stage
 from llmscale.parallel.shm import ShmAllReduce
 
@@ -118,8 +119,15 @@ def stage_link(model: nn.Module, parallel: ParallelConfig, rank: int) -> StageLi
     return StageLink(parallel, rank, cfg.hidden_size, model.activation_dtype, cfg.vocab_size)
 
 
+def context_of(parallel: ParallelConfig, rank: int) -> ContextParallel | None:
+    """This rank's place among context-parallel ranks; None without them."""
+    return ContextParallel(parallel, rank) if parallel.context_parallel_size > 1 else None
+
+
 def rank_name(parallel: ParallelConfig, rank: int) -> str:
     """How errors name a rank: its tensor-parallel index, and its stage with a pipeline."""
+    if parallel.context_parallel_size > 1:
+        return f"context-parallel rank {rank}"
     if parallel.pipeline_parallel_size == 1:
         return f"tensor-parallel rank {rank}"
     stage, tp_rank = parallel.place(rank)
@@ -164,7 +172,8 @@ class Rank:
         num_blocks = settle_group(model, parallel, self.rank, device, max_bytes, one_machine, check_peers,
                                   self.shard.kv_capacity)
         self.runner = ModelRunner(model, self.config.cache.block_size, num_blocks, model.activation_dtype,
-                                  device, self.cores if device.type == "cpu" else None)
+                                  device, self.cores if device.type == "cpu" else None,
+                                  context_of(parallel, self.rank))
         self.state = WorkerState()
         self.link = stage_link(model, parallel, self.rank)
 

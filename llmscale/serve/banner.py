@@ -39,8 +39,11 @@ def model_line(engine: LLMEngine) -> str:
     dtype = weights if weights == computes else f"{weights} weights computing in {computes}"
     parallel = engine.config.parallel
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    cp = parallel.context_parallel_size
     splits = ([f"tensor parallel over {tp} ranks"] if tp > 1 else []) + (
-        [f"{pp} pipeline stages"] if pp > 1 else [])
+        [f"{pp} pipeline stages"] if pp > 1 else []) + (
+        [f"context parallel over {cp} ranks (chunks of {parallel.context_parallel_min_tokens}+ tokens)"]
+        if cp > 1 else [])
     split = f", {' x '.join(splits)} ({parallel.distributed_executor_backend})" if splits else ""
     return (f"llmscale serve: {engine.model_name}, {dtype} on {engine.device}{split}, context "
             f"{engine.max_model_len} tokens, loaded in {engine.startup_time_s:.1f} s")
