@@ -100,6 +100,20 @@ def test_two_micro_batches_are_in_flight_and_one_request_still_runs(tiny_model, 
         assert _greedy(llm, ids[:1]) == [hf_greedy(folder, ids[0], NUM_TOKENS)]  # one micro-batch
 
 
+def test_running_requests_are_shared_between_the_micro_batches(tiny_model, prompts: list[str]) -> None:
+    folder = tiny_model("llama")
+    ids = _encode(folder, prompts) * 2  # eight requests
+    with pp_llm(folder, max_num_batched_tokens=512) as llm:
+        engine = llm.llm_engine
+        for i, p in enumerate(ids):
+            engine.add_request(str(i), {"prompt_token_ids": p}, GREEDY)
+        engine.step()  # every prompt in one micro-batch: admission is bounded by the budget alone
+        engine.step()  # then eight decodes: four in each micro-batch
+        assert [len(f.batch.scheduled) for f in engine.pipeline.in_flight] == [4]
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
 def test_a_request_aborted_while_in_flight_leaves_the_others_right(tiny_model, prompts: list[str]) -> None:
     folder = tiny_model("llama")
     ids = _encode(folder, prompts[:4])

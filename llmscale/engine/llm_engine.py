@@ -123,6 +123,7 @@ class LLMEngine:
         link = stage_link(self.model, parallel, 0)
         if link is not None:
             self.pipeline = PipelineDriver(self.runner, link, parallel.pipeline_parallel_size)
+            self.scheduler.micro_batches = parallel.pipeline_parallel_size
         phases.lap("kv_cache")
         self.sampler = Sampler(seed=config.seed)
         eos = set(self.model_config.eos_token_ids)

@@ -54,6 +54,9 @@ class Scheduler:
         # out of the next micro-batch, since their next token is not known yet, and never
         # preempted, since their blocks are still being written.
         self.in_flight: set[str] = set()
+        # Micro-batches the running requests are spread over (a pipeline's depth): each takes at
+        # most its share of them, so while one is in flight the next has requests to run.
+        self.micro_batches = 1
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -87,11 +90,14 @@ class Scheduler:
         batch.preempted.append(request)
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        share = -(-len(self.running) // self.micro_batches)
         for request in list(self.running):
             if request not in self.running:
                 continue  # preempted earlier in this loop
             if request.request_id in self.in_flight:
                 continue
+            if len(batch.scheduled) >= share:
+                break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
