@@ -82,8 +82,7 @@ class RingChunk:
             if source <= ring.rank:
                 merge(held[0], held[1], causal=source == ring.rank)
             if incoming is not None:
-                for work in pending:
-                    work.wait()
+                ring.wait(pending)
                 held = incoming
         return out.squeeze(0).transpose(0, 1).to(q.dtype)
 
@@ -121,6 +120,11 @@ class ContextParallel:
     def exchange(self, send: torch.Tensor, recv: torch.Tensor) -> list[dist.Work]:
         """Send to the next rank and receive from the previous one, both started now."""
         return [dist.isend(send, self.next), dist.irecv(recv, self.prev)]
+
+    def wait(self, works: list[dist.Work]) -> None:
+        """Until an exchange is done (what `benchmarks/parallel.py` times as communication)."""
+        for work in works:
+            work.wait()
 
     def gather_hidden(self, hidden: torch.Tensor, splits: list[SplitChunk], full_rows: int
                       ) -> torch.Tensor | None:
