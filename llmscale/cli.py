@@ -46,20 +46,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
                    help="pin the engine's threads to these cores, one each (0-1, 0,2,4); with several "
                         "ranks one list per rank, separated by | (0-7|8-15); default: no pinning")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
-                   help="split every layer over T ranks, one process each, joined by torch.distributed "
-                        "(gloo on CPU, NCCL on GPU); default 1")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="P",
-                   help="split the layers into P stages of T ranks each, with up to P micro-batches in "
-                        "flight; default 1")
-    g.add_argument("--context-parallel-size", "-cp", type=int, default=1, metavar="C",
-                   help="C ranks, each holding the whole model, share every long prefill chunk (ring "
-                        "attention); decodes and short chunks run on every rank; default 1")
-    g.add_argument("--context-parallel-min-tokens", type=int, default=None, metavar="N",
-                   help="with C > 1, split prefill chunks of at least N tokens (default: 256)")
-    g.add_argument("--distributed-executor-backend", default="mp", choices=EXECUTOR_BACKENDS,
-                   help="where ranks 1..T*P*C-1 run: mp, local processes; ray, Ray actors in a placement "
-                        "group (the cluster at RAY_ADDRESS, or a local one started here)")
     g.add_argument("--log-steps", default=None, metavar="FILE",
                    help="append one JSON line per engine step to FILE: when it ended, its seconds, and "
                         "each scheduled request's [cached tokens, new tokens, samples]")
@@ -75,6 +61,33 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batching", default="continuous", choices=BATCHING_POLICIES, help="batching policy")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """How an engine spreads over ranks: every command that builds one takes these."""
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
+                   help="split every layer over T ranks, one process each, joined by torch.distributed "
+                        "(gloo on CPU, NCCL on GPU); default 1")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="P",
+                   help="split the layers into P stages of T ranks each, with up to P micro-batches in "
+                        "flight; default 1")
+    g.add_argument("--context-parallel-size", "-cp", type=int, default=1, metavar="C",
+                   help="C ranks, each holding the whole model, share every long prefill chunk (ring "
+                        "attention); decodes and short chunks run on every rank; default 1")
+    g.add_argument("--context-parallel-min-tokens", type=int, default=None, metavar="N",
+                   help="with C > 1, split prefill chunks of at least N tokens (default: 256)")
+    g.add_argument("--distributed-executor-backend", default="mp", choices=EXECUTOR_BACKENDS,
+                   help="where ranks 1..T*P*C-1 run: mp, local processes; ray, Ray actors in a placement "
+                        "group (the cluster at RAY_ADDRESS, or a local one started here)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`add_parallel_args`' flags as `EngineConfig.from_kwargs` / `LLM` keyword arguments."""
+    return {name: getattr(args, name) for name in (
+        "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
+        "context_parallel_min_tokens", "distributed_executor_backend")}
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -84,10 +97,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
         stream_weights=args.stream_weights,
         cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        context_parallel_min_tokens=args.context_parallel_min_tokens,
-        distributed_executor_backend=args.distributed_executor_backend, log_steps=args.log_steps,
+        log_steps=args.log_steps, **parallel_kwargs(args),
         kv_cache_memory=kv, block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,
@@ -129,10 +139,13 @@ def stream_tokens(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from llmscale.engine.llm_engine import LLMEngine
     engine = LLMEngine(engine_config_from_args(args), stream_text=True)
-    for delta in stream_tokens(engine, args.prompt, sampling_params_from_args(args)):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    try:
+        for delta in stream_tokens(engine, args.prompt, sampling_params_from_args(args)):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    finally:
+        engine.shutdown()  # its worker ranks, if any
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -143,23 +156,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if args.system:
         history.append({"role": "system", "content": args.system})
     status("chat with the model; empty line or Ctrl-D to quit")
-    while True:
-        try:
-            user = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            break
-        if not user.strip():
-            break
-        history.append({"role": "user", "content": user})
-        _, ids = engine.tokenizer.encode_chat(history, add_generation_prompt=True)
-        prompt = {"prompt_token_ids": ids}
-        reply = ""
-        for delta in stream_tokens(engine, prompt, params):
-            reply += delta
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
+    try:
+        while True:
+            try:
+                user = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not user.strip():
+                break
+            history.append({"role": "user", "content": user})
+            _, ids = engine.tokenizer.encode_chat(history, add_generation_prompt=True)
+            prompt = {"prompt_token_ids": ids}
+            reply = ""
+            for delta in stream_tokens(engine, prompt, params):
+                reply += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": reply})
+    finally:
+        engine.shutdown()  # its worker ranks, if any
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""The Ray cluster llmscale runs on: behind `llmscale cluster serve`, and for tensor-parallel ranks on Ray.
+"""The Ray cluster llmscale runs on: behind `llmscale cluster serve`, and for an engine's worker ranks on Ray.
 
 `connect(None, ...)` starts a single-node head inside this process (`ray.init`) with every
 listener on loopback: the node IP is 127.0.0.1, so GCS, raylet, agents and each worker's core

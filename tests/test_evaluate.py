@@ -46,6 +46,19 @@ def test_eval_table(tiny_model, tmp_path) -> None:
     assert "top-1 agree" in table and "100.0%" in table and "tiny-qwen20 *" in table
 
 
+@pytest.mark.parametrize("split", [["--pipeline-parallel-size", "2"], ["--context-parallel-size", "2",
+                                                                       "--context-parallel-min-tokens", "8"]],
+                         ids=["pipeline", "context"])
+def test_eval_of_a_parallel_engine_scores_as_one_rank(split: list[str], tiny_model, tmp_path) -> None:
+    llama = tiny_model("llama")
+    rows = []
+    for name, flags in (("one", []), ("split", split)):
+        main(["eval", str(llama), "--out", str(tmp_path / name), *SMALL, *flags])
+        rows.append(json.loads((tmp_path / name / "eval.json").read_text())["models"][0])
+    assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-4)
+    assert rows[1]["agreement"] == rows[0]["agreement"]
+
+
 def test_perplexity_matches_transformers(tiny_model) -> None:
     from llmscale.engine.llm import LLM
 

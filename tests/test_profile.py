@@ -123,6 +123,21 @@ def test_profile_end_to_end(tiny_model, tmp_path, dtype: str) -> None:
         assert p["tokens"] == p["context_len"] and p["steps"] == (2 if p["context_len"] == 40 else 1)
 
 
+@pytest.mark.parametrize("split", [["--tensor-parallel-size", "2"], ["--pipeline-parallel-size", "2"]],
+                         ids=["tensor", "pipeline"])
+def test_profile_of_a_parallel_engine_counts_the_whole_model(split: list[str], tiny_model, tmp_path) -> None:
+    """Rank 0 holds a part of the weights; the roofline counts the whole model's, as one rank's
+    profile does (the vocabulary shards round up to whole rows, the norms are replicated)."""
+    reports = []
+    for name, flags in (("one", []), ("split", split)):
+        main([*small_profile(tiny_model("llama"), "float32", tmp_path / name), *flags])
+        reports.append(json.loads((tmp_path / name / "profile.json").read_text()))
+    one, parallel = (r["workload"]["phases"] for r in reports)
+    assert sum(p["tokens"] for p in parallel.values()) == sum(p["tokens"] for p in one.values())
+    for part in ("body_weight_bytes", "lm_head_bytes"):
+        assert reports[1]["cost_model"][part] == pytest.approx(reports[0]["cost_model"][part], rel=0.02)
+
+
 def test_tables_stay_whole_in_a_pipe(tiny_model, tmp_path) -> None:
     out = run_cli(*small_profile(tiny_model("llama"), "float32", tmp_path))
     assert out.returncode == 0, out.stderr

@@ -249,8 +249,11 @@ def cmd_offline(args: argparse.Namespace) -> None:
     spec = replace(spec, max_total_len=min(spec.max_total_len, engine.max_model_len))
     codec = Codec(engine.tokenizer.backend)
     progress, start = progress_bars()
-    with progress:
-        runs = offline_sweep(engine, plan, lambda n, seed: make_requests(spec, codec, n, seed), args.label,
-                             start, args.ignore_eos)
+    try:
+        with progress:
+            runs = offline_sweep(engine, plan, lambda n, seed: make_requests(spec, codec, n, seed),
+                                 args.label, start, args.ignore_eos)
+    finally:
+        engine.shutdown()  # its worker ranks, if any
     finish_runs(args, runs, f"bench offline ({args.label}, {args.batching} batching)", "offline")
     exit_if_interrupted(runs)

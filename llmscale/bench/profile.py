@@ -75,6 +75,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--matmul-size", type=int, default=2048, help="peak FLOP/s: side of the square GEMM")
     p.add_argument("--seed", type=int, default=0)
+    from llmscale.cli import add_parallel_args
+
+    add_parallel_args(p)
     p.add_argument("--calibrate", action="store_true",
                    help="instead: time a grid of step shapes and fit the planner's performance model; "
                         "--out is then the calibration file (default: results/profile/calib.json) and a "
@@ -104,6 +107,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmscale.bench.roofline import measure_peaks
+    from llmscale.cli import parallel_kwargs
     from llmscale.config import EngineConfig
     from llmscale.engine.llm_engine import LLMEngine
     from llmscale.engine.runner import kv_bytes_per_block
@@ -135,41 +139,45 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=max_len,
         kv_cache_memory=blocks * per_block, block_size=block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=max(args.num_requests, max(batch_sizes)))
+        max_num_seqs=max(args.num_requests, max(batch_sizes)), **parallel_kwargs(args))
 
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns) as progress:
         task = progress.add_task("peaks", total=1)
         engine = LLMEngine(config)
-        # The GEMM peak in the dtype the model computes in (fp32 for bf16 weights on AVX2).
-        peaks = measure_peaks(engine.model.activation_dtype, engine.device, matmul_size=args.matmul_size)
-        progress.update(task, completed=1)
-        cost = cost_model_of(engine)
-        rng = random.Random(args.seed)
-        prompts = PromptSource(corpus_tokens(engine.tokenizer), rng)
+        try:
+            # The GEMM peak in the dtype the model computes in (fp32 for bf16 weights on AVX2).
+            peaks = measure_peaks(engine.model.activation_dtype, engine.device, matmul_size=args.matmul_size)
+            progress.update(task, completed=1)
+            threads = torch.get_num_threads()  # per rank with several
+            cost = cost_model_of(engine)
+            rng = random.Random(args.seed)
+            prompts = PromptSource(corpus_tokens(engine.tokenizer), rng)
 
-        warm_up(engine, prompts)
-        task = progress.add_task("workload", total=args.num_requests * args.output_len)
-        workload = run_workload(engine, prompts, args.num_requests, args.prompt_len, args.output_len,
-                                lambda n: progress.advance(task, n))
-        task = progress.add_task("decode sweep", total=len(batch_sizes) * len(contexts))
-        decode = []
-        for ctx in contexts:
-            for b in batch_sizes:
-                decode.append((b, ctx, decode_point(engine, prompts, b, ctx, args.steps)))
+            warm_up(engine, prompts)
+            task = progress.add_task("workload", total=args.num_requests * args.output_len)
+            workload = run_workload(engine, prompts, args.num_requests, args.prompt_len, args.output_len,
+                                    lambda n: progress.advance(task, n))
+            task = progress.add_task("decode sweep", total=len(batch_sizes) * len(contexts))
+            decode = []
+            for ctx in contexts:
+                for b in batch_sizes:
+                    decode.append((b, ctx, decode_point(engine, prompts, b, ctx, args.steps)))
+                    progress.advance(task)
+            task = progress.add_task("prefill sweep", total=len(contexts))
+            prefill = []
+            for ctx in contexts:
+                prefill.append((ctx, prefill_point(engine, prompts, ctx)))
                 progress.advance(task)
-        task = progress.add_task("prefill sweep", total=len(contexts))
-        prefill = []
-        for ctx in contexts:
-            prefill.append((ctx, prefill_point(engine, prompts, ctx)))
-            progress.advance(task)
+        finally:
+            engine.shutdown()  # its worker ranks, if any
 
     report: dict[str, Any] = {
         "model": engine.model_name,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "device": str(engine.device),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "settings": {k: getattr(args, k) for k in (
             "num_requests", "prompt_len", "output_len", "steps", "max_num_batched_tokens", "seed")}
         | {"batch_sizes": batch_sizes, "context_lens": contexts},
@@ -190,8 +198,9 @@ def cost_model_of(engine: Any) -> CostModel:
     from llmscale.model.layers import RotaryEmbedding
 
     model = engine.model
-    head = model.lm_head
-    skip = {id(head), id(model.embed_tokens)}  # the embedding only gathers rows
+    # A pipeline's rank 0 holds the embedding, not the lm_head: a matrix of the same shape.
+    head = model.lm_head if model.lm_head is not None else model.embed_tokens
+    skip = {id(model.lm_head), id(model.embed_tokens)}  # the embedding only gathers rows
     seen: set[int] = set()
 
     def tensor_bytes(module: Any, recurse: bool) -> int:
@@ -205,9 +214,12 @@ def cost_model_of(engine: Any) -> CostModel:
     head_bytes = tensor_bytes(head, True)
     body = sum(tensor_bytes(m, False) for m in model.modules()
                if id(m) not in skip and not isinstance(m, RotaryEmbedding))
+    # Rank 0 holds 1/T of each of its pipeline stage's layers; the roofline is the whole model's.
+    tp = engine.config.parallel.tensor_parallel_size
+    whole = tp * engine.model_config.num_hidden_layers / len(model.layers)
     return CostModel.from_config(engine.model_config, torch_elem_bytes(engine.dtype),
                                  torch_elem_bytes(model.activation_dtype),  # the KV cache's
-                                 body_weight_bytes=body, lm_head_bytes=head_bytes)
+                                 body_weight_bytes=round(body * whole), lm_head_bytes=head_bytes * tp)
 
 
 def torch_elem_bytes(dtype: Any) -> int:

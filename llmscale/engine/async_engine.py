@@ -72,7 +72,7 @@ class AsyncLLMEngine:
         try:
             self._loop()
         finally:
-            self.engine.shutdown()  # its tensor-parallel workers, from the thread that stepped them
+            self.engine.shutdown()  # its worker ranks, from the thread that stepped them
 
     @property
     def is_running(self) -> bool:

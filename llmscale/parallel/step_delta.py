@@ -1,7 +1,7 @@
-"""What a tensor-parallel worker needs of each step, sent as the changes since the last one.
+"""What a worker rank needs of each step, sent as the changes since the last one.
 
 Rank 0 runs the scheduler, the KV block manager and the sampler; the other ranks run the same
-model step on their shard and must build the same flat batch. Instead of the whole batch each
+model step on their part and must build the same flat batch. Instead of the whole batch each
 step (every request's tokens and block table, re-pickled), rank 0 sends a request's prompt
 and block table once, then per step only the tokens and blocks appended since, which
 requests run and how far, and which it forgot (finished, aborted, preempted: their blocks are
