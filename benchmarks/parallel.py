@@ -119,7 +119,8 @@ def communication_timers(engine: Any) -> list[Timer]:
 
 
 def decode_round(engine: Any, prompts: PromptSource, batch: int, tag: str) -> float:
-    """Seconds per round of `batch` requests at 256 tokens of context (every one a token further)."""
+    """Seconds of DECODE_TOKENS rounds of `batch` requests at 256 tokens of context (each round
+    every request a token further)."""
     from llmscale.engine.request import Request
     from llmscale.engine.sampling_params import SamplingParams
 
@@ -130,7 +131,7 @@ def decode_round(engine: Any, prompts: PromptSource, batch: int, tag: str) -> fl
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
-    return (time.perf_counter() - start) / DECODE_TOKENS
+    return time.perf_counter() - start
 
 
 def prefill(engine: Any, prompts: PromptSource, n: int, tag: str) -> float:
@@ -151,17 +152,19 @@ def measure(model: Path, layout: dict[str, int], dtype: str, repeats: int, backe
     prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(0))
     decode_round(engine, prompts, 8, "warm-up")
     prefill(engine, prompts, 256, "warm-up-prefill")
-    shapes: dict[str, Callable[[str], float]] = {
-        **{name: (lambda tag, r=r: decode_round(engine, prompts, r, tag)) for name, r in DECODES.items()},
-        **{name: (lambda tag, n=n: prefill(engine, prompts, n, tag)) for name, n in PREFILLS.items()}}
+    # Per shape: what it runs, and how many of the printed unit (a decode round) that is.
+    shapes: dict[str, tuple[Callable[[str], float], int]] = {
+        **{name: ((lambda tag, r=r: decode_round(engine, prompts, r, tag)), DECODE_TOKENS)
+           for name, r in DECODES.items()},
+        **{name: ((lambda tag, n=n: prefill(engine, prompts, n, tag)), 1) for name, n in PREFILLS.items()}}
     out = {}
     try:
-        for name, run in shapes.items():
+        for name, (run, units) in shapes.items():
             times, comms = [], []
             for r in range(repeats):
                 before = sum(t.seconds for t in timers)
-                times.append(run(f"{name}-{r}"))
-                comms.append(sum(t.seconds for t in timers) - before)
+                times.append(run(f"{name}-{r}") / units)
+                comms.append((sum(t.seconds for t in timers) - before) / units)
             out[name] = (statistics.median(times), statistics.median(comms))
     finally:
         engine.shutdown()
@@ -172,13 +175,17 @@ def planner_rows(model: str, hardware: str) -> list[tuple[str, str, float]]:
     """(shape, layout, predicted seconds) by the planner's model on a catalogue GPU, bf16 weights:
     TP's all-reduces over NVLink; a pipeline's round is P micro-batches of 1/P of the requests,
     each through every stage, overlapped (the round takes one micro-batch's time through all
-    stages); a prefill is one micro-batch, so its stages take turns."""
+    stages); a prefill is one micro-batch, so its stages take turns; CP from the same model's
+    sums (below)."""
     from llmscale.plan.deployment import Deployment, ModelSpec
     from llmscale.plan.hardware import get_hardware, load_catalogue
+    from llmscale.plan.step_model import SEND_LATENCY_S
 
     (gpu,) = get_hardware(load_catalogue(), hardware)
     spec = ModelSpec.load(model)
     one, tp2, pp2 = (Deployment(gpu, "bf16", tp, pp).step_model(spec) for tp, pp in ((1, 1), (2, 1), (1, 2)))
+    kv_bytes, layers = one.geometry.kv_bytes_per_token, spec.config.num_hidden_layers
+    bandwidth = one.coefficients.interconnect_bandwidth
     rows = []
     for name, r in DECODES.items():
         shape = [Chunk(256, 1, True)] * r
@@ -189,6 +196,11 @@ def planner_rows(model: str, hardware: str) -> list[tuple[str, str, float]]:
         shape = [Chunk(0, n, True)]
         rows += [(name, layout, m.step_seconds(shape))
                  for layout, m in (("1", one), ("TP=2", tp2), ("PP=2", pp2))]
+        # CP=2 (the planner does not model it; its step model does the sums): each GPU runs half
+        # the tokens and half the causal pairs (Chunk(n/4, n/2) has n^2/4 + n/4 of them), then
+        # sends its K/V part to the other in every layer, here not overlapped with compute.
+        ring = n // 2 * kv_bytes / bandwidth + layers * SEND_LATENCY_S
+        rows.append((name, "CP=2", one.step_seconds([Chunk(n // 4, n // 2, True)]) + ring))
     return rows
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from llmscale import LLM
 from llmscale.config import ConfigError
-from llmscale.parallel.context import split_sizes
+from llmscale.parallel.context import rank_segments, split_sizes
 from llmscale.parallel.workers import WorkerDiedError
 
 from .divergence import assert_parts_only_at_near_ties
@@ -38,9 +38,16 @@ def cp_llm(folder: Path, **engine_args: object) -> Iterator[LLM]:
 
 
 @given(st.integers(1, 5000), st.integers(1, 8))
-def test_parts_cover_the_chunk_in_order_and_differ_by_at_most_one(n: int, parts: int) -> None:
-    sizes = split_sizes(n, parts)
-    assert sum(sizes) == n and len(sizes) == parts and max(sizes) - min(sizes) <= 1
+def test_ranks_hold_segments_that_cover_the_chunk_with_equal_attention_work(n: int, size: int) -> None:
+    sizes = split_sizes(n, 2 * size)
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+    segments = rank_segments(n, size)
+    assert sorted(i for pair in segments for seg in pair for i in seg) == list(range(n))
+    # Causal (query, key) pairs per rank, a query at chunk position i attending to i + 1 keys:
+    # equal but for the segments a token longer (a contiguous split's last rank would do
+    # ~(2C - 1) times its first's).
+    work = [sum(i + 1 for seg in pair for i in seg) for pair in segments]
+    assert max(work) - min(work) <= 2 * n
 
 
 def _count_splits(llm: LLM) -> list[int]:
@@ -112,10 +119,10 @@ def _ring_rank(rank: int, port: int, out: Path) -> None:
     from llmscale.parallel.context import ContextParallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
-    context = ContextParallel(ParallelConfig(context_parallel_size=3, context_parallel_min_tokens=3), rank)
+    context = ContextParallel(ParallelConfig(context_parallel_size=3, context_parallel_min_tokens=6), rank)
     rng, errors, complete = random.Random(7), [], []
     for case in range(30):
-        n, earlier, group = rng.randint(3, 70), rng.choice([0, 0, 5, 33]), rng.choice([1, 3])
+        n, earlier, group = rng.randint(6, 70), rng.choice([0, 0, 5, 33]), rng.choice([1, 3])
         kv_heads, d = 2, 16
         gen = torch.Generator().manual_seed(case)
         total = earlier + n
@@ -125,7 +132,7 @@ def _ring_rank(rank: int, port: int, out: Path) -> None:
         k_cache, v_cache = torch.zeros(blocks, bs, kv_heads, d), torch.zeros(blocks, bs, kv_heads, d)
         table = torch.arange(blocks)
         part, ring, _ = context.split(n, torch.arange(earlier, total), earlier, 0, 0)
-        mine = slice(earlier + part.start, earlier + part.stop)
+        mine = earlier + part  # two segments of the chunk
         for cache, x in ((k_cache, k), (v_cache, v)):  # the context, and this rank's part, as a layer writes
             cache.view(-1, kv_heads, d)[:earlier] = x[:earlier]
             cache.view(-1, kv_heads, d)[mine] = x[mine]

@@ -213,16 +213,19 @@ class ModelRunner:
             split = self.context.split(n, slot, start, offset, local) if self.context is not None else None
             if split is None:
                 meta.prefills.append(PrefillChunk(local, n, context_len, table))
-                part = slice(0, n)
-            else:
+                id_parts.append(ids)
+                pos_parts.append(pos)
+                meta_slots.append(slot)
+                local += n
+            else:  # this rank's part of the chunk (positions in it)
                 part, ring, where = split
-                meta.prefills.append(PrefillChunk(local, part.stop - part.start, context_len, table, ring))
+                meta.prefills.append(PrefillChunk(local, len(part), context_len, table, ring))
                 splits.append(where)
-            id_parts.append(ids[part])
-            pos_parts.append(pos[part])
-            meta_slots.append(slot[part])
+                id_parts.append(ids[part])
+                pos_parts.append(pos[part])
+                meta_slots.append(slot[part])
+                local += len(part)
             offset += n
-            local += part.stop - part.start
             if context_len == r.num_tokens:
                 sample_rows.append(offset - 1)
                 sampled.append(r)
