@@ -77,7 +77,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="C ranks, each holding the whole model, share every long prefill chunk (ring "
                         "attention); decodes and short chunks run on every rank; default 1")
     g.add_argument("--context-parallel-min-tokens", type=int, default=None, metavar="N",
-                   help="with C > 1, split prefill chunks of at least N tokens (default: 256)")
+                   help="with C > 1, split prefill chunks of at least N tokens (default: 1024)")
     g.add_argument("--distributed-executor-backend", default="mp", choices=EXECUTOR_BACKENDS,
                    help="where ranks 1..T*P*C-1 run: mp, local processes; ray, Ray actors in a placement "
                         "group (the cluster at RAY_ADDRESS, or a local one started here)")

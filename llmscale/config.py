@@ -359,8 +359,11 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     # Ranks that each hold the whole model and share long prefill chunks (ring attention);
     # chunks of at least `context_parallel_min_tokens` are split, the rest runs on every rank.
+    # Shorter chunks lose: each rank still reads every weight for a part of the tokens, and
+    # the ring adds a transfer per layer (BENCHMARKS.md: even from 1024 tokens here, from ~512
+    # on H100s by the planner's model).
     context_parallel_size: int = 1
-    context_parallel_min_tokens: int = 256
+    context_parallel_min_tokens: int = 1024
     # Where ranks 1..T*P*C-1 run: "mp", local processes this one starts; "ray", Ray actors in a
     # placement group (one bundle per rank, so ranks may sit on different nodes).
     distributed_executor_backend: str = "mp"

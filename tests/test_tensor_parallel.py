@@ -88,9 +88,10 @@ def test_two_ranks_keep_parity_when_prefills_are_chunked_or_requests_preempted(
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_every_weight_format_shards(fmt: str, tiny_model, tmp_path: Path, prompts: list[str]) -> None:
     """bf16 weights and llmscale's int8/int4 checkpoints (int8 embeddings and lm_head too) split
-    over two ranks give one rank's greedy tokens; a rank's partial sums add up in another order
-    (and in bf16 are rounded once more), so a divergence may only come at a near-tie: a top-2
-    logprob gap under 0.01 in fp32, a few bf16 steps (0.125) where activations are bf16."""
+    over two tensor-parallel ranks or two pipeline stages give one rank's greedy tokens; a rank's
+    partial sums add up in another order (and in bf16 are rounded once more), so a divergence
+    may only come at a near-tie: a top-2 logprob gap under 0.01 in fp32, a few bf16 steps
+    (0.125) where activations are bf16."""
     from llmscale.compress.quantize import quantize_model
 
     folder = tiny_model("llama")
@@ -105,14 +106,15 @@ def test_every_weight_format_shards(fmt: str, tiny_model, tmp_path: Path, prompt
     ids = _encode(folder, prompts)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
     runs = []
-    for tp in (1, 2):
-        llm = LLM(model=str(model), dtype=dtype, kv_cache_memory="64MiB", tensor_parallel_size=tp)
+    for split in ({}, {"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
+        llm = LLM(model=str(model), dtype=dtype, kv_cache_memory="64MiB", **split)
         try:
             runs.append([o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params,
                                                             use_tqdm=False)])
         finally:
             llm.llm_engine.shutdown()
-    assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in runs[1]], max_gap)
+    for run in runs[1:]:
+        assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in run], max_gap)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
@@ -138,24 +140,26 @@ def test_each_rank_pins_its_own_cores(tiny_model, prompts: list[str]) -> None:
 
 def test_the_default_gguf_kept_quantized_splits_over_three_ranks(llmscale_cache: Path) -> None:
     """SmolLM2's 9 query and 3 KV heads split over 3 ranks (not 2), its Q4_1 blocks served as int4
-    groups of 32: three ranks give one rank's greedy tokens, up to near-ties. The int4 kernels
-    round activations to int8, where a last-bit difference in a sum can move a value by a whole
-    step, so near-ties reach further than in fp32 (measured: a part at a gap of 0.012)."""
+    groups of 32: three ranks, or two pipeline stages of 15 layers, give one rank's greedy
+    tokens, up to near-ties. The int4 kernels round activations to int8, where a last-bit
+    difference in a sum can move a value by a whole step, so near-ties reach further than in
+    fp32 (measured: a part at a gap of 0.012)."""
     from llmscale.model.gguf_loader import default_model_path
 
     gguf = str(default_model_path())
     prompts = ["The capital of France is", "Write a short poem about the ocean."]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
     runs = []
-    for tp in (1, 3):
+    for split in ({}, {"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2}):
         llm = LLM(model=gguf, dtype="float32", kv_cache_memory="64MiB", max_model_len=512,
-                  keep_quantized=True, tensor_parallel_size=tp)
+                  keep_quantized=True, **split)
         try:
             assert llm.llm_engine.model.layers[0].mlp.down_proj.quant.bits == 4
             runs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
         finally:
             llm.llm_engine.shutdown()
-    assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in runs[1]], max_gap=0.1)
+    for run in runs[1:]:
+        assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in run], max_gap=0.1)
 
 
 def test_sizes_that_do_not_split_the_model_are_one_line_errors(tiny_model) -> None:
