@@ -1,12 +1,11 @@
 """Context parallelism over local worker processes joined by gloo: long prefill chunks split
 over two ranks with ring attention, everything else run whole on each. Greedy parity with
 transformers and with one rank, under chunked prefill (later chunks attend to earlier ones from
-the cache), prefix-cache hits and preemption; ring attention against plain causal attention;
-a rank that dies."""
+the cache), prefix-cache hits and preemption; ring attention against plain causal attention.
+A rank that dies: `test_tensor_parallel.py`."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,6 @@ from hypothesis import strategies as st
 from llmscale import LLM
 from llmscale.config import ConfigError
 from llmscale.parallel.context import rank_segments, split_sizes
-from llmscale.parallel.workers import WorkerDiedError
 
 from .divergence import assert_parts_only_at_near_ties
 from .hf_reference import hf_greedy
@@ -186,19 +184,6 @@ def test_the_default_model_in_its_default_dtype_splits_with_near_ties_only(llmsc
         finally:
             llm.llm_engine.shutdown()
     assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in runs[1]], max_gap=0.125 if bf16 else 0.01)
-
-
-def test_a_rank_that_dies_ends_the_engine_with_an_error_naming_it(tiny_model, prompts: list[str]) -> None:
-    folder = tiny_model("llama")
-    with cp_llm(folder) as llm:
-        _greedy(llm, _encode(folder, prompts[:1]))
-        worker = llm.llm_engine.workers.procs[0]
-        worker.kill()
-        worker.join()
-        start = time.monotonic()
-        with pytest.raises(WorkerDiedError, match="context-parallel rank 1"):
-            _greedy(llm, _encode(folder, prompts[:1]))
-        assert time.monotonic() - start < 30
 
 
 def test_context_parallelism_alone_and_its_threshold_checked(tiny_model) -> None:

@@ -66,14 +66,20 @@ def test_two_ranks_match_transformers_and_one_rank(kind: str, tiny_model, prompt
         assert g == hf_greedy(folder, p, NUM_TOKENS)
 
 
+# Two ranks as two tensor-parallel shards or as two pipeline stages (with micro-batches in flight).
+SPLITS = {"tensor": {"tensor_parallel_size": 2}, "pipeline": {"pipeline_parallel_size": 2}}
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("mode", ["chunked-prefill", "preemption"])
 def test_two_ranks_keep_parity_when_prefills_are_chunked_or_requests_preempted(
-        mode: str, tiny_model, prompts: list[str]) -> None:
+        mode: str, split: str, tiny_model, prompts: list[str]) -> None:
     folder = tiny_model("llama")
     ids = _encode(folder, prompts)
     args = ({"max_num_batched_tokens": 16} if mode == "chunked-prefill" else
             {"num_gpu_blocks_override": 10, "max_model_len": 128, "block_size": 16})
-    with tp_llm(folder, kv_cache_memory="64MiB", **args) as llm:
+    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", **SPLITS[split], **args)
+    try:
         got = _greedy(llm, ids)
         engine = llm.llm_engine
         if mode == "preemption":
@@ -81,6 +87,8 @@ def test_two_ranks_keep_parity_when_prefills_are_chunked_or_requests_preempted(
         else:
             assert max(map(len, ids)) > 16
         assert engine.kv.num_free_blocks == engine.num_blocks
+    finally:
+        llm.llm_engine.shutdown()
     for p, g in zip(ids, got, strict=True):
         assert g == hf_greedy(folder, p, NUM_TOKENS)
 
@@ -184,17 +192,25 @@ def test_a_rank_that_cannot_load_its_shard_is_a_one_line_error(tmp_path: Path) -
         group.shutdown()
 
 
-def test_a_rank_that_dies_ends_the_engine_with_an_error_naming_it(tiny_model, prompts: list[str]) -> None:
+@pytest.mark.parametrize(("split", "named"), [
+    ({"tensor_parallel_size": 2}, "tensor-parallel rank 1"),
+    ({"pipeline_parallel_size": 2}, r"rank 1 \(pipeline stage 1\)"),
+    ({"context_parallel_size": 2}, "context-parallel rank 1")], ids=["tensor", "pipeline", "context"])
+def test_a_rank_that_dies_ends_the_engine_with_an_error_naming_it(split: dict, named: str, tiny_model,
+                                                                 prompts: list[str]) -> None:
     folder = tiny_model("llama")
-    with tp_llm(folder, kv_cache_memory="64MiB") as llm:
+    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory="64MiB", **split)
+    try:
         _greedy(llm, _encode(folder, prompts[:1]))
         worker = llm.llm_engine.workers.procs[0]
         worker.kill()
         worker.join()
         start = time.monotonic()
-        with pytest.raises(WorkerDiedError, match="rank 1"):
+        with pytest.raises(WorkerDiedError, match=named):
             _greedy(llm, _encode(folder, prompts[:1]))
         assert time.monotonic() - start < 30
+    finally:
+        llm.llm_engine.shutdown()
 
 
 def _shm_rank(rank: int, port: int, out: Path) -> None:
