@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from llmscale.ray_cluster import (
     rebind_address,
     serve_options,
 )
+from llmscale.serve.process import free_port
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or shutil.which("ss") is None,
                                 reason="lists listeners with Linux's ss and /proc")
@@ -104,7 +104,7 @@ def app_url(cluster: RayCluster) -> str:
         def __call__(self, request: object) -> dict[str, int]:
             return {"pid": os.getpid()}
 
-    port = _free_port()
+    port = free_port()
     started = time.perf_counter()
     cluster.start_serve(port)
     serve.run(Pid.bind(), name="pid", route_prefix="/pid")
@@ -231,8 +231,3 @@ def parse_ss(out: str) -> list[Listener]:
             listeners.append(Listener(host.strip("[]"), int(port), int(pid)))
     return listeners
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -4,6 +4,7 @@ tests)."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -14,7 +15,24 @@ from llmscale.config import ConfigError
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, for a process started next to bind. Drawn below the
+    kernel's ephemeral range: until that process binds it, any socket bound to port 0 or
+    connecting out may be handed a free ephemeral port (a Ray cluster starting opens dozens).
+    Above Ray's worker ports (10002-19999)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    draw = random.SystemRandom()
+    for _ in range(64):
+        port = draw.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that whole range taken: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
