@@ -1,15 +1,17 @@
-"""Decode steps of the default model by attention path, alternated in one process.
+"""Decode steps of the default model by path, alternated in one process.
 
     python benchmarks/decode_attention.py [--dtype auto] [--repeats 5]
 
 Each step shape (a batch of decodes at given contexts) is placed in a real engine's running
 batch and one `LLMEngine.step` is timed, as `llmscale profile --calibrate` does, alternating:
 
-  in place   decodes read the paged cache in place in the C kernel, each over its own context
-  gathered   each decode's blocks gathered into a batch padded to the longest context, one
-             masked SDPA call
+  fused      every layer in one C call (`engine/fused_decode.py`), up to its row limit
+  in place   the model's modules; decodes read the paged cache in place in the C kernel, each
+             over its own context
+  gathered   the model's modules; each decode's blocks gathered into a batch padded to the
+             longest context, one masked SDPA call
 
-The printed table gives each path's median step and the ratio; the CPU is named above it.
+The printed table gives each path's median step and the ratios; the CPU is named above it.
 """
 
 from __future__ import annotations
@@ -46,18 +48,26 @@ def main() -> None:
     runner = engine.runner
     if not runner.decode_in_place:
         raise SystemExit("decodes cannot read the cache in place here (no C kernels, or a GPU)")
-    print(f"{cpu_model_name()}; KV cache {runner.kv_dtype}; median of {args.repeats} steps")
+    fused = runner.fused
+    print(f"{cpu_model_name()}; weights {engine.dtype}, KV cache {runner.kv_dtype}; median of {args.repeats} "
+          f"steps")
     prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(0))
     run_shape(engine, [Chunk(128, 1, True)], prompts, "warm-up")
-    print(f"{'decodes x context':34s} {'in place ms':>12s} {'gathered ms':>12s} {'ratio':>6s}")
+    print(f"{'decodes x context':34s} {'fused ms':>10s} {'in place ms':>12s} {'gathered ms':>12s} "
+          f"{'in place / fused':>17s} {'gathered / in place':>20s}")
     for name, shape in shapes().items():
-        times: dict[bool, list[float]] = {True: [], False: []}
+        paths = {"in place": (None, True), "gathered": (None, False)}
+        if fused is not None and len(shape) <= fused.max_rows:
+            paths = {"fused": (fused, True), **paths}
+        times: dict[str, list[float]] = {path: [] for path in paths}
         for r in range(args.repeats):
-            for in_place in (True, False):
-                runner.decode_in_place = in_place
-                times[in_place].append(run_shape(engine, shape, prompts, f"{name}-{r}-{in_place}"))
-        a, b = (statistics.median(times[m]) * 1e3 for m in (True, False))
-        print(f"{name:34s} {a:12.1f} {b:12.1f} {b / a:5.2f}x")
+            for path, (runner.fused, runner.decode_in_place) in paths.items():
+                times[path].append(run_shape(engine, shape, prompts, f"{name}-{r}-{path}"))
+        ms = {path: statistics.median(t) * 1e3 for path, t in times.items()}
+        fused_ms = f"{ms['fused']:.1f}" if "fused" in ms else "-"
+        gain = f"{ms['in place'] / ms['fused']:.2f}x" if "fused" in ms else "-"
+        print(f"{name:34s} {fused_ms:>10s} {ms['in place']:12.1f} {ms['gathered']:12.1f} {gain:>17s} "
+              f"{ms['gathered'] / ms['in place']:19.2f}x")
 
 
 if __name__ == "__main__":

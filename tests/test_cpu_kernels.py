@@ -10,9 +10,12 @@ import torch.nn.functional as F
 
 from llmscale import LLM, SamplingParams
 from llmscale.compress.quantize import quantize_model
-from llmscale.engine.fused_decode import PANELS_SWIGLU_F32, FusedDecoder
+from llmscale.config import activation_dtype
+from llmscale.engine.fused_decode import BF16_ACTIVATIONS_MAX_ROWS, PANELS_SWIGLU_F32, FusedDecoder
 from llmscale.kernels import cpu
 from llmscale.model.quant import dequantize_int4, dequantize_int8, pack_nibbles, quantize_int4, quantize_int8
+
+from .divergence import assert_parts_only_at_near_ties
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernels do not build on this machine")
 
@@ -208,6 +211,47 @@ def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: 
         out_a, out_b = a.outputs[0], b.outputs[0]
         for la, lb, tok in zip(out_a.logprobs, out_b.logprobs, out_a.token_ids, strict=True):
             assert la[tok] == pytest.approx(lb[tok], abs=1e-3)
+
+
+def test_rotary_writes_a_bf16_cache_rounded_as_torch_rounds() -> None:
+    """The same K/V written to an fp32 and a bf16 cache: the bf16 one holds the fp32 values
+    rounded to nearest even, bit for bit as `Tensor.to(torch.bfloat16)`."""
+    gen = torch.Generator().manual_seed(0)
+    t, hq, hkv, d, blocks = 5, 4, 2, 16, 4
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen) * 3
+    angles = torch.randn(64, d, generator=gen)
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    positions, slots = torch.tensor([0, 3, 9, 17, 40]), torch.tensor([2, 7, 8, 30, 63])
+    caches = {dt: [torch.zeros(blocks, 16, hkv, d, dtype=dt) for _ in range(2)]
+              for dt in (torch.float32, torch.bfloat16)}
+    outs = {dt: cpu.rope_and_cache(qkv, hq, hkv, cos, sin, positions, slots, *caches[dt]) for dt in caches}
+    for full, half in zip(caches[torch.float32], caches[torch.bfloat16], strict=True):
+        assert torch.equal(full.to(torch.bfloat16), half) and full.abs().sum() > 0
+    for a, b in zip(outs[torch.float32], outs[torch.bfloat16], strict=True):
+        assert torch.equal(a, b)  # q and k come back in fp32 either way
+
+
+@pytest.mark.skipif(activation_dtype(torch.bfloat16, torch.device("cpu")) != torch.bfloat16,
+                    reason="needs a CPU with bf16 arithmetic")
+def test_a_bf16_model_decodes_in_one_c_call_as_its_per_op_path_does(tiny_model) -> None:
+    """A bf16 model's decode-only steps run every layer in C, activations in fp32 between its
+    ops where the per-op path rounds them to bf16 after each: the two part only at near-ties
+    (a few bf16 steps of the top-2 logprob gap), and their logprobs agree to bf16's precision."""
+    llm = LLM(model=str(tiny_model("llama")), dtype="bfloat16", kv_cache_memory="32MiB")
+    runner = llm.llm_engine.runner
+    assert runner.fused is not None and runner.kv_dtype == torch.bfloat16
+    assert runner.fused.max_rows == BF16_ACTIVATIONS_MAX_ROWS
+    prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived", "1, 2, 3, 4,"]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)
+    fused = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    runner.fused = None
+    per_op = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert_parts_only_at_near_ties(per_op, [o.token_ids for o in fused], max_gap=0.125)
+    for a, b in zip(fused, per_op, strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y),
+                    len(a.token_ids))
+        for i in range(same):
+            assert a.logprobs[i][a.token_ids[i]] == pytest.approx(b.logprobs[i][b.token_ids[i]], abs=0.1)
 
 
 def test_bf16_decodes_read_the_cache_in_place_as_the_gathered_sdpa_path_does() -> None:

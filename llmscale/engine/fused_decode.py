@@ -5,6 +5,11 @@ that costs ~8 ms per step for SmolLM2-135M, a third of an int4 step. When a step
 only and the model's layers all have C kernels, the runner hands the whole stack to C: the
 same math (norms, packed projections, rotary, paged attention, SwiGLU) in the same order.
 The layer descriptors point at the model's own tensors and KV caches, so they are built once.
+
+A bf16 model (the default on CPUs with bf16 arithmetic) runs it too: its bf16 weights are read
+as they are, its norms and biases are copied to fp32 once, its bf16 KV cache is read in place
+and written rounded to nearest even, and the activations stay fp32 between the layers, where
+the per-op path rounds them to bf16 after every op (so the two agree up to near-ties).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32 = 0, 1, 2, 3, 4
 # per-op path's dispatch: 261-295 ms against 277-329 ms per step at 48 decodes (min-median,
 # steps alternated in one process; 2-core AVX2 CPU, SmolLM2-135M). Prepacked fp32 panels are
 # what the per-op path would multiply with too, at any batch.
-MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64, INT8: 24, INT4: 16,  # bf16: weights only, fp32 activations
+MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64, INT8: 24, INT4: 16,  # bf16 weights, fp32 activations
             PANELS_F32: 1 << 20, PANELS_SWIGLU_F32: 1 << 20}
+# A bf16 model on a CPU with bf16 arithmetic: past this many decodes the per-op path's oneDNN
+# bf16 GEMMs beat the row-major C kernel on bf16 weights (BENCHMARKS.md, "bf16 decode steps").
+BF16_ACTIVATIONS_MAX_ROWS = 32
 
 
 class _Linear(ctypes.Structure):
@@ -42,7 +50,8 @@ class _Layer(ctypes.Structure):
 class _Decoder(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int64), ("hq", ctypes.c_int64), ("hkv", ctypes.c_int64),
                 ("d", ctypes.c_int64), ("inter", ctypes.c_int64), ("block_size", ctypes.c_int64),
-                ("num_layers", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("num_layers", ctypes.c_int64), ("kv_bf16", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
                 ("layers", ctypes.POINTER(_Layer))]
 
@@ -51,12 +60,24 @@ def _fp32(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
 
 
-def _linear(layer: torch.nn.Module) -> _Linear | None:
+def _cpu_float(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous() and t.device.type == "cpu"
+
+
+def _as_fp32(t: torch.Tensor, held: list[torch.Tensor]) -> int:
+    """The address of `t` in fp32: itself, or a copy kept alive in `held`."""
+    if t.dtype != torch.float32:
+        t = t.float()
+        held.append(t)
+    return t.data_ptr()
+
+
+def _linear(layer: torch.nn.Module, held: list[torch.Tensor]) -> _Linear | None:
     """The C descriptor of a (Column|Row)ParallelLinear, or None if it has no C kernel."""
     if getattr(layer, "tp_size", 1) != 1:
         return None
     bias = getattr(layer, "bias", None)
-    if bias is not None and not _fp32(bias):
+    if bias is not None and not _cpu_float(bias):
         return None
     quant = layer.quant
     packed = getattr(layer, "packed_weight", None)
@@ -80,50 +101,54 @@ def _linear(layer: torch.nn.Module) -> _Linear | None:
                        k=quant.in_features, group=quant.group_size, w=quant.qweight.data_ptr(),
                        s=quant.c_scales.data_ptr(),
                        z=quant.c_zeros.data_ptr() if quant.c_zeros is not None else None)
-    desc.bias = bias.data_ptr() if bias is not None else None
+    desc.bias = _as_fp32(bias, held) if bias is not None else None
     return desc
 
 
 class FusedDecoder:
     """Runs `model`'s decoder layers and final norm for decode-only steps in C."""
 
-    def __init__(self, model: LlamaForCausalLM, block_size: int, layers: list[_Layer]) -> None:
+    def __init__(self, model: LlamaForCausalLM, block_size: int, layers: list[_Layer],
+                 held: list[torch.Tensor]) -> None:
         attn = model.layers[0].self_attn
         self.model = model  # keeps every tensor the descriptors point at alive
+        self.held = held  # and the fp32 copies of a bf16 model's norms and biases
         self._layers = (_Layer * len(layers))(*layers)
         kinds = {lin.kind for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)}
         self.max_rows = min(MAX_ROWS[kind] for kind in kinds)
+        if model.activation_dtype == torch.bfloat16:
+            self.max_rows = min(self.max_rows, BF16_ACTIVATIONS_MAX_ROWS)
         rotary = attn.rotary
         self._decoder = _Decoder(
             hidden=model.config.hidden_size, hq=attn.num_heads, hkv=attn.num_kv_heads, d=attn.head_dim,
             inter=model.config.intermediate_size,
-            block_size=block_size, num_layers=len(layers), eps=model.norm.eps, scale=attn.scale,
-            cos=rotary.cos.data_ptr(), sin=rotary.sin.data_ptr(), final_norm=model.norm.weight.data_ptr(),
-            layers=self._layers)
+            block_size=block_size, num_layers=len(layers), kv_bf16=int(attn.k_cache.dtype == torch.bfloat16),
+            eps=model.norm.eps, scale=attn.scale, cos=rotary.cos.data_ptr(), sin=rotary.sin.data_ptr(),
+            final_norm=_as_fp32(model.norm.weight, held), layers=self._layers)
 
     @classmethod
     def build(cls, model: LlamaForCausalLM, block_size: int) -> FusedDecoder | None:
-        """None unless every part of the model has a C path (fp32 activations and cache,
-        no QK-norm, no tensor parallelism, kernel-ready weights)."""
-        if not cpu_kernels.available() or not _fp32(model.norm.weight):
+        """None unless every part of the model has a C path (fp32 or bf16 activations and
+        cache, no QK-norm, no tensor parallelism, kernel-ready weights)."""
+        if not cpu_kernels.available() or not _cpu_float(model.norm.weight):
             return None
         attn = model.layers[0].self_attn
         if attn.head_dim % 16 or model.config.hidden_size % 8:
             return None
-        layers = []
+        layers: list[_Layer] = []
+        held: list[torch.Tensor] = []
         for layer in model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            if a.q_norm is not None or not (_fp32(a.k_cache) and _fp32(a.v_cache)):
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if a.q_norm is not None or not all(map(_cpu_float, (a.k_cache, a.v_cache, *norms))):
                 return None
-            if not (_fp32(layer.input_layernorm.weight) and _fp32(layer.post_attention_layernorm.weight)):
-                return None
-            linears = [_linear(m) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            linears = [_linear(m, held) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if any(lin is None for lin in linears):
                 return None
-            layers.append(_Layer(*linears, input_norm=layer.input_layernorm.weight.data_ptr(),
-                                 post_norm=layer.post_attention_layernorm.weight.data_ptr(),
+            layers.append(_Layer(*linears, input_norm=_as_fp32(norms[0], held),
+                                 post_norm=_as_fp32(norms[1], held),
                                  k_cache=a.k_cache.data_ptr(), v_cache=a.v_cache.data_ptr()))
-        return cls(model, block_size, layers)
+        return cls(model, block_size, layers, held)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -135,4 +160,4 @@ class FusedDecoder:
             ctypes.addressof(self._decoder), x.data_ptr(), x.shape[0], positions.data_ptr(),
             slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
             context_lens.data_ptr(), out.data_ptr(), torch.get_num_threads())
-        return out
+        return out.to(self.model.activation_dtype)

@@ -117,7 +117,7 @@ class ModelRunner:
         # which holds only some of them); with the layers' weights still
         # streaming in, once a forward has seen them all (`_fused_later`).
         self.fused = None
-        fusable = self.c_kernels and model.tp_size == 1 and model.is_first_stage and model.is_last_stage
+        fusable = self.decode_in_place and model.tp_size == 1 and model.is_first_stage and model.is_last_stage
         self._fused_later = fusable and model.pending_layers is not None
         if fusable and not self._fused_later:
             self.fused = fused_decode.FusedDecoder.build(model, block_size)

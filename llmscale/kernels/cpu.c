@@ -44,6 +44,14 @@ static inline __m256 load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
+/* 8 floats rounded to bf16, to nearest with ties to even as torch rounds (finite values). */
+static inline void store_bf16(uint16_t *p, __m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
 /* The output rows [n0, n1) that thread t of nt owns, in whole tiles. */
 static void thread_rows(int64_t n, int t, int nt, int64_t *n0, int64_t *n1) {
     int64_t tiles = (n + ROW_TILE - 1) / ROW_TILE;
@@ -818,20 +826,27 @@ static inline void rope_head(const float *x, const float *cs, const float *sn, i
  * cos/sin [positions, d] full-width tables. d % 16 == 0. */
 void rope_and_cache(const float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
                     const float *cos, const float *sin, const int64_t *positions,
-                    const int64_t *slots, float *k_cache, float *v_cache, float *q_out,
-                    float *k_out) {
+                    const int64_t *slots, void *k_cache, void *v_cache, float *q_out,
+                    float *k_out, int bf) {
     const int64_t width = (hq + 2 * hkv) * d;
 #pragma omp parallel for if (t >= ROWWISE_PARALLEL_MIN)
     for (int64_t i = 0; i < t; i++) {
         const float *row = qkv + i * width, *cs = cos + positions[i] * d, *sn = sin + positions[i] * d;
         for (int64_t h = 0; h < hq; h++) rope_head(row + h * d, cs, sn, d, q_out + (i * hq + h) * d);
-        float *kc = k_cache + slots[i] * hkv * d, *vc = v_cache + slots[i] * hkv * d;
+        const int64_t at = slots[i] * hkv * d; /* element offset of the token's K (and V) row */
         for (int64_t h = 0; h < hkv; h++) {
             float *ko = k_out + (i * hkv + h) * d;
+            const float *vi = row + (hq + hkv + h) * d;
             rope_head(row + (hq + h) * d, cs, sn, d, ko);
             for (int64_t j = 0; j < d; j += 8) {
-                _mm256_storeu_ps(kc + h * d + j, _mm256_loadu_ps(ko + j));
-                _mm256_storeu_ps(vc + h * d + j, _mm256_loadu_ps(row + (hq + hkv + h) * d + j));
+                const int64_t e = at + h * d + j;
+                if (bf) { /* the cache holds bf16 */
+                    store_bf16((uint16_t *)k_cache + e, _mm256_loadu_ps(ko + j));
+                    store_bf16((uint16_t *)v_cache + e, _mm256_loadu_ps(vi + j));
+                } else {
+                    _mm256_storeu_ps((float *)k_cache + e, _mm256_loadu_ps(ko + j));
+                    _mm256_storeu_ps((float *)v_cache + e, _mm256_loadu_ps(vi + j));
+                }
             }
         }
     }
@@ -944,11 +959,11 @@ typedef struct {
 typedef struct {
     Linear qkv, o, gate_up, down;
     const float *input_norm, *post_norm;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache; /* fp32, or bf16 with kv_bf16 */
 } Layer;
 
 typedef struct {
-    int64_t hidden, hq, hkv, d, inter, block_size, num_layers;
+    int64_t hidden, hq, hkv, d, inter, block_size, num_layers, kv_bf16;
     float eps, scale;
     const float *cos, *sin, *final_norm;
     const Layer *layers;
@@ -989,8 +1004,8 @@ void decode_step(const Decoder *dec, const float *x, int64_t m, const int64_t *p
             rms_norm(tmp, residual, m, hs, L->input_norm, dec->eps, residual, h);
         linear_forward(&L->qkv, h, m, qkv, nthreads);
         rope_and_cache(qkv, m, dec->hq, dec->hkv, dec->d, dec->cos, dec->sin, positions, slots,
-                       L->k_cache, L->v_cache, q, k);
-        paged_decode_attention(q, m, dec->hq, dec->hkv, dec->d, L->k_cache, L->v_cache, 0,
+                       L->k_cache, L->v_cache, q, k, (int)dec->kv_bf16);
+        paged_decode_attention(q, m, dec->hq, dec->hkv, dec->d, L->k_cache, L->v_cache, (int)dec->kv_bf16,
                                dec->block_size, tables, max_blocks, ctx, dec->scale, attn, nthreads);
         linear_forward(&L->o, attn, m, tmp, nthreads);
         rms_norm(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h);

@@ -46,7 +46,7 @@ _SIGNATURES = {
                                ctypes.c_int],
     "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int],
     "prefill_attention_workspace": [_I, _I, _I, ctypes.c_int],
-    "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P],
+    "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int],
     "silu_and_mul": [_P, _I, _I, _P],
     "shm_wait": [_P, _I, ctypes.c_int, ctypes.c_int, _I, _I],
     "shm_publish": [_P, ctypes.c_int, _I],
@@ -274,14 +274,16 @@ def rope_and_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: to
                    sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary on q and k of a packed qkv [t, (hq + 2 hkv) d] (fp32 contiguous), k and v written
-    to the caches at `slots`. Returns (q [t, hq, d], k [t, hkv, d]); d % 16 == 0."""
+    to the caches (fp32, or bf16 rounded to nearest even) at `slots`. Returns (q [t, hq, d],
+    k [t, hkv, d]) in fp32; d % 16 == 0."""
     t = qkv.shape[0]
     d = cos.shape[1]
     q = torch.empty(t, num_heads, d, dtype=torch.float32)
     k = torch.empty(t, num_kv_heads, d, dtype=torch.float32)
     library().rope_and_cache(qkv.data_ptr(), t, num_heads, num_kv_heads, d, cos.data_ptr(),
                              sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-                             k_cache.data_ptr(), v_cache.data_ptr(), q.data_ptr(), k.data_ptr())
+                             k_cache.data_ptr(), v_cache.data_ptr(), q.data_ptr(), k.data_ptr(),
+                             int(k_cache.dtype == torch.bfloat16))
     return q, k
 
 
