@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from llmscale import LLM, SamplingParams
 from llmscale.compress.quantize import quantize_model
 from llmscale.config import activation_dtype
-from llmscale.engine.fused_decode import BF16_ACTIVATIONS_MAX_ROWS, PANELS_SWIGLU_F32, FusedDecoder
+from llmscale.engine.fused_decode import (
+    BF16_ACTIVATIONS_MAX_ROWS,
+    DENSE_BF16,
+    PANELS_BF16,
+    PANELS_SWIGLU_F32,
+    FusedDecoder,
+)
 from llmscale.kernels import cpu
 from llmscale.model.quant import dequantize_int4, dequantize_int8, pack_nibbles, quantize_int4, quantize_int8
 
@@ -45,6 +51,15 @@ def test_panel_matmul(n: int, k: int, m: int) -> None:
     packed = cpu.pack_panels(w)
     assert cpu.is_panels(packed) and packed.shape == (-(-n // cpu.PANEL), k, cpu.PANEL)
     torch.testing.assert_close(cpu.matmul_panels(x, packed, n), x @ w.t(), rtol=1e-5, atol=1e-4)
+    # bf16 weights stay bf16 in their panels, widened as they load: the product of their values.
+    half = w.to(torch.bfloat16)
+    packed = cpu.pack_panels(half)
+    assert packed.dtype == torch.bfloat16 and packed.shape == (-(-n // cpu.PANEL), k, cpu.PANEL)
+    torch.testing.assert_close(cpu.matmul_panels(x, packed, n), x @ half.float().t(), rtol=1e-5, atol=1e-4)
+    swiglu = cpu.matmul_swiglu_panels(x, cpu.pack_swiglu_panels(half[:n // 16 * 16]))
+    if n >= 16:
+        gate_up = cpu.matmul_panels(x, cpu.pack_panels(half[:n // 16 * 16]), n // 16 * 16)
+        assert torch.equal(swiglu, cpu.silu_and_mul(gate_up))
 
 
 @pytest.mark.parametrize("n,k", [(49, 300), (96, 1536)])
@@ -187,7 +202,7 @@ def test_fused_decode_step_matches_the_per_op_path(variant: str, tiny_variants: 
     runner = llm.llm_engine.runner
     assert runner.fused is not None
     if panels:  # the gate-up GEMM yields the SwiGLU activation itself
-        assert runner.fused._layers[0].gate_up.kind == PANELS_SWIGLU_F32
+        assert runner.fused._arrays[0][0].gate_up.kind == PANELS_SWIGLU_F32
     prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived",
                "1, 2, 3, 4,"]
     if variant in ("fp32", "panels"):  # past one pass of the C matmuls' rows, up to the
@@ -239,13 +254,17 @@ def test_a_bf16_model_decodes_in_one_c_call_as_its_per_op_path_does(tiny_model) 
     (a few bf16 steps of the top-2 logprob gap), and their logprobs agree to bf16's precision."""
     llm = LLM(model=str(tiny_model("llama")), dtype="bfloat16", kv_cache_memory="32MiB")
     runner = llm.llm_engine.runner
-    assert runner.fused is not None and runner.kv_dtype == torch.bfloat16
-    assert runner.fused.max_rows == BF16_ACTIVATIONS_MAX_ROWS
-    prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived", "1, 2, 3, 4,"]
+    fused_decoder = runner.fused
+    assert fused_decoder is not None and runner.kv_dtype == torch.bfloat16
+    assert fused_decoder.max_rows == BF16_ACTIVATIONS_MAX_ROWS
+    # Weights packed in panels, and as stored for a few decodes: steps of 3 and of 9 take each.
+    assert [a[0].down.kind for a in fused_decoder._arrays] == [PANELS_BF16, DENSE_BF16]
+    base = ["The capital of France is", "Once upon a time, in a land far away, there lived", "1, 2, 3, 4,"]
+    prompts = base + [f"Item {i} of the list is" for i in range(6)]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)
-    fused = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    fused = [o.outputs[0] for few in (base, prompts) for o in llm.generate(few, params, use_tqdm=False)]
     runner.fused = None
-    per_op = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    per_op = [o.outputs[0] for few in (base, prompts) for o in llm.generate(few, params, use_tqdm=False)]
     assert_parts_only_at_near_ties(per_op, [o.token_ids for o in fused], max_gap=0.125)
     for a, b in zip(fused, per_op, strict=True):
         same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y),

@@ -18,10 +18,12 @@ import ctypes
 
 import torch
 
+from llmscale.config import available_memory_bytes
 from llmscale.kernels import cpu as cpu_kernels
+from llmscale.model import layers as layers_mod
 from llmscale.model.llama import LlamaForCausalLM
 
-DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32 = 0, 1, 2, 3, 4, 5
+DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16 = range(8)
 # Decodes per step the fused path takes, by the weights' kind. Quantized: beyond these
 # dequantize + GEMM wins (llmscale.model.quant). Dense fp32: at 33-64 decodes the row-major
 # C matmuls and oneDNN's are close (see llmscale.model.matmul), and one C call still saves the
@@ -29,10 +31,13 @@ DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32 = 0, 1, 2, 3, 4
 # steps alternated in one process; 2-core AVX2 CPU, SmolLM2-135M). Prepacked fp32 panels are
 # what the per-op path would multiply with too, at any batch.
 MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64, INT8: 24, INT4: 16,  # bf16 weights, fp32 activations
-            PANELS_F32: 1 << 20, PANELS_SWIGLU_F32: 1 << 20}
+            **dict.fromkeys((PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16), 1 << 20)}
 # A bf16 model on a CPU with bf16 arithmetic: past this many decodes the per-op path's oneDNN
-# bf16 GEMMs beat the row-major C kernel on bf16 weights (BENCHMARKS.md, "bf16 decode steps").
+# bf16 GEMMs beat the C kernels on bf16 weights (BENCHMARKS.md, "bf16 decode steps").
 BF16_ACTIVATIONS_MAX_ROWS = 32
+# bf16 weights packed in panels win from this many decodes on; fewer read the weights as
+# stored (the row-major kernel), which is faster for one to three.
+BF16_ROW_MAJOR_MAX_ROWS = 3
 
 
 class _Linear(ctypes.Structure):
@@ -72,8 +77,9 @@ def _as_fp32(t: torch.Tensor, held: list[torch.Tensor]) -> int:
     return t.data_ptr()
 
 
-def _linear(layer: torch.nn.Module, held: list[torch.Tensor]) -> _Linear | None:
-    """The C descriptor of a (Column|Row)ParallelLinear, or None if it has no C kernel."""
+def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -> _Linear | None:
+    """The C descriptor of a (Column|Row)ParallelLinear, or None if it has no C kernel. With
+    `pack_bf16`, bf16 weights are packed into panels for the step (the copy kept in `held`)."""
     if getattr(layer, "tp_size", 1) != 1:
         return None
     bias = getattr(layer, "bias", None)
@@ -82,6 +88,15 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor]) -> _Linear | None:
     quant = layer.quant
     packed = getattr(layer, "packed_weight", None)
     swiglu = getattr(layer, "swiglu_panels", None)
+    if quant is None and pack_bf16 and layer.weight.dtype == torch.bfloat16 and packed is None:
+        w = layer.weight
+        feeds_swiglu = getattr(layer, "feeds_swiglu", False) and w.shape[0] % 16 == 0
+        panels = cpu_kernels.pack_swiglu_panels(w) if feeds_swiglu else cpu_kernels.pack_panels(w)
+        held.append(panels)
+        desc = _Linear(kind=PANELS_SWIGLU_BF16 if feeds_swiglu else PANELS_BF16, n=w.shape[0], k=w.shape[1],
+                       w=panels.data_ptr())
+        desc.bias = _as_fp32(bias, held) if bias is not None else None
+        return desc
     if quant is None and swiglu is not None:  # its product is the SwiGLU activation
         desc = _Linear(kind=PANELS_SWIGLU_F32, n=layer.weight.shape[0], k=layer.weight.shape[1],
                        w=swiglu.data_ptr())
@@ -105,50 +120,70 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor]) -> _Linear | None:
     return desc
 
 
+def _layers(model: LlamaForCausalLM, held: list[torch.Tensor], pack_bf16: bool) -> list[_Layer] | None:
+    """Every decoder layer's descriptor, or None if some part has no C path."""
+    layers = []
+    for layer in model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if a.q_norm is not None or not all(map(_cpu_float, (a.k_cache, a.v_cache, *norms))):
+            return None
+        linears = [_linear(m, held, pack_bf16)
+                   for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if any(lin is None for lin in linears):
+            return None
+        layers.append(_Layer(*linears, input_norm=_as_fp32(norms[0], held),
+                             post_norm=_as_fp32(norms[1], held),
+                             k_cache=a.k_cache.data_ptr(), v_cache=a.v_cache.data_ptr()))
+    return layers
+
+
 class FusedDecoder:
     """Runs `model`'s decoder layers and final norm for decode-only steps in C."""
 
     def __init__(self, model: LlamaForCausalLM, block_size: int, layers: list[_Layer],
-                 held: list[torch.Tensor]) -> None:
+                 held: list[torch.Tensor], few_rows: list[_Layer] | None = None) -> None:
+        """`few_rows`: the layers with bf16 weights as stored, for steps of at most
+        `BF16_ROW_MAJOR_MAX_ROWS` decodes, where `layers` hold them packed in panels."""
         attn = model.layers[0].self_attn
         self.model = model  # keeps every tensor the descriptors point at alive
-        self.held = held  # and the fp32 copies of a bf16 model's norms and biases
-        self._layers = (_Layer * len(layers))(*layers)
+        self.held = held  # and the fp32 copies of a bf16 model's norms and biases, its panels
+        self.packed_bytes = sum(t.nbytes for t in held if t.dim() == 3)  # the panels
         kinds = {lin.kind for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)}
         self.max_rows = min(MAX_ROWS[kind] for kind in kinds)
         if model.activation_dtype == torch.bfloat16:
             self.max_rows = min(self.max_rows, BF16_ACTIVATIONS_MAX_ROWS)
         rotary = attn.rotary
-        self._decoder = _Decoder(
-            hidden=model.config.hidden_size, hq=attn.num_heads, hkv=attn.num_kv_heads, d=attn.head_dim,
-            inter=model.config.intermediate_size,
-            block_size=block_size, num_layers=len(layers), kv_bf16=int(attn.k_cache.dtype == torch.bfloat16),
-            eps=model.norm.eps, scale=attn.scale, cos=rotary.cos.data_ptr(), sin=rotary.sin.data_ptr(),
-            final_norm=_as_fp32(model.norm.weight, held), layers=self._layers)
+        shape = dict(hidden=model.config.hidden_size, hq=attn.num_heads, hkv=attn.num_kv_heads,
+                     d=attn.head_dim, inter=model.config.intermediate_size, block_size=block_size,
+                     num_layers=len(layers),
+                     kv_bf16=int(attn.k_cache.dtype == torch.bfloat16), eps=model.norm.eps, scale=attn.scale,
+                     cos=rotary.cos.data_ptr(), sin=rotary.sin.data_ptr(),
+                     final_norm=_as_fp32(model.norm.weight, held))
+        self._arrays = [(_Layer * len(ls))(*ls) for ls in (layers, few_rows) if ls is not None]
+        self._decoders = [_Decoder(**shape, layers=array) for array in self._arrays]
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM, block_size: int) -> FusedDecoder | None:
+    def build(cls, model: LlamaForCausalLM, block_size: int, pack_bf16: bool | None = None
+              ) -> FusedDecoder | None:
         """None unless every part of the model has a C path (fp32 or bf16 activations and
-        cache, no QK-norm, no tensor parallelism, kernel-ready weights)."""
+        cache, no QK-norm, no tensor parallelism, kernel-ready weights). `pack_bf16`: whether
+        bf16 weights get a copy packed in panels (default: when it takes at most 1/8 of free
+        memory, the rule of fp32 prepacking)."""
         if not cpu_kernels.available() or not _cpu_float(model.norm.weight):
             return None
         attn = model.layers[0].self_attn
         if attn.head_dim % 16 or model.config.hidden_size % 8:
             return None
-        layers: list[_Layer] = []
         held: list[torch.Tensor] = []
-        for layer in model.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if a.q_norm is not None or not all(map(_cpu_float, (a.k_cache, a.v_cache, *norms))):
-                return None
-            linears = [_linear(m, held) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            if any(lin is None for lin in linears):
-                return None
-            layers.append(_Layer(*linears, input_norm=_as_fp32(norms[0], held),
-                                 post_norm=_as_fp32(norms[1], held),
-                                 k_cache=a.k_cache.data_ptr(), v_cache=a.v_cache.data_ptr()))
-        return cls(model, block_size, layers, held)
+        if pack_bf16 is None:
+            pack_bf16 = layers_mod.dense_linear_bytes(model) * 8 <= available_memory_bytes()
+        layers = _layers(model, held, pack_bf16)
+        if layers is None:
+            return None
+        packed = any(lin.kind in (PANELS_BF16, PANELS_SWIGLU_BF16)
+                     for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return cls(model, block_size, layers, held, _layers(model, held, False) if packed else None)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -156,8 +191,9 @@ class FusedDecoder:
         [B, max_blocks] (all int64) -> final normed hidden states [B, hidden]."""
         x = self.model.embed_tokens(input_ids).float().contiguous()
         out = torch.empty_like(x)
+        few = len(self._decoders) > 1 and x.shape[0] <= BF16_ROW_MAJOR_MAX_ROWS
         cpu_kernels.library().decode_step(
-            ctypes.addressof(self._decoder), x.data_ptr(), x.shape[0], positions.data_ptr(),
-            slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+            ctypes.addressof(self._decoders[-1] if few else self._decoders[0]), x.data_ptr(), x.shape[0],
+            positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
             context_lens.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out.to(self.model.activation_dtype)

@@ -167,8 +167,9 @@ class LLMEngine:
     @property
     def prepacked_bytes(self) -> int:
         """Bytes of weights copied into a GEMM's packed layout so far (streamed layers add theirs
-        as they arrive)."""
-        return self._prepacked_now + self.layer_load.finished_bytes
+        as they arrive; a bf16 model's fused decode step holds its own)."""
+        fused = self.runner.fused.packed_bytes if self.runner.fused is not None else 0
+        return self._prepacked_now + self.layer_load.finished_bytes + fused
 
     # ----- requests -------------------------------------------------------------------------
 

@@ -186,6 +186,8 @@ static inline __m256 exp_ps(__m256 x) {
 #define PANEL_FMA(i)                                                                            \
     PANEL_ROW(i, __m256 xb = _mm256_broadcast_ss(x + i * ldx + j);                               \
               a##i##0 = _mm256_fmadd_ps(xb, w0, a##i##0); a##i##1 = _mm256_fmadd_ps(xb, w1, a##i##1);)
+/* Eight weights at element `at` of the panel: fp32, or bf16 (BF) widened as they load. */
+#define PANEL_W(at) (BF ? load_bf16((const uint16_t *)wp + (at)) : _mm256_loadu_ps((const float *)wp + (at)))
 #define PANEL_STORE(i)                                                                          \
     PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
 
@@ -208,8 +210,8 @@ static __attribute__((noinline)) void swiglu_store(const float *acc, int rows, f
 /* SWIGLU: the panel holds 8 gate then 8 up outputs (`pack_swiglu_panels`); each row stores the 8
  * values silu(gate) * up instead of 16. */
 static inline __attribute__((always_inline)) void panel_tile(
-    const float *x, int64_t ldx, int64_t k, const float *wp, float *y, int64_t ldy, const int M,
-    const int SWIGLU, const float *part) {
+    const float *x, int64_t ldx, int64_t k, const void *wp, float *y, int64_t ldy, const int M,
+    const int SWIGLU, const float *part, const int BF) {
     __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
     if (part) { /* sums so far, PANEL floats per row */
         PANEL_ROWS_DO(PANEL_LOAD)
@@ -220,7 +222,7 @@ static inline __attribute__((always_inline)) void panel_tile(
      * from 1 to 2,048 rows (all decoder linears, medians, alternated in one process). */
 #pragma GCC unroll 4
     for (int64_t j = 0; j < k; j++) {
-        __m256 w0 = _mm256_loadu_ps(wp + j * PANEL), w1 = _mm256_loadu_ps(wp + j * PANEL + 8);
+        __m256 w0 = PANEL_W(j * PANEL), w1 = PANEL_W(j * PANEL + 8);
         PANEL_ROWS_DO(PANEL_FMA)
     }
     if (SWIGLU) {
@@ -237,16 +239,16 @@ static inline __attribute__((always_inline)) void panel_tile(
 /* Up to PANEL_ROWS rows of x (ldx floats apart) times the first k rows of one panel, the sums
  * started from `part` unless it is NULL. */
 static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, int rows,
-                                                              int64_t k, const float *wp, float *y,
+                                                              int64_t k, const void *wp, float *y,
                                                               int64_t ldy, const int SWIGLU,
-                                                              const float *part) {
+                                                              const float *part, const int BF) {
     switch (rows) {
-        case 1: panel_tile(x, ldx, k, wp, y, ldy, 1, SWIGLU, part); break;
-        case 2: panel_tile(x, ldx, k, wp, y, ldy, 2, SWIGLU, part); break;
-        case 3: panel_tile(x, ldx, k, wp, y, ldy, 3, SWIGLU, part); break;
-        case 4: panel_tile(x, ldx, k, wp, y, ldy, 4, SWIGLU, part); break;
-        case 5: panel_tile(x, ldx, k, wp, y, ldy, 5, SWIGLU, part); break;
-        default: panel_tile(x, ldx, k, wp, y, ldy, PANEL_ROWS, SWIGLU, part); break;
+        case 1: panel_tile(x, ldx, k, wp, y, ldy, 1, SWIGLU, part, BF); break;
+        case 2: panel_tile(x, ldx, k, wp, y, ldy, 2, SWIGLU, part, BF); break;
+        case 3: panel_tile(x, ldx, k, wp, y, ldy, 3, SWIGLU, part, BF); break;
+        case 4: panel_tile(x, ldx, k, wp, y, ldy, 4, SWIGLU, part, BF); break;
+        case 5: panel_tile(x, ldx, k, wp, y, ldy, 5, SWIGLU, part, BF); break;
+        default: panel_tile(x, ldx, k, wp, y, ldy, PANEL_ROWS, SWIGLU, part, BF); break;
     }
 }
 
@@ -255,21 +257,32 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
  * else in yr (the tile's first output row, ldy floats apart): 16 outputs, 8 SwiGLU activations,
  * or the kept columns of a zero-padded last panel. */
 static inline __attribute__((always_inline)) void panel_step(const float *x, int64_t k, int rows,
-                                                              int64_t kb, int64_t kc, const float *panel,
+                                                              int64_t kb, int64_t kc, const void *panel,
                                                               float *part, float *yr, int64_t ldy,
-                                                              int64_t n, int64_t p, int swiglu) {
+                                                              int64_t n, int64_t p, int swiglu, const int BF) {
     const int64_t cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
-    const float *in = kb ? part : NULL, *w = panel + kb * PANEL;
+    const float *in = kb ? part : NULL;
+    const void *w = (const char *)panel + kb * PANEL * (BF ? 2 : 4);
     if (kb + kc < k || cols < PANEL) {
-        panel_rows(x + kb, k, rows, kc, w, part, PANEL, 0, in);
+        panel_rows(x + kb, k, rows, kc, w, part, PANEL, 0, in, BF);
         if (kb + kc == k)
             for (int i = 0; i < rows; i++)
                 for (int64_t c = 0; c < cols; c++) yr[i * ldy + p * PANEL + c] = part[i * PANEL + c];
     } else if (swiglu) {
-        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL / 2, ldy, 1, in);
+        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL / 2, ldy, 1, in, BF);
     } else {
-        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL, ldy, 0, in);
+        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL, ldy, 0, in, BF);
     }
+}
+
+/* `panel_step` with its weights' type fixed at compile time: the choice is made once per
+ * (tile, panel), not per weight load. */
+static inline __attribute__((always_inline)) void panel_step_of(int bf, const float *x, int64_t k, int rows,
+                                                                 int64_t kb, int64_t kc, const void *panel,
+                                                                 float *part, float *yr, int64_t ldy,
+                                                                 int64_t n, int64_t p, int swiglu) {
+    if (bf) panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 1);
+    else panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 0);
 }
 
 static inline void prefetch_lines(const char **pf, const char *end, int64_t count) {
@@ -295,8 +308,9 @@ static inline void prefetch_lines(const char **pf, const char *end, int64_t coun
 /* x [m, k] times the packed weight of n outputs -> y [m, n]; with `swiglu` (the weight packed by
  * `pack_swiglu_panels`, n % 16 == 0) -> y [m, n / 2] = silu(gate) * up, the gate-up product
  * never stored. */
-void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, float *y,
-                       int swiglu, int nthreads) {
+static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, int64_t n, float *y,
+                          int swiglu, int bf, int nthreads) {
+    const int64_t es = bf ? 2 : 4, panel_bytes = k * PANEL * es; /* a weight's bytes, a panel's */
     const int64_t ldy = swiglu ? n / 2 : n;
     const int64_t panels = (n + PANEL - 1) / PANEL;
     const int prefetch = m <= PANEL_PREFETCH_MAX_ROWS;
@@ -314,31 +328,43 @@ void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, in
             for (int64_t g = first; g < p1; g += group) {
                 const int64_t g1 = g + group < p1 ? g + group : p1;
                 const int64_t g2 = g1 + group < p1 ? g1 + group : p1;
-                /* A panel is k lines of 64 bytes; the next group's, spread over this group's
-                 * products. */
-                const int64_t lines = prefetch ? (g2 - g1) * k : 0, products = tiles * (g1 - g) * kblocks;
+                /* The next group's panels in lines of 64 bytes, spread over this group's products. */
+                const int64_t lines = prefetch ? (g2 - g1) * panel_bytes / 64 : 0;
+                const int64_t products = tiles * (g1 - g) * kblocks;
                 const int64_t per_product = (lines + products - 1) / products;
-                const char *pf = (const char *)(wp + g1 * k * PANEL), *pf_end = pf + lines * 64;
+                const char *pf = (const char *)wp + g1 * panel_bytes, *pf_end = pf + lines * 64;
                 if (kblocks > 1) { /* panel by panel, block by block, every row tile */
                     for (int64_t p = g; p < g1; p++)
                         for (int64_t kb = 0; kb < k; kb += kc)
                             for (int64_t r = i0; r < i1; r += PANEL_ROWS) {
                                 prefetch_lines(&pf, pf_end, per_product);
-                                panel_step(x + r * k, k, i1 - r < PANEL_ROWS ? (int)(i1 - r) : PANEL_ROWS, kb,
-                                           k - kb < kc ? k - kb : kc, wp + p * k * PANEL,
-                                           part + (r - i0) * PANEL, y + r * ldy, ldy, n, p, swiglu);
+                                panel_step_of(bf, x + r * k, k, i1 - r < PANEL_ROWS ? (int)(i1 - r) : PANEL_ROWS,
+                                              kb, k - kb < kc ? k - kb : kc, (const char *)wp + p * panel_bytes,
+                                              part + (r - i0) * PANEL, y + r * ldy, ldy, n, p, swiglu);
                             }
                 } else { /* row tile by row tile: each stays in L1 for the group's panels */
                     for (int64_t r = i0; r < i1; r += PANEL_ROWS)
                         for (int64_t p = g; p < g1; p++) {
                             prefetch_lines(&pf, pf_end, per_product);
-                            panel_step(x + r * k, k, i1 - r < PANEL_ROWS ? (int)(i1 - r) : PANEL_ROWS, 0, k,
-                                       wp + p * k * PANEL, part, y + r * ldy, ldy, n, p, swiglu);
+                            panel_step_of(bf, x + r * k, k, i1 - r < PANEL_ROWS ? (int)(i1 - r) : PANEL_ROWS, 0,
+                                          k, (const char *)wp + p * panel_bytes, part, y + r * ldy, ldy, n, p,
+                                          swiglu);
                         }
                 }
             }
         }
     }
+}
+
+void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, float *y,
+                       int swiglu, int nthreads) {
+    matmul_panels(x, m, k, wp, n, y, swiglu, 0, nthreads);
+}
+
+/* The same panels holding bf16 weights (`pack_panels` of a bf16 weight), fp32 sums. */
+void matmul_panels_bf16(const float *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, float *y,
+                        int swiglu, int nthreads) {
+    matmul_panels(x, m, k, wp, n, y, swiglu, 1, nthreads);
 }
 
 /* ---------------------------------------------------------------- activation quantization */
@@ -793,7 +819,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 const int64_t seen16 = (offset + r0 + i + m + PANEL - 1) / PANEL * PANEL;
                 for (int64_t p = 0; p < seen16 / PANEL; p++)
                     panel_rows(qb + i * d, d, m, d, kh_p + p * d * PANEL, sc + i * keys16 + p * PANEL,
-                               keys16, 0, NULL);
+                               keys16, 0, NULL, 0);
                 for (int64_t r = i; r < i + m; r++) { /* row r sees keys [0, offset + r0 + r] */
                     float *s = sc + r * keys16;
                     const int64_t seen = offset + r0 + r + 1;
@@ -802,7 +828,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 }
                 for (int64_t p = 0; p < d / PANEL; p++)
                     panel_rows(sc + i * keys16, keys16, m, seen16, vh_p + p * len16 * PANEL,
-                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0, NULL);
+                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0, NULL, 0);
             }
         }
     }
@@ -947,7 +973,8 @@ void shm_sum(const char *data, int64_t stride, int world, int64_t n, int bf, voi
 
 /* PANELS_SWIGLU_F32: a gate-up weight in `pack_swiglu_panels` order (n = 2 * intermediate),
  * whose product is the SwiGLU activation itself. */
-enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3, PANELS_F32 = 4, PANELS_SWIGLU_F32 = 5 };
+enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3, PANELS_F32 = 4, PANELS_SWIGLU_F32 = 5, PANELS_BF16 = 6,
+       PANELS_SWIGLU_BF16 = 7 };
 
 typedef struct {
     int32_t kind, pad;
@@ -976,6 +1003,8 @@ static void linear_forward(const Linear *l, const float *x, int64_t m, float *y,
         case INT8: matmul_int8(x, m, l->k, l->w, l->s, l->n, y, nthreads); break;
         case PANELS_F32: matmul_panels_f32(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
         case PANELS_SWIGLU_F32: matmul_panels_f32(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
+        case PANELS_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
+        case PANELS_SWIGLU_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
         case INT4: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
     }
     if (l->bias)
@@ -1009,7 +1038,7 @@ void decode_step(const Decoder *dec, const float *x, int64_t m, const int64_t *p
                                dec->block_size, tables, max_blocks, ctx, dec->scale, attn, nthreads);
         linear_forward(&L->o, attn, m, tmp, nthreads);
         rms_norm(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h);
-        if (L->gate_up.kind == PANELS_SWIGLU_F32) {
+        if (L->gate_up.kind == PANELS_SWIGLU_F32 || L->gate_up.kind == PANELS_SWIGLU_BF16) {
             linear_forward(&L->gate_up, h, m, act, nthreads);
         } else {
             linear_forward(&L->gate_up, h, m, gate_up, nthreads);

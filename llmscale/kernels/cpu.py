@@ -37,6 +37,7 @@ _SIGNATURES = {
     "matmul_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
     "matmul_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int],
     "matmul_panels_f32": [_P, _I, _I, _P, _I, _P, ctypes.c_int, ctypes.c_int],
+    "matmul_panels_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int, ctypes.c_int],
     "matmul_int8": [_P, _I, _I, _P, _P, _I, _P, ctypes.c_int],
     "matmul_int4": [_P, _I, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
     "dequant_int8": [_P, _P, _I, _I, _P, ctypes.c_int],
@@ -131,10 +132,11 @@ def matmul_dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """fp32 [n, k] -> [ceil(n / PANEL), k, PANEL]: PANEL output rows side by side along k,
-    the last panel zero-padded; the operand of `matmul_panels`."""
+    """[n, k] -> [ceil(n / PANEL), k, PANEL]: PANEL output rows side by side along k, the last
+    panel zero-padded; the operand of `matmul_panels`. bf16 weights stay bf16, others become fp32."""
     n, k = weight.shape
-    padded = F.pad(weight.detach().float(), (0, 0, 0, -n % PANEL))
+    w = weight.detach()
+    padded = F.pad(w if w.dtype == torch.bfloat16 else w.float(), (0, 0, 0, -n % PANEL))
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
 
@@ -145,13 +147,16 @@ def is_panels(packed: torch.Tensor) -> bool:
 
 def _panels(x: torch.Tensor, packed: torch.Tensor, n: int, swiglu: bool) -> torch.Tensor:
     y = _out(x, n // 2 if swiglu else n)
-    library().matmul_panels_f32(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n,
-                                y.data_ptr(), int(swiglu), torch.get_num_threads())
+    lib = library()
+    kernel = lib.matmul_panels_bf16 if packed.dtype == torch.bfloat16 else lib.matmul_panels_f32
+    kernel(x.data_ptr(), x.shape[0], packed.shape[1], packed.data_ptr(), n, y.data_ptr(), int(swiglu),
+           torch.get_num_threads())
     return y
 
 
 def matmul_panels(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """x fp32 [m, k] contiguous, packed = pack_panels(w) for w [n, k] -> fp32 [m, n], any m."""
+    """x fp32 [m, k] contiguous, packed = pack_panels(w) for w [n, k] (fp32 or bf16) -> fp32
+    [m, n], any m."""
     return _panels(x, packed, n, swiglu=False)
 
 
