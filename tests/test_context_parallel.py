@@ -6,8 +6,7 @@ A rank that dies: `test_tensor_parallel.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,12 @@ from llmscale.parallel.context import rank_segments, split_sizes
 from .divergence import assert_parts_only_at_near_ties
 from .hf_reference import hf_greedy
 from .test_parity import _encode
-from .test_tensor_parallel import NUM_TOKENS, _greedy
+from .test_tensor_parallel import NUM_TOKENS, _greedy, split_llm
 
 
-@contextmanager
-def cp_llm(folder: Path, **engine_args: object) -> Iterator[LLM]:
+def cp_llm(folder: Path, **engine_args: object) -> AbstractContextManager[LLM]:
     args = {"context_parallel_min_tokens": 8, "kv_cache_memory": "64MiB", **engine_args}
-    llm = LLM(model=str(folder), dtype="float32", context_parallel_size=2, **args)
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.shutdown()
+    return split_llm(folder, context_parallel_size=2, **args)
 
 
 @given(st.integers(1, 5000), st.integers(1, 8))

@@ -5,8 +5,7 @@ preemption, every weight format and a stage that dies: `test_tensor_parallel.py`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,11 @@ from llmscale.config import ConfigError, stage_layers
 
 from .hf_reference import hf_greedy
 from .test_parity import _encode
-from .test_tensor_parallel import GREEDY, NUM_TOKENS, _greedy
+from .test_tensor_parallel import GREEDY, NUM_TOKENS, _greedy, split_llm
 
 
-@contextmanager
-def pp_llm(folder: Path, pp: int = 2, **engine_args: object) -> Iterator[LLM]:
-    llm = LLM(model=str(folder), dtype="float32", pipeline_parallel_size=pp, kv_cache_memory="64MiB",
-              **engine_args)
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.shutdown()
+def pp_llm(folder: Path, **engine_args: object) -> AbstractContextManager[LLM]:
+    return split_llm(folder, pipeline_parallel_size=2, kv_cache_memory="64MiB", **engine_args)
 
 
 @given(st.integers(1, 96), st.integers(1, 12))

@@ -3,6 +3,7 @@ and with one rank, under chunked prefill and preemption; clear errors; a rank th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,12 +33,17 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 
 
 @contextmanager
-def tp_llm(folder: Path, **engine_args: object) -> Iterator[LLM]:
-    llm = LLM(model=str(folder), dtype="float32", tensor_parallel_size=2, **engine_args)
+def split_llm(folder: Path, **engine_args: object) -> Iterator[LLM]:
+    """An fp32 engine on `folder` whose `engine_args` name its split, stopped after."""
+    llm = LLM(model=str(folder), dtype="float32", **engine_args)
     try:
         yield llm
     finally:
         llm.llm_engine.shutdown()
+
+
+def tp_llm(folder: Path, **engine_args: object) -> contextlib.AbstractContextManager[LLM]:
+    return split_llm(folder, tensor_parallel_size=2, **engine_args)
 
 
 def _greedy(llm: LLM, ids: list[list[int]]) -> list[list[int]]:
