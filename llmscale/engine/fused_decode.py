@@ -61,10 +61,6 @@ class _Decoder(ctypes.Structure):
                 ("layers", ctypes.POINTER(_Layer))]
 
 
-def _fp32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
-
-
 def _cpu_float(t: torch.Tensor) -> bool:
     return t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous() and t.device.type == "cpu"
 
@@ -95,9 +91,7 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -
         held.append(panels)
         desc = _Linear(kind=PANELS_SWIGLU_BF16 if feeds_swiglu else PANELS_BF16, n=w.shape[0], k=w.shape[1],
                        w=panels.data_ptr())
-        desc.bias = _as_fp32(bias, held) if bias is not None else None
-        return desc
-    if quant is None and swiglu is not None:  # its product is the SwiGLU activation
+    elif quant is None and swiglu is not None:  # its product is the SwiGLU activation
         desc = _Linear(kind=PANELS_SWIGLU_F32, n=layer.weight.shape[0], k=layer.weight.shape[1],
                        w=swiglu.data_ptr())
     elif quant is None and packed is not None and cpu_kernels.is_panels(packed):
@@ -118,6 +112,11 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -
                        z=quant.c_zeros.data_ptr() if quant.c_zeros is not None else None)
     desc.bias = _as_fp32(bias, held) if bias is not None else None
     return desc
+
+
+def _kinds(layers: list[_Layer]) -> set[int]:
+    """The kinds of weights the layers' linears multiply."""
+    return {lin.kind for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)}
 
 
 def _layers(model: LlamaForCausalLM, held: list[torch.Tensor], pack_bf16: bool) -> list[_Layer] | None:
@@ -149,8 +148,7 @@ class FusedDecoder:
         self.model = model  # keeps every tensor the descriptors point at alive
         self.held = held  # and the fp32 copies of a bf16 model's norms and biases, its panels
         self.packed_bytes = sum(t.nbytes for t in held if t.dim() == 3)  # the panels
-        kinds = {lin.kind for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        self.max_rows = min(MAX_ROWS[kind] for kind in kinds)
+        self.max_rows = min(MAX_ROWS[kind] for kind in _kinds(layers))
         if model.activation_dtype == torch.bfloat16:
             self.max_rows = min(self.max_rows, BF16_ACTIVATIONS_MAX_ROWS)
         rotary = attn.rotary
@@ -181,8 +179,7 @@ class FusedDecoder:
         layers = _layers(model, held, pack_bf16)
         if layers is None:
             return None
-        packed = any(lin.kind in (PANELS_BF16, PANELS_SWIGLU_BF16)
-                     for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        packed = bool(_kinds(layers) & {PANELS_BF16, PANELS_SWIGLU_BF16})
         return cls(model, block_size, layers, held, _layers(model, held, False) if packed else None)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

@@ -54,12 +54,15 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]: the decodes' tokens, then each prefill chunk's
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    has_prefills: bool
     sample_rows: list[int]  # rows whose logits sample a token, for `sampled` in order
     sampled: list[Request]
     prompt_rows: list[tuple[Request, int, int, int]]  # (request, first position, row, count)
     splits: list[SplitChunk]  # chunks split over context-parallel ranks
     num_rows: int  # of the whole batch: more than this rank's when it runs parts of split chunks
+
+    @property
+    def has_prefills(self) -> bool:
+        return bool(self.meta.prefills)
 
     @property
     def num_logit_rows(self) -> int:
@@ -231,8 +234,8 @@ class ModelRunner:
                 sampled.append(r)
 
         meta.slot_mapping = torch.cat(meta_slots)
-        return StepInputs(torch.cat(id_parts), torch.cat(pos_parts), meta, bool(prefills), sample_rows,
-                          sampled, prompt_rows, splits, offset)
+        return StepInputs(torch.cat(id_parts), torch.cat(pos_parts), meta, sample_rows, sampled, prompt_rows,
+                          splits, offset)
 
     def run_model(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's layers over the batch: from the token ids, or from the previous pipeline

@@ -204,9 +204,7 @@ class LlamaForCausalLM(nn.Module):
         module_name, _, attr = name.rpartition(".")
         try:
             module = self.get_submodule(module_name)
-        except AttributeError:
-            return None
-        if module is None:
+        except AttributeError:  # also a module this stage does not hold (None)
             return None
         param = getattr(module, attr, None)
         if param is None and getattr(module, "quant", None) is not None:

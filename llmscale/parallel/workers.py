@@ -15,6 +15,7 @@ Failures end the engine with a message naming the rank: a rank that cannot load 
 one-line error before anything serves; a rank that dies while serving breaks the next step
 (its pipe or sockets close, or the shared-memory wait finds it gone) and `check` names it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -125,7 +126,7 @@ def context_of(parallel: ParallelConfig, rank: int) -> ContextParallel | None:
 
 
 def rank_name(parallel: ParallelConfig, rank: int) -> str:
-    """How errors name a rank: its tensor-parallel index, and its stage with a pipeline."""
+    """How errors name a rank: by its kind of parallelism, and its stage with a pipeline."""
     if parallel.context_parallel_size > 1:
         return f"context-parallel rank {rank}"
     if parallel.pipeline_parallel_size == 1:
