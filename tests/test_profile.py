@@ -157,3 +157,7 @@ def test_bad_arguments_give_one_line_errors(capsys) -> None:
         main(["profile", "--batch-sizes", "1,x"])
     assert e.value.code == 2
     assert "--batch-sizes must be comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "--calibrate", "--pipeline-parallel-size", "2"])
+    assert e.value.code == 2
+    assert "--calibrate fits the model of one engine process" in capsys.readouterr().err

@@ -92,6 +92,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.calibrate:
         from llmscale.plan.calibrate import run_calibration
 
+        if (args.tensor_parallel_size, args.pipeline_parallel_size, args.context_parallel_size) != (1, 1, 1):
+            raise ConfigError("--calibrate fits the model of one engine process; it takes no parallelism "
+                              "flags")
+
         run_calibration(args)
         return
     report = run_profile(args)
