@@ -24,7 +24,8 @@ from llmscale.console import set_quiet, status
 COMMAND_MODULES: tuple[str, ...] = ("llmscale.bench.profile", "llmscale.bench.cli",
                                      "llmscale.compress.evaluate", "llmscale.compress.prune",
                                      "llmscale.compress.distill", "llmscale.compress.quantize",
-                                     "llmscale.cluster.cli", "llmscale.plan.cli")
+                                     "llmscale.cluster.cli", "llmscale.cluster.edge_cli",
+                                     "llmscale.plan.cli")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

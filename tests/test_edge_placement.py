@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmscale.cluster.placement import Demand, SiteState, Unplaceable, place, predicted_ttft
+from llmscale.cluster.placement import Demand, SiteState, Unplaceable, place, predicted_ttft, queue_seconds
 from llmscale.cluster.sites import Fleet, FleetSpec, Location, Site, great_circle_km, parse_fleet
 from llmscale.config import ConfigError
 
@@ -27,7 +27,9 @@ def fleets(draw: st.DrawFn) -> tuple[Fleet, dict[str, SiteState]]:
                           jurisdiction=draw(st.sampled_from(JURISDICTIONS)), replicas=draw(st.integers(1, 4)),
                           max_num_seqs=draw(st.integers(1, 8)), cost_per_hour=draw(st.floats(0, 50)),
                           start="local"))
-        states[name] = SiteState(healthy=draw(st.booleans()), inflight=draw(st.integers(0, 40)),
+        inflight = draw(st.integers(0, 40))
+        states[name] = SiteState(healthy=draw(st.booleans()), inflight=inflight,
+                                 remaining_s=tuple(draw(st.lists(st.floats(0, 10), max_size=inflight))),
                                  model_name=draw(st.sampled_from(MODELS)),
                                  prefill_tokens_per_s=draw(st.floats(100, 1e5)),
                                  service_s=draw(st.floats(0.01, 10)),
@@ -121,6 +123,14 @@ def test_nearer_site_wins_until_full_then_next_within_residency():
         place(fleet, tagged, states)
     with pytest.raises(Unplaceable, match="jurisdiction JP"):
         place(fleet, Demand(residency=frozenset({"JP"})), states)
+
+
+def test_queue_waits_for_the_slot_it_will_take():
+    site = three_sites().sites["edge-munich"]  # two slots
+    assert queue_seconds(site, SiteState(inflight=1, remaining_s=(3.0,))) == 0.0
+    assert queue_seconds(site, SiteState(inflight=2, remaining_s=(5.0, 3.0))) == 3.0
+    assert queue_seconds(site, SiteState(inflight=3, remaining_s=(5.0, 3.0, 9.0))) == 5.0
+    assert queue_seconds(site, SiteState(inflight=3, service_s=2.0)) == 2.0  # two ahead, two slots
 
 
 def test_derived_rtt_grows_with_distance_and_links_override():

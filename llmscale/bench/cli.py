@@ -96,6 +96,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
                    help="longest wait for the next byte of a response")
     g.add_argument("--label", default=None, help="name of this system in reports (default: the model name)")
+    g.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                   help="an HTTP header sent with every request (repeatable), e.g. "
+                        "x-llmscale-user-location:48.1,11.6 for `llmscale edge serve`")
     add_workload_args(p)
     add_load_args(p)
     p.set_defaults(func=cmd_serve)
@@ -197,6 +200,17 @@ def exit_if_interrupted(runs: list[Any]) -> None:
         raise KeyboardInterrupt  # results are written; the shell still sees an interrupted command
 
 
+def parse_headers(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """--header NAME:VALUE values; a one-line error for one without a name or colon."""
+    out = []
+    for spec in specs:
+        name, sep, value = spec.partition(":")
+        if not sep or not name.strip() or any(c in name for c in " \t\r\n") or "\n" in value:
+            raise ConfigError(f"--header {spec!r}: expected NAME:VALUE")
+        out.append((name.strip(), value.strip()))
+    return tuple(out)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -208,6 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     spec = workload_spec(args)
     plan = load_plan(args)
+    headers = parse_headers(args.header)
     from llmscale.bench.metrics import parse_slo
 
     parse_slo(args.slo)  # a typo should fail before the run, not after it
@@ -224,7 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from llmscale.model.gguf_loader import resolve_model
 
         codec = Codec.load(resolve_model(None))
-    target = Target(base_url, model, args.endpoint, args.api_key, args.ignore_eos)
+    target = Target(base_url, model, args.endpoint, args.api_key, args.ignore_eos, headers)
     label = args.label or model.rstrip("/").rsplit("/", 1)[-1]  # servers may name a model by its path
     progress, start = progress_bars()
     with progress:

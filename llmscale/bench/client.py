@@ -23,10 +23,12 @@ class Target:
     endpoint: str = "completions"  # completions | chat
     api_key: str | None = None
     ignore_eos: bool = True
+    extra_headers: tuple[tuple[str, str], ...] = ()  # sent with every request (--header)
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return {**dict(self.extra_headers), **auth}
 
     def body(self, req: BenchRequest) -> dict[str, Any]:
         body: dict[str, Any] = {

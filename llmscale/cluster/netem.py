@@ -260,9 +260,11 @@ class ProxyThread:
         self._thread.start()
 
     def add(self, target_port: int, *, port: int = 0, delay_s: float = 0.0,
-            bandwidth_bps: float | None = None, loss: float = 0.0, seed: int | None = None) -> LinkProxy:
-        """A started proxy to `target_port`, listening by the time this returns."""
-        proxy = LinkProxy(target_port, port=port, delay_s=delay_s, bandwidth_bps=bandwidth_bps,
+            bandwidth_bps: float | None = None, loss: float = 0.0, seed: int | None = None,
+            target_host: str = LOOPBACK) -> LinkProxy:
+        """A started proxy to `target_host:target_port`, listening by the time this returns."""
+        proxy = LinkProxy(target_port, target_host=target_host, port=port, delay_s=delay_s,
+                          bandwidth_bps=bandwidth_bps,
                           loss=loss, seed=seed)
         self.call(proxy.start)
         self.proxies.append(proxy)

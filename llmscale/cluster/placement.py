@@ -10,8 +10,9 @@ constraint that emptied the set and the sites it left: never a silent fallback e
 
 Then latency: a site is feasible when its predicted TTFT (network round trip from the user +
 queueing behind the requests already there + prefill) is within the request's SLO. Among
-those the cheapest replica-hour wins, ties to the lower predicted TTFT, so nearer sites win
-within their capacity. Where no site meets the SLO, the fastest allowed one takes it.
+those the cheapest replica-hour wins, ties to the nearer site (the shorter round trip: a
+stable signal, where predicted queueing and prefill move with every answer), so nearer sites
+win within their capacity. Where no site meets the SLO, the fastest allowed one takes it.
 
 Pure functions of the fleet, the demand and each site's live state: the gateway, the
 simulator and the property tests all call the same `place`.
@@ -50,6 +51,7 @@ class SiteState:
     model_name: str | None = None  # what it serves, once known
     prefill_tokens_per_s: float = 2000.0  # from the performance model, or learned from its answers
     service_s: float = 1.0  # how long a request holds one of its slots, recently
+    remaining_s: tuple[float, ...] = ()  # when known: how long each request in flight has left
     down_links: frozenset[str] = frozenset()  # access sites whose link to this site is cut
 
 
@@ -62,10 +64,16 @@ class Placement:
 
 
 def queue_seconds(site: Site, state: SiteState) -> float:
-    """The wait of one more request: none while a slot is free, then one service time per
-    full round of the site's slots ahead of it."""
+    """The wait of one more request: none while a slot is free; else until the slot it will
+    take frees, which is when the `ahead`-th of the requests there ends (slots that filled
+    together free together), or without their remaining times, one service time per full
+    round of the site's slots ahead of it."""
     ahead = state.inflight - site.capacity + 1
-    return 0.0 if ahead <= 0 else ahead / site.capacity * state.service_s
+    if ahead <= 0:
+        return 0.0
+    if len(state.remaining_s) >= ahead:
+        return sorted(state.remaining_s)[ahead - 1]
+    return ahead / site.capacity * state.service_s
 
 
 def predicted_ttft(site: Site, state: SiteState, route: Route, prompt_tokens: int) -> float:
@@ -104,7 +112,8 @@ def place(fleet: Fleet, demand: Demand, states: Mapping[str, SiteState], fleet_m
     slo = demand.ttft_slo_s if demand.ttft_slo_s is not None else fleet.default_ttft_s
     feasible = [(s, t) for s, t in scored if slo is None or t <= slo]
     if feasible:
-        site, ttft = min(feasible, key=lambda st: (st[0].replica_cost_per_hour, st[1], st[0].name))
+        site, ttft = min(feasible, key=lambda st: (st[0].replica_cost_per_hour, routes[st[0].name].rtt_s,
+                                                   st[1], st[0].name))
         return Placement(site.name, ttft, True, routes[site.name])
     site, ttft = min(scored, key=lambda st: (st[1], st[0].replica_cost_per_hour, st[0].name))
     return Placement(site.name, ttft, False, routes[site.name])

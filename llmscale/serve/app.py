@@ -107,7 +107,7 @@ class _ClosingStreamingResponse(StreamingResponse):
             if not started:
                 await error_response(503, SHUTTING_DOWN, "server_error")(scope, receive, send)
             elif not ended:
-                await send({"type": "http.response.body", "body": _sse_error(SHUTTING_DOWN).encode(),
+                await send({"type": "http.response.body", "body": sse_error(SHUTTING_DOWN).encode(),
                             "more_body": False})
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
@@ -120,7 +120,7 @@ def _sse(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _sse_error(message: str) -> str:
+def sse_error(message: str) -> str:
     return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
@@ -451,7 +451,7 @@ class _Server:
                     async for c in chunks:
                         yield c
                 except EngineDeadError as e:
-                    yield _sse_error(str(e))
+                    yield sse_error(str(e))
 
         return _ClosingStreamingResponse(guarded(), run)
 
@@ -479,7 +479,7 @@ def _validation_status(exc: RequestValidationError) -> int:
     return 400 if all(err.get("type") == INVALID_VALUE for err in exc.errors()) else 422
 
 
-class _RequireApiKey:
+class RequireApiKey:
     """401 without `Authorization: Bearer <key>` on every path but OPEN_PATHS: denying by default
     covers /openapi.json (a map of the API) and any route added later."""
 
@@ -496,7 +496,7 @@ class _RequireApiKey:
         await self.app(scope, receive, send)
 
 
-class _LimitBody:
+class LimitBody:
     """413 for a request body over `max_bytes`, read no further than the limit: a declared
     Content-Length is refused before any of the body is read, a chunked body once its bytes pass
     the limit (uvicorn buffers only a little ahead of the reader)."""
@@ -536,9 +536,9 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     # scripts from a CDN, and their pages fetch /openapi.json without the key.
     app = FastAPI(title="llmscale", docs_url=None, redoc_url=None)
     app.state.server = server
-    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
     if api_key:
-        app.add_middleware(_RequireApiKey, api_key=api_key)  # added last, so it runs first
+        app.add_middleware(RequireApiKey, api_key=api_key)  # added last, so it runs first
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, e: ApiError) -> JSONResponse:
