@@ -48,6 +48,7 @@ sites:
     location: {{lat: 50.11, lon: 8.68}}
     jurisdiction: DE
     max_num_seqs: 8
+    hardware: c7i.8xlarge
     model: {cloud_model}
     cost_per_hour: 4.0
     start: local
@@ -105,7 +106,9 @@ def _status(url: str) -> dict:
 
 
 def test_nearest_site_serves_and_bad_requests_are_refused_clearly(gateway):
-    url, *_ = gateway
+    url, _, _, first = gateway
+    priors = {s["name"]: s["prefill_tokens_per_s"] for s in first["sites"]}
+    assert priors["edge-munich"] == 2000.0 and priors["cloud-frankfurt"] != 2000.0  # from its hardware
     r = _ask(url, MUNICH)
     assert r.status_code == 200 and r.headers["x-llmscale-site"] == "edge-munich"
     assert r.json()["usage"]["completion_tokens"] == 4

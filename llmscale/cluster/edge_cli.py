@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--start-timeout", type=float, default=300.0, metavar="S",
                    help="how long a local site may take to answer after (re)starting")
     p.add_argument("--seed", type=int, default=0, help="seeds the emulated links' losses")
+    p.add_argument("--hardware", type=Path, default=None, metavar="FILE",
+                   help="more hardware catalogue entries for sites that name their `hardware:`")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="every site's state, load and traffic; links; the last rollout")
@@ -91,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     fleet = load_fleet(args.sites)
     gateway = Gateway(fleet, emulate_links=args.emulate_links, served_model_name=args.served_model_name,
-                      log_dir=args.log_dir, start_timeout_s=args.start_timeout, seed=args.seed)
+                      log_dir=args.log_dir, start_timeout_s=args.start_timeout, seed=args.seed,
+                      hardware_file=args.hardware)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # uvicorn handles them; this keeps the exit clean
     try:

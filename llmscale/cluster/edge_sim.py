@@ -243,7 +243,7 @@ class _SiteSim:
         self.replicas = [_Replica(self.make_engine()) for _ in range(self.site.replicas)]
 
 
-class _Models:
+class SiteModels:
     """Engines of each site, sharing what (model, hardware) pairs have in common."""
 
     def __init__(self, hardware_file: Path | None, max_model_len: int):
@@ -276,7 +276,7 @@ class _Models:
         return self.factories[key]
 
 
-def _site_state(step: StepModel, site: Site, prompt: int, output: int) -> tuple[SiteState, float]:
+def initial_state(step: StepModel, site: Site, prompt: int, output: int) -> tuple[SiteState, float]:
     """Prefill speed from the step model, and a first service time: the prefill, then the
     output's decode steps at half the site's batch; and that decode step's length."""
     prefill_s = step.step_seconds([Chunk(0, prompt, True)])
@@ -383,11 +383,11 @@ class _FleetSim:
         self.slo_s = options.ttft_slo_s if options.ttft_slo_s is not None else fleet.default_ttft_s
         rng = random.Random(options.seed)
         (plo, phi), (olo, ohi) = options.prompt_len, options.output_len
-        models = _Models(options.hardware, phi + ohi)
+        models = SiteModels(options.hardware, phi + ohi)
         self.sites: dict[str, _SiteSim] = {}
         for i, site in enumerate(fleet.sites.values()):
             factory, step = models.engines(site)
-            state, decode_s = _site_state(step, site, (plo + phi) // 2, (olo + ohi) // 2)
+            state, decode_s = initial_state(step, site, (plo + phi) // 2, (olo + ohi) // 2)
             self.sites[site.name] = _SiteSim(i, site, factory, state, [], decode_s)
         for s in self.sites.values():  # every site's model is known to fit before any engine is built
             s.start()

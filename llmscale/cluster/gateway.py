@@ -50,6 +50,7 @@ DOWN_AFTER_MISSES = 2  # consecutive missed health checks that take a replica ou
 LINK_RETRY_S = 5.0  # a link that refused a request is avoided this long, then tried again
 AVERAGING = 0.2  # weight of the newest answer in the moving averages
 DEFAULT_MAX_TOKENS = 256  # what placement assumes a request without max_tokens generates
+TYPICAL_PROMPT, TYPICAL_OUTPUT = 512, 128  # the request a site's first estimates are made for
 BYTES_PER_TOKEN = 4  # what placement assumes a prompt's text costs in tokens
 EVENTS_KEPT = 500
 ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -146,13 +147,15 @@ def _prompt_text(body: dict[str, Any]) -> str:
 
 class Gateway:
     def __init__(self, fleet: Fleet, *, emulate_links: bool = True, served_model_name: str = "llmscale-edge",
-                 log_dir: Path = Path("edge-logs"), start_timeout_s: float = 300.0, seed: int = 0) -> None:
+                 log_dir: Path = Path("edge-logs"), start_timeout_s: float = 300.0, seed: int = 0,
+                 hardware_file: Path | None = None) -> None:
         self.fleet = fleet
         self.emulate_links = emulate_links
         self.served_model_name = served_model_name
         self.log_dir = log_dir
         self.start_timeout_s = start_timeout_s
         self.seed = seed
+        self.hardware_file = hardware_file
         self.sites: dict[str, SiteRuntime] = {}
         self.proxies: ProxyThread | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
@@ -170,6 +173,7 @@ class Gateway:
                 raise ConfigError(f"{self.fleet.source}: site {site.name!r}: model {site.model!r} is not a "
                                   f"model folder or .gguf on this machine (architecture names such as "
                                   f"llama-3.1-8b are for `llmscale edge simulate`)")
+        priors = self._performance_priors()
         for site in self.fleet.sites.values():
             if site.start == "local":
                 local = LocalSite(site, self.log_dir)
@@ -179,7 +183,11 @@ class Gateway:
                 self.note(f"{site.name}: starting {site.replicas} replica(s) of {what}")
             else:
                 local, replicas = None, [Replica(str(site.url).rstrip("/"))]
-            self.sites[site.name] = SiteRuntime(site, replicas, local)
+            rt = self.sites[site.name] = SiteRuntime(site, replicas, local)
+            if site.name in priors:
+                prior, rt.tpot_s = priors[site.name]
+                rt.state.prefill_tokens_per_s = prior.prefill_tokens_per_s
+                rt.state.service_s = prior.service_s
         if self.emulate_links:
             self.proxies = ProxyThread()
             for name, rt in self.sites.items():
@@ -190,6 +198,17 @@ class Gateway:
                                          bandwidth_bps=link.bandwidth_bps, loss=link.loss,
                                          seed=hash((self.seed, access, name, i)) & 0xFFFF)
                         for i, (host, port) in enumerate(_host_port(r.url) for r in rt.replicas)]
+
+    def _performance_priors(self) -> dict[str, tuple[SiteState, float]]:
+        """For sites that name their hardware, the performance model's prefill speed, service
+        time and step length for a typical request: where they start, instead of generic guesses."""
+        named = [s for s in self.fleet.sites.values() if s.hardware is not None]
+        if not named:
+            return {}
+        from llmscale.cluster.edge_sim import SiteModels, initial_state
+
+        models = SiteModels(self.hardware_file, TYPICAL_PROMPT + TYPICAL_OUTPUT)
+        return {s.name: initial_state(models.engines(s)[1], s, TYPICAL_PROMPT, TYPICAL_OUTPUT) for s in named}
 
     @contextlib.asynccontextmanager
     async def running(self, _: FastAPI) -> AsyncIterator[None]:
