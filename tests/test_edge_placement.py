@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -177,3 +179,11 @@ def test_user_location_header_parses():
     for bad in ("48.1", "north,south", "91,0"):
         with pytest.raises(ValueError):
             Location.parse(bad)
+
+
+def test_readme_sites_example_parses():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("## Edge", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    fleet = parse_fleet(example, "README")
+    assert list(fleet.sites) == ["edge-munich", "edge-paris", "cloud-frankfurt"]
+    assert fleet.link("edge-munich", "cloud-frankfurt").rtt_s == pytest.approx(0.012)
