@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import time
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ DEFAULT_MAX_TOKENS = 256  # what placement assumes a request without max_tokens 
 TYPICAL_PROMPT, TYPICAL_OUTPUT = 512, 128  # the request a site's first estimates are made for
 BYTES_PER_TOKEN = 4  # what placement assumes a prompt's text costs in tokens
 EVENTS_KEPT = 500
+# The gateway's own path to a site (health checks, rollout probes): the site's own link, cut
+# with it, and left out of the traffic counts.
+CONTROL = "(control)"
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -191,12 +195,12 @@ class Gateway:
         if self.emulate_links:
             self.proxies = ProxyThread()
             for name, rt in self.sites.items():
-                for access in self.sites:
-                    link = self.fleet.link(access, name)
+                for access in [*self.sites, CONTROL]:
+                    link = self.fleet.link(name if access == CONTROL else access, name)
                     rt.links[access] = [
                         self.proxies.add(port, target_host=host, delay_s=link.rtt_s / 2,
                                          bandwidth_bps=link.bandwidth_bps, loss=link.loss,
-                                         seed=hash((self.seed, access, name, i)) & 0xFFFF)
+                                         seed=zlib.crc32(f"{self.seed} {access} {name} {i}".encode()))
                         for i, (host, port) in enumerate(_host_port(r.url) for r in rt.replicas)]
 
     def _performance_priors(self) -> dict[str, tuple[SiteState, float]]:
@@ -245,7 +249,7 @@ class Gateway:
         assert self.client is not None
         was = any(r.healthy for r in rt.replicas)
         for i, rep in enumerate(rt.replicas):
-            url = rt.endpoint(rt.site.name, i)
+            url = rt.endpoint(CONTROL, i)
             try:
                 r = await self.client.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S)
                 ok = r.status_code == 200
@@ -394,8 +398,8 @@ class Gateway:
     # ----- operations -----------------------------------------------------------------------
 
     def set_link(self, site: str, up: bool, access: str | None = None) -> None:
-        """Cut (or restore) the links into `site`: from `access`, or from everywhere (the site's
-        own uplink included, so its health checks fail too)."""
+        """Cut (or restore) the links into `site`: from `access`, or from everywhere (the
+        gateway's own path to it included, so its health checks fail too)."""
         if site not in self.sites or (access is not None and access not in self.sites):
             raise ConfigError(f"no site named {access if site in self.sites else site!r}; sites: "
                               f"{', '.join(self.sites)}")
@@ -427,6 +431,8 @@ class Gateway:
         if self.proxies is not None:
             for name, rt in self.sites.items():
                 for access, proxies in rt.links.items():
+                    if access == CONTROL:
+                        continue
                     stats = [self.proxies.call(p.stats) for p in proxies]
                     links.append({"from": access, "to": name,
                                   "rtt_ms": round(self.fleet.link(access, name).rtt_s * 1e3, 2),

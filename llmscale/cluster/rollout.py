@@ -21,14 +21,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
+from llmscale.cluster.gateway import CONTROL, Gateway, SiteRuntime
 from llmscale.config import ConfigError
-
-if TYPE_CHECKING:
-    from llmscale.cluster.gateway import Gateway, SiteRuntime
 
 DEFAULT_PROBES = ("The capital of France is", "Write a haiku about the sea.",
                   "def add(a, b):", "Three facts about the moon:")
@@ -222,7 +220,7 @@ async def _roll_back(gateway: Gateway, rollout: Rollout) -> None:
 
 async def _probe(gateway: Gateway, rollout: Rollout, rt: SiteRuntime) -> list[tuple[float, str] | None]:
     """Each probe's (TTFT, text) from the site's first replica, or None where it failed."""
-    url = rt.endpoint(rt.site.name, 0) + "/v1/completions"
+    url = rt.endpoint(CONTROL, 0) + "/v1/completions"
     out: list[tuple[float, str] | None] = []
     async with httpx.AsyncClient(timeout=60.0, trust_env=False) as client:
         for prompt in rollout.probes:
