@@ -75,7 +75,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     from llmscale.engine.llm_engine import LLMEngine
-    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.lookup import resolve_model
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if bad := [p for p in policies if p not in BATCHING_POLICIES]:

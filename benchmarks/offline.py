@@ -148,7 +148,7 @@ def locate_gguf() -> Path:
 def resolve_model_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.lookup import resolve_model
 
     return Path(resolve_model(None))
 

@@ -72,7 +72,7 @@ def random_model(out: Path) -> Path:
     import torch
     import transformers
 
-    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.lookup import resolve_model
 
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model("qwen2", **QWEN_05B_SHAPE)

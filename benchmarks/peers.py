@@ -205,7 +205,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.lookup import resolve_model
 
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     if bad := [s for s in wanted if s not in SYSTEMS]:

@@ -28,7 +28,7 @@ def cpu_unless_a_cuda_test(request: pytest.FixtureRequest, monkeypatch: pytest.M
 @pytest.fixture(scope="session")
 def smollm_folder() -> Path:
     """The built-in SmolLM2-135M-Instruct as an HF folder (converted from its GGUF once)."""
-    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.lookup import resolve_model
 
     return resolve_model(None)
 

@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from llmscale.config import ConfigError
-from llmscale.model import gguf_loader
-from llmscale.model.gguf_loader import convert_gguf_to_hf, default_model_path, resolve_model
+from llmscale.model import gguf_loader, lookup
+from llmscale.model.gguf_loader import convert_gguf_to_hf
+from llmscale.model.lookup import default_model_path, resolve_model
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
@@ -502,7 +503,7 @@ def test_corrupt_or_truncated_gguf_is_a_config_error(tmp_path: Path, tiny_llama:
 
 def test_failed_conversion_leaves_nothing_behind(tmp_path: Path, tiny_llama: tuple[Path, Path, dict],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real, seen = gguf_loader._dequantize, []
+    real, seen = gguf_loader.dequantize, []
 
     def crash_midway(data: np.ndarray, info: gguf_loader.TensorInfo) -> np.ndarray:
         seen.append(info.name)
@@ -510,7 +511,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path: Path, tiny_llama: tup
             raise KeyboardInterrupt  # a user's Ctrl-C halfway through the weights
         return real(data, info)
 
-    monkeypatch.setattr(gguf_loader, "_dequantize", crash_midway)
+    monkeypatch.setattr(gguf_loader, "dequantize", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         convert_gguf_to_hf(tiny_llama[0], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -554,13 +555,13 @@ def test_cache_is_reused_and_follows_file_changes(smol: Path, tiny_llama: tuple[
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     calls: list[Path] = []
-    real = gguf_loader.convert_gguf_to_hf
+    real = lookup.convert_gguf_to_hf
 
     def counting(src: Path, out: Path, keep_quantized: bool = False) -> None:
         calls.append(src)
         real(src, out, keep_quantized)
 
-    monkeypatch.setattr(gguf_loader, "convert_gguf_to_hf", counting)
+    monkeypatch.setattr(lookup, "convert_gguf_to_hf", counting)
     start = time.perf_counter()
     with caplog.at_level("INFO", logger="llmscale"):
         assert resolve_model(None) == smol

@@ -14,8 +14,9 @@ from llmscale import LLM, SamplingParams
 from llmscale.cli import main
 from llmscale.compress.quantize import quantize_model
 from llmscale.kernels import cpu as cpu_kernels
-from llmscale.model.gguf_loader import TensorInfo, default_model_path
+from llmscale.model.gguf_loader import TensorInfo
 from llmscale.model.gguf_quantized import q4_blocks
+from llmscale.model.lookup import default_model_path
 from llmscale.model.quant import (
     KERNEL_MAX_ROWS,
     KERNEL_MAX_TOTAL_ROWS,

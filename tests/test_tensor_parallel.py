@@ -158,7 +158,7 @@ def test_the_default_gguf_kept_quantized_splits_over_three_ranks(llmscale_cache:
     tokens, up to near-ties. The int4 kernels round activations to int8, where a last-bit
     difference in a sum can move a value by a whole step, so near-ties reach further than in
     fp32 (measured: a part at a gap of 0.012)."""
-    from llmscale.model.gguf_loader import default_model_path
+    from llmscale.model.lookup import default_model_path
 
     gguf = str(default_model_path())
     prompts = ["The capital of France is", "Write a short poem about the ocean."]

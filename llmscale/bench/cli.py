@@ -236,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.tokenizer:
         codec = Codec.load(args.tokenizer)
     else:
-        from llmscale.model.gguf_loader import resolve_model
+        from llmscale.model.lookup import resolve_model
 
         codec = Codec.load(resolve_model(None))
     target = Target(base_url, model, args.endpoint, args.api_key, args.ignore_eos, headers)

@@ -115,8 +115,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     from llmscale.config import EngineConfig
     from llmscale.engine.llm_engine import LLMEngine
     from llmscale.engine.runner import kv_bytes_per_block
-    from llmscale.model.gguf_loader import resolve_model
     from llmscale.model.loader import read_model_config
+    from llmscale.model.lookup import resolve_model
 
     for name in ("num_requests", "prompt_len", "output_len", "steps", "matmul_size"):
         if getattr(args, name) < 1:

@@ -27,8 +27,8 @@ from llmscale.cluster.replica import EngineReplica
 from llmscale.cluster.routing import ROUTERS
 from llmscale.config import EngineConfig
 from llmscale.engine.llm_engine import EngineState
-from llmscale.model.gguf_loader import resolve_model
 from llmscale.model.loader import read_model_config
+from llmscale.model.lookup import resolve_model
 from llmscale.model.tokenizer import Tokenizer
 from llmscale.serve.app import create_app
 from llmscale.serve.cost import CostModel

@@ -123,7 +123,7 @@ def fallback_config(args: argparse.Namespace, config: EngineConfig) -> EngineCon
     tokenizer must be the main model's (the ingress tokenizes once, for either)."""
     if args.fallback_model is None or args.no_fallback_while_cold:
         return None
-    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.lookup import resolve_model
     from llmscale.model.tokenizer import Tokenizer
 
     fallback = replace(config, model=args.fallback_model)

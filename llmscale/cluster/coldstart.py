@@ -101,7 +101,7 @@ def one_cold_start(args: argparse.Namespace, config: Any, url: str) -> dict[str,
     try:
         deploy(args, config, board, scaling, board_name)
         if args.evict_page_cache:
-            from llmscale.model.gguf_loader import resolve_model
+            from llmscale.model.lookup import resolve_model
 
             evict_page_cache(resolve_model(config.model, config.keep_quantized))
         sent, first = first_token(url, args.api_key)

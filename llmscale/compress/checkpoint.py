@@ -33,9 +33,9 @@ def read_raw_config(folder: Path) -> dict[str, Any]:
 def load_model(model: str | None, dtype: torch.dtype = torch.float32
                ) -> tuple[LlamaForCausalLM, Path]:
     """Load MODEL (None: the built-in default) on the CPU. Returns (model, its HF folder)."""
-    from llmscale.model.gguf_loader import resolve_model
     from llmscale.model.loader import load_model as load_folder
     from llmscale.model.loader import read_model_config
+    from llmscale.model.lookup import resolve_model
 
     folder = resolve_model(model)
     cfg = read_model_config(folder)

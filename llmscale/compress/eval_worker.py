@@ -36,7 +36,7 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 def disk_bytes(model: str | None) -> int:
     """Bytes of the weights as stored: the .gguf file, or a folder's *.safetensors files."""
-    from llmscale.model.gguf_loader import default_model_path
+    from llmscale.model.lookup import default_model_path
 
     path = default_model_path() if model is None else Path(model)
     if path.is_file():

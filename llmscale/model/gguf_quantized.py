@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from safetensors.torch import save_file
 
 from llmscale.config import ConfigError, QuantConfig
-from llmscale.model.gguf_loader import TensorInfo, _dequantize, _unpermute_rope
+from llmscale.model.gguf_loader import TensorInfo, dequantize, unpermute_rope
 from llmscale.model.llama import EMBEDDING_NAMES, is_linear_weight
 from llmscale.model.quant import pack_nibbles, quantize_int4, quantize_int8
 
@@ -71,20 +71,20 @@ def write_quantized(out: Path, gguf_path: Path, names: list[str],
             raise ConfigError(f"{gguf_path} is truncated inside tensor {info.name}")
 
         def rows(a: np.ndarray, n_head: int | None = n_head) -> torch.Tensor:
-            return torch.from_numpy(np.array(a if n_head is None else _unpermute_rope(a, n_head)))
+            return torch.from_numpy(np.array(a if n_head is None else unpermute_rope(a, n_head)))
 
         prefix = name.removesuffix(".weight")
         if is_linear_weight(name) and bits == 4 and info.qtype in Q4_TYPES:
             codes, scales, zeros = (rows(a) for a in q4_blocks(raw, info))
         elif is_linear_weight(name) and bits == 4:
             log.warning("%s: %s is %s, requantized to int4", gguf_path.name, info.name, info.qtype.name)
-            codes, scales, zeros = quantize_int4(rows(_dequantize(raw, info)), GGUF_GROUP)
+            codes, scales, zeros = quantize_int4(rows(dequantize(raw, info)), GGUF_GROUP)
         elif is_linear_weight(name) or name in EMBEDDING_NAMES:
-            q, scales = quantize_int8(rows(_dequantize(raw, info)))
+            q, scales = quantize_int8(rows(dequantize(raw, info)))
             tensors[f"{prefix}.qweight"], tensors[f"{prefix}.scales"] = q, scales.half()
             continue
         else:
-            tensors[name] = rows(_dequantize(raw, info))
+            tensors[name] = rows(dequantize(raw, info))
             continue
         tensors[f"{prefix}.qweight"] = pack_nibbles(codes)
         tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"] = scales.half(), zeros.half()

@@ -315,8 +315,8 @@ def calibration_engine(model: str | None, dtype: str, device: str | None, max_le
     from llmscale.config import EngineConfig
     from llmscale.engine.llm_engine import LLMEngine
     from llmscale.engine.runner import kv_bytes_per_block
-    from llmscale.model.gguf_loader import resolve_model
     from llmscale.model.loader import read_model_config
+    from llmscale.model.lookup import resolve_model
 
     model_cfg = read_model_config(resolve_model(model))
     max_len = model_cfg.context_len(max_len)

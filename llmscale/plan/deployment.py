@@ -51,8 +51,8 @@ class ModelSpec:
     def load(cls, spec: str | None) -> ModelSpec:
         """An HF folder or .gguf (None: the built-in model), a config.json, or a shipped
         config's name (`llama-3.1-8b`, `llama-3.1-70b`, `qwen2.5-7b`)."""
-        from llmscale.model.gguf_loader import resolve_model
         from llmscale.model.loader import read_model_config
+        from llmscale.model.lookup import resolve_model
 
         shipped = files("llmscale.plan") / "configs" / f"{spec}.json"
         if spec is not None and not Path(spec).exists() and shipped.is_file():
@@ -71,7 +71,7 @@ class ModelSpec:
     def tokenizer_folder(self) -> Path:
         """Its own tokenizer's folder; an architecture alone borrows the built-in model's (only
         token counts matter then)."""
-        from llmscale.model.gguf_loader import resolve_model
+        from llmscale.model.lookup import resolve_model
 
         return self.folder or resolve_model(None)
 
