@@ -36,3 +36,12 @@ def status(line: str) -> None:
     """A line on what the command is doing, for the person watching it; none under `-q`."""
     if not get_console().quiet:
         print(line, file=sys.stderr, flush=True)
+
+
+def fmt_bytes(n: float) -> str:
+    """A byte count for people: 812 B, 35.7 kB, 1.2 MB (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""

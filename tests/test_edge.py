@@ -232,6 +232,20 @@ def test_bench_serve_carries_headers_to_the_gateway(gateway, tmp_path):
     assert after["edge-paris"] - before["edge-paris"] == 4
     for other in ("edge-munich", "cloud-frankfurt"):
         assert after[other] == before[other]
+    failed_before = next(s["failed"] for s in _status(url)["sites"] if s["name"] == "edge-paris")
+    for _ in range(3):  # a client that hangs up as soon as it has [DONE] was still served
+        body = {"prompt": "hi", "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
+                          headers={"x-llmscale-user-location": PARIS}) as s:
+            for line in s.iter_lines():
+                if line == "data: [DONE]":
+                    break
+    deadline = time.monotonic() + 5
+    while (paris := next(s for s in _status(url)["sites"] if s["name"] == "edge-paris"))["served"] < \
+            after["edge-paris"] + 3:
+        assert time.monotonic() < deadline, paris
+        time.sleep(0.1)
+    assert paris["served"] == after["edge-paris"] + 3 and paris["failed"] == failed_before
     bad = subprocess.run([sys.executable, "-m", "llmscale.cli", "bench", "serve", "--base-url", url,
                           "--header", "no-colon"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--header 'no-colon': expected NAME:VALUE" in bad.stderr

@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from llmscale.cli import build_parser
 from llmscale.cluster.edge_sim import (
     Failure,
     SimOptions,
-    add_simulate_args,
     cmd_simulate,
     parse_len,
     simulate_fleet,
@@ -40,9 +42,7 @@ def write_fleet(tmp_path: Path, *sites: str, ttft_ms: float | None = None) -> Pa
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_simulate_args(parser)
-    return parser.parse_args(list(argv))
+    return build_parser().parse_args(["edge", "simulate", *argv])
 
 
 def test_residency_holds_and_refuses_rather_than_leaving_the_jurisdiction() -> None:
@@ -114,16 +114,17 @@ def test_nearer_edge_wins_and_ttft_grows_with_distance(tmp_path: Path) -> None:
     assert ttft["US"] - ttft["DE"] > 0.05  # a transatlantic round trip
 
 
-def test_site_without_hardware_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                                   ) -> None:
+def test_site_without_hardware_is_a_one_line_error(tmp_path: Path) -> None:
     path = write_fleet(tmp_path, site("fra", "cloud", 50.11, 8.68, "DE", "h100-sxm", "llama-3.1-8b"),
                        site("muc", "edge", 48.14, 11.58, "DE", None))
     with pytest.raises(ConfigError, match="'muc'.*hardware") as e:
         simulate_fleet(load_fleet(path), SimOptions(users=10, rate=1, duration_s=1))
     assert "\n" not in str(e.value)
-    assert cmd_simulate(parse("--sites", str(path), "--users", "10", "--duration", "1", "-q")) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("llmscale: error:") and "'muc'" in err and "\n" not in err
+    cmd = [sys.executable, "-m", "llmscale.cli", "edge", "simulate", "--sites", str(path), "--users", "10",
+           "--duration", "1", "-q"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and err.startswith("llmscale: error:") and "'muc'" in err and "\n" not in err
 
     for bad, words in ((site("muc", "edge", 48.14, 11.58, "DE", "no-such-gpu"), "not in the catalogue"),
                        (site("muc", "edge", 48.14, 11.58, "DE", "l4", "llama-3.1-70b"), "GiB")):
@@ -147,7 +148,7 @@ def test_out_writes_results_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = parse("--sites", str(SMALL), "--users", "100", "--rate", "4", "--duration", "5", "--prompt-len",
                  "128:256", "--output-len", "16", "--fail", "fra@2-4", "--out", str(out), "-q")
-    assert cmd_simulate(args) == 0
+    cmd_simulate(args)
     doc = json.loads((out / "results.json").read_text())
     assert doc["residency_violations"] == 0
     assert doc["served"] + doc["refused"] == doc["arrivals"] > 0

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from llmscale.config import ConfigError
-from llmscale.console import status, stdout_console
+from llmscale.console import fmt_bytes, status, stdout_console
+from llmscale.paths import cache_root
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def register(subparsers: Any) -> None:
-    from llmscale.cluster.edge_sim import add_simulate_args
+    from llmscale.cluster.edge_sim import add_simulate_args  # argparse and dataclasses only at import
 
     edge = subparsers.add_parser("edge", help="edge and cloud sites behind one endpoint: placement by "
                                               "residency, latency and cost; failover; rollout")
@@ -36,7 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--emulate-links", action=argparse.BooleanOptionalAction, default=True,
                    help="send every request through a user-space proxy per link with the link's delay, "
                         "bandwidth and loss (default: on)")
-    p.add_argument("--log-dir", type=Path, default=Path("edge-logs"), help="local sites' server logs")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="local sites' server logs (default: edge-logs under $LLMSCALE_CACHE, else "
+                        "~/.cache/llmscale)")
     p.add_argument("--start-timeout", type=float, default=300.0, metavar="S",
                    help="how long a local site may take to answer after (re)starting")
     p.add_argument("--seed", type=int, default=0, help="seeds the emulated links' losses")
@@ -92,8 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llmscale.cluster.sites import load_fleet
 
     fleet = load_fleet(args.sites)
+    log_dir = args.log_dir or cache_root() / "edge-logs"
     gateway = Gateway(fleet, emulate_links=args.emulate_links, served_model_name=args.served_model_name,
-                      log_dir=args.log_dir, start_timeout_s=args.start_timeout, seed=args.seed,
+                      log_dir=log_dir, start_timeout_s=args.start_timeout, seed=args.seed,
                       hardware_file=args.hardware)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # uvicorn handles them; this keeps the exit clean
@@ -145,7 +149,8 @@ def print_status(data: dict[str, Any]) -> None:
     for s in data["sites"]:
         t.add_row(s["name"], s["kind"], s["jurisdiction"], s["state"], s["model"] or "-",
                   ",".join(map(str, s["pids"])) or "-", f"{s['inflight']}/{s['capacity']}", str(s["served"]),
-                  str(s["failed"]), _bytes(s["bytes_in"]), _bytes(s["bytes_out"]), f"{s['cost_per_hour']:g}")
+                  str(s["failed"]), fmt_bytes(s["bytes_in"]), fmt_bytes(s["bytes_out"]),
+                  f"{s['cost_per_hour']:g}")
     console.print(t)
     moved = [link for link in data["links"] if link["bytes_up"] or link["bytes_down"] or link["down"]]
     if moved:
@@ -154,21 +159,13 @@ def print_status(data: dict[str, Any]) -> None:
             t.add_column(col)
         for link in moved:
             t.add_row(link["from"], link["to"], f"{link['rtt_ms']:g}", "cut" if link["down"] else "up",
-                      _bytes(link["bytes_up"]), _bytes(link["bytes_down"]))
+                      fmt_bytes(link["bytes_up"]), fmt_bytes(link["bytes_down"]))
         console.print(t)
     rollout = data.get("rollout")
     if rollout:
         console.print(f"rollout of {rollout['model']}: {rollout['state']}", markup=False)
         for line in rollout["log"]:
             console.print(f"  {line['t']:8.2f} s  {line['message']}", markup=False)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def cmd_link(args: argparse.Namespace) -> None:
@@ -209,6 +206,4 @@ def cmd_rollout(args: argparse.Namespace) -> None:
 def cmd_simulate(args: argparse.Namespace) -> None:
     from llmscale.cluster.edge_sim import cmd_simulate as run
 
-    code = run(args)
-    if code:
-        sys.exit(code)
+    run(args)

@@ -34,6 +34,7 @@ from llmscale.bench.roofline import Chunk
 from llmscale.cluster.placement import Demand, SiteState, Unplaceable, place
 from llmscale.cluster.sites import Fleet, Link, Location, Site, load_fleet
 from llmscale.config import ConfigError
+from llmscale.console import fmt_bytes, stdout_console
 from llmscale.plan.deployment import Deployment, ModelSpec
 from llmscale.plan.hardware import load_catalogue
 from llmscale.plan.simulator import IDLE_POLL_S, SimEngine, SimStep
@@ -625,14 +626,6 @@ def _share(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.0%}"
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return ""
-
-
 def print_report(report: FleetReport, console: Any, title: str) -> None:
     from rich.table import Table
 
@@ -664,8 +657,8 @@ def print_report(report: FleetReport, console: Any, title: str) -> None:
                  ("simulated span", f"{report.span_s:.1f} s"), ("output tokens", f"{report.output_tokens:,}"),
                  ("cost", f"{report.cost_usd:.2f} USD"),
                  ("cost per 1M output tokens", f"{report.cost_per_million_output:.2f} USD"),
-                 ("bytes over inter-site links", _bytes(report.inter_site_bytes)),
-                 ("bytes served at the access site", _bytes(report.access_only_bytes)),
+                 ("bytes over inter-site links", fmt_bytes(report.inter_site_bytes)),
+                 ("bytes served at the access site", fmt_bytes(report.access_only_bytes)),
                  ("wall time", f"{report.wall_s:.1f} s")):
         t.add_row(k, v)
     console.print(t)
@@ -678,7 +671,7 @@ def print_report(report: FleetReport, console: Any, title: str) -> None:
         for col in ("access site", "target", "requests", "up", "down"):
             t.add_column(col, justify="left" if col in ("access site", "target") else "right")
         for x in crossing:
-            t.add_row(x.access, x.target, str(x.requests), _bytes(x.up_bytes), _bytes(x.down_bytes))
+            t.add_row(x.access, x.target, str(x.requests), fmt_bytes(x.up_bytes), fmt_bytes(x.down_bytes))
         console.print(t)
 
 
@@ -740,10 +733,6 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write results.json and ttft.png here")
-    try:
-        parser.add_argument("-q", "--quiet", action="store_true", help="no progress, only results")
-    except argparse.ArgumentError:
-        pass  # llmscale's own parsers take -q for every command
 
 
 def options_from_args(args: argparse.Namespace) -> SimOptions:
@@ -758,18 +747,12 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
                       seed=args.seed)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """`llmscale edge simulate`: 0, or 2 after a one-line error about the flags or the files."""
-    from llmscale.console import stdout_console
-
-    try:
-        options = options_from_args(args)
-        fleet = load_fleet(args.sites)
-        with _Progress(options.duration_s, args.quiet) as on_time:
-            report = simulate_fleet(fleet, options, on_time)
-    except ConfigError as e:
-        print(f"llmscale: error: {e}", file=sys.stderr)
-        return 2
+def cmd_simulate(args: argparse.Namespace) -> None:
+    """`llmscale edge simulate` (ConfigError: a one-line problem with the flags or the files)."""
+    options = options_from_args(args)
+    fleet = load_fleet(args.sites)
+    with _Progress(options.duration_s, args.quiet) as on_time:
+        report = simulate_fleet(fleet, options, on_time)
     console = stdout_console()
     title = (f"{len(fleet.sites)} sites, {options.users:,} users, {options.rate:g} req/s for "
              f"{options.duration_s:g} s")
@@ -780,7 +763,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         (args.out / "results.json").write_text(json.dumps(doc, indent=1, default=str, allow_nan=False))
         png = plot_report(report, args.out / "ttft.png")
         console.print(f"wrote {args.out / 'results.json'} and {png}", markup=False, highlight=False)
-    return 0
 
 
 class _Progress:

@@ -151,7 +151,7 @@ def _prompt_text(body: dict[str, Any]) -> str:
 
 class Gateway:
     def __init__(self, fleet: Fleet, *, emulate_links: bool = True, served_model_name: str = "llmscale-edge",
-                 log_dir: Path = Path("edge-logs"), start_timeout_s: float = 300.0, seed: int = 0,
+                 log_dir: Path, start_timeout_s: float = 300.0, seed: int = 0,
                  hardware_file: Path | None = None) -> None:
         self.fleet = fleet
         self.emulate_links = emulate_links
@@ -352,7 +352,7 @@ class Gateway:
         async def relay() -> AsyncIterator[bytes]:
             first_at: float | None = None
             events = 0  # SSE events: one per token, near enough
-            ok = False
+            complete = lost = False  # neither: the client left first
             try:
                 async for chunk in upstream.aiter_raw():
                     if first_at is None:
@@ -360,25 +360,27 @@ class Gateway:
                         if learn:
                             self._learn_prefill(rt, demand, first_at - sent - link_rtt, had_free_slot)
                     events += chunk.count(b"data: ")
+                    complete = complete or b"data: [DONE]" in chunk  # a client may leave right after it
                     if stream and key in rt.tokens_left:
                         rt.tokens_left[key] = max(0, max_tokens - events)
                     rt.bytes_out += len(chunk)
                     yield chunk
-                ok = True
+                complete = True
             except httpx.HTTPError:
+                lost = True
                 self.note(f"{rt.site.name}: lost a request mid-stream")
                 if stream:
                     yield sse_error(f"site {rt.site.name} was lost mid-stream").encode()
             finally:
                 done()
                 await upstream.aclose()
-                if ok and upstream.status_code == 200:
+                if complete and upstream.status_code == 200:
                     rt.served += 1
                     now = time.monotonic()
                     rt.state.service_s += AVERAGING * (now - sent - rt.state.service_s)
                     if learn and first_at is not None and events > 3:  # first token, ..., [DONE]
                         rt.tpot_s += AVERAGING * ((now - first_at) / (events - 2) - rt.tpot_s)
-                elif not ok:
+                elif lost:
                     rt.failed += 1
 
         return StreamingResponse(relay(), status_code=upstream.status_code, media_type=media, headers=headers)
