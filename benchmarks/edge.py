@@ -24,6 +24,7 @@ Writes to --out: the gateway's log, each bench run's results.json, summary.json 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -68,11 +69,14 @@ def served(st: dict[str, Any]) -> dict[str, int]:
     return {s["name"]: s["served"] for s in st["sites"]}
 
 
+SEEDS = itertools.count(1)  # every run its own prompts: the sites' prefix caches would serve repeats
+
+
 def bench(url: str, out: Path, headers: dict[str, str], n: int, rate: float, prompt: int, output: int
           ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "llmscale.cli", "-q", "bench", "serve", "--base-url", url, "--num-prompts",
            str(n), "--request-rate", str(rate), "--prompt-len", f"fixed:{prompt}", "--output-len",
-           f"fixed:{output}", "--warmup", "1", "--out", str(out)]
+           f"fixed:{output}", "--warmup", "1", "--seed", str(next(SEEDS)), "--out", str(out)]
     for k, v in headers.items():
         cmd += ["--header", f"{k}:{v}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -137,7 +141,8 @@ def failover(url: str, out: Path, n: int, rate: float) -> dict[str, Any]:
     """Munich users under load; edge-munich cut a third of the way in."""
     cmd = [sys.executable, "-m", "llmscale.cli", "-q", "bench", "serve", "--base-url", url, "--num-prompts",
            str(n), "--request-rate", str(rate), "--prompt-len", "fixed:128", "--output-len", "fixed:32",
-           "--warmup", "0", "--header", f"x-llmscale-user-location:{USERS['Munich']}", "--out", str(out)]
+           "--warmup", "0", "--seed", str(next(SEEDS)), "--header",
+           f"x-llmscale-user-location:{USERS['Munich']}", "--out", str(out)]
     before = status(url)
     load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     time.sleep(n / rate / 3)
