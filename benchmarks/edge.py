@@ -1,6 +1,7 @@
 """The local three-site demo of `llmscale edge serve`, measured: placement, bytes, failover.
 
     python benchmarks/edge.py [--num-prompts 24] [--request-rate 2] [--quick] [--out results/edge]
+                              [--parts placement,sensors,failover]
 
 Three real sites on this machine behind emulated links (the gateway's user-space proxies):
 edge-munich (DE) and edge-paris (FR) serve the built-in SmolLM2-135M with its Q4_1 weights kept
@@ -163,8 +164,8 @@ def failover(url: str, out: Path, n: int, rate: float) -> dict[str, Any]:
             "ttft_ms": summary["ttft_ms"]}
 
 
-def report(rows: list[dict[str, Any]], sensor_rows: list[dict[str, Any]], fail: dict[str, Any], out: Path
-           ) -> None:
+def report(rows: list[dict[str, Any]], sensor_rows: list[dict[str, Any]], fail: dict[str, Any] | None,
+           out: Path) -> None:
     console = stdout_console()
     t = Table(title="placement by user location (128-token prompts, 32 output tokens)")
     for col in ("policy", "user", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "served by",
@@ -184,10 +185,12 @@ def report(rows: list[dict[str, Any]], sensor_rows: list[dict[str, Any]], fail: 
                   f"{r['bytes_access']:,}", f"{r['bytes_inter_site']:,}",
                   f"{r['cost_per_1m_output_tokens']:.2f}")
     console.print(t)
-    console.print(f"failover: edge-munich cut, taken out after {fail['detected_down_s']:.2f} s; "
-                  f"{fail['completed']} completed, {fail['failed']} failed; served by {fail['sites']}",
-                  markup=False)
-    plot(rows, out / "edge.png")
+    if fail is not None:
+        console.print(f"failover: edge-munich cut, taken out after {fail['detected_down_s']:.2f} s; "
+                      f"{fail['completed']} completed, {fail['failed']} failed; served by {fail['sites']}",
+                      markup=False)
+    if rows:
+        plot(rows, out / "edge.png")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -217,6 +220,8 @@ def main() -> None:
     ap.add_argument("--request-rate", type=float, default=2.0)
     ap.add_argument("--quick", action="store_true", help="4 requests per run: checks the script end to end")
     ap.add_argument("--out", type=Path, default=Path("results/edge"))
+    ap.add_argument("--parts", default="placement,sensors,failover",
+                    help="which measurements to run (default: %(default)s)")
     args = ap.parse_args()
     n = 4 if args.quick else args.num_prompts
     args.out.mkdir(parents=True, exist_ok=True)
@@ -240,10 +245,11 @@ def main() -> None:
             if gateway.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"the gateway did not come up; see {args.out / 'gateway.log'}")
             time.sleep(1)
+        parts = set(args.parts.split(","))
         warm(url, args.out)
-        rows = placement(url, args.out, n, args.request_rate)
-        sensor_rows = sensors(url, args.out, max(4, n // 3))
-        fail = failover(url, args.out / "failover", 2 * n, args.request_rate)
+        rows = placement(url, args.out, n, args.request_rate) if "placement" in parts else []
+        sensor_rows = sensors(url, args.out, max(4, n // 3)) if "sensors" in parts else []
+        fail = failover(url, args.out / "failover", 2 * n, args.request_rate) if "failover" in parts else None
         (args.out / "summary.json").write_text(json.dumps(
             {"placement": rows, "sensors": sensor_rows, "failover": fail}, indent=2))
         report(rows, sensor_rows, fail, args.out)

@@ -101,6 +101,10 @@ def _ask(url: str, where: str | None = None, max_tokens: int = 4, **headers: str
     return httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=120)
 
 
+def _link(url: str, site: str, up: bool) -> None:
+    httpx.post(f"{url}/edge/links", json={"site": site, "up": up}, timeout=10).raise_for_status()
+
+
 def _status(url: str) -> dict:
     return httpx.get(f"{url}/edge/status", timeout=10).json()
 
@@ -145,6 +149,24 @@ def test_full_edge_site_overflows_to_the_next_allowed_site(gateway):
     assert set(by_site) == {"edge-munich", "cloud-frankfurt"}  # DE only; munich first, then the cloud
     untagged_sites = Counter(r.headers["x-llmscale-site"] for r in untagged)
     assert untagged_sites["edge-munich"] >= 1 and len(untagged_sites) >= 2
+
+
+def test_requests_a_cut_site_holds_unanswered_are_answered_elsewhere(gateway):
+    url, *_ = gateway
+    slow = {"x_llmscale_ttft_ms": "60000"}  # munich stays feasible with requests queued there
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(_ask, url, MUNICH, 1000, **slow) for _ in range(3)]
+        time.sleep(0.3)
+        _link(url, "edge-munich", False)
+        answers = [f.result() for f in held]
+    _link(url, "edge-munich", True)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert {r.headers["x-llmscale-site"] for r in answers} <= {"edge-paris", "cloud-frankfurt"}
+    assert all(r.json()["usage"]["completion_tokens"] == 1000 for r in answers)
+    deadline = time.monotonic() + 20
+    while _status(url)["sites"][0]["state"] != "healthy":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
 
 
 def test_cut_site_fails_over_within_seconds_and_comes_back(gateway):

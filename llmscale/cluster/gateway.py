@@ -341,6 +341,17 @@ class Gateway:
             rt.failed += 1
             self.note(f"{rt.site.name}: answered {upstream.status_code}; placing the request again")
             return None
+        # Wait for the first bytes before answering: until then the request can still go elsewhere
+        # (a site cut off after taking it, or dying with it queued), and the client sees nothing.
+        chunks = upstream.aiter_raw()
+        try:
+            first_chunk = await anext(chunks, b"")
+        except httpx.HTTPError as e:
+            await upstream.aclose()
+            done()
+            self._unreachable(rt, access, e)
+            return None
+        first_at = time.monotonic()
         rt.bytes_in += len(raw)
         headers = {SITE_HEADER: rt.site.name,
                    "x-llmscale-predicted-ttft-ms": f"{placement.predicted_ttft_s * 1e3:.1f}",
@@ -348,17 +359,14 @@ class Gateway:
         media = upstream.headers.get("content-type", "application/json")
         link_rtt = self.fleet.link(access, rt.site.name).rtt_s if self.emulate_links else 0.0
         learn = stream and upstream.status_code == 200
+        if learn:
+            self._learn_prefill(rt, demand, first_at - sent - link_rtt, had_free_slot)
 
         async def relay() -> AsyncIterator[bytes]:
-            first_at: float | None = None
             events = 0  # SSE events: one per token, near enough
             complete = lost = False  # neither: the client left first
             try:
-                async for chunk in upstream.aiter_raw():
-                    if first_at is None:
-                        first_at = time.monotonic()
-                        if learn:
-                            self._learn_prefill(rt, demand, first_at - sent - link_rtt, had_free_slot)
+                async for chunk in _chained(first_chunk, chunks):
                     events += chunk.count(b"data: ")
                     complete = complete or b"data: [DONE]" in chunk  # a client may leave right after it
                     if stream and key in rt.tokens_left:
@@ -378,7 +386,7 @@ class Gateway:
                     rt.served += 1
                     now = time.monotonic()
                     rt.state.service_s += AVERAGING * (now - sent - rt.state.service_s)
-                    if learn and first_at is not None and events > 3:  # first token, ..., [DONE]
+                    if learn and events > 3:  # first token, ..., [DONE]
                         rt.tpot_s += AVERAGING * ((now - first_at) / (events - 2) - rt.tpot_s)
                 elif lost:
                     rt.failed += 1
@@ -444,6 +452,13 @@ class Gateway:
         return {"model": self.served_model_name, "sites": sites, "links": links,
                 "rollout": self.rollout.as_json() if self.rollout is not None else None,
                 "events": list(self.events)}
+
+
+async def _chained(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _host_port(url: str) -> tuple[str, int]:
