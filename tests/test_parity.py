@@ -13,7 +13,7 @@ from llmscale import LLM, SamplingParams
 from llmscale.config import EngineConfig, activation_dtype
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.kernels import cpu as cpu_kernels
-from llmscale.model import matmul
+from llmscale.model import linear_method
 
 from .conftest import TOKENIZER_FILES
 from .divergence import assert_parts_only_at_near_ties
@@ -126,7 +126,7 @@ def test_bf16_weights_compute_in_fp32_where_the_cpu_has_no_bf16(bf16_llama: Path
     if activation_dtype(torch.bfloat16, torch.device("cpu")) != torch.float32:
         pytest.skip("this CPU multiplies bf16 natively: activations stay bf16")
     ids = _encode(bf16_llama, prompts + [" ".join(prompts)])
-    assert sum(map(len, ids)) > matmul.MIXED_C_KERNEL_MAX_ROWS  # the first step casts
+    assert sum(map(len, ids)) > linear_method.MIXED_C_KERNEL_MAX_ROWS  # the first step casts
     llm = LLM(model=str(bf16_llama), dtype="bfloat16", kv_cache_memory="64MiB",
               max_num_batched_tokens=budget)
     model, runner = llm.llm_engine.model, llm.llm_engine.runner

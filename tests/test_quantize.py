@@ -16,10 +16,9 @@ from llmscale.compress.quantize import quantize_model
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model.gguf_loader import TensorInfo
 from llmscale.model.gguf_quantized import q4_blocks
+from llmscale.model.linear_method import INT_KERNEL_MAX_ROWS, INT_KERNEL_MAX_TOTAL_ROWS, quantized_method
 from llmscale.model.lookup import default_model_path
 from llmscale.model.quant import (
-    KERNEL_MAX_ROWS,
-    KERNEL_MAX_TOTAL_ROWS,
     QuantizedWeight,
     dequantize_int4,
     dequantize_int8,
@@ -68,7 +67,7 @@ def _quantized_weight(w: torch.Tensor, bits: int, group: int = 32,
 @pytest.mark.parametrize("c_kernels", [False, pytest.param(True, marks=pytest.mark.skipif(
     not cpu_kernels.available(), reason="the C kernels do not build here"))])
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS, KERNEL_MAX_TOTAL_ROWS - 1, 40])
+@pytest.mark.parametrize("rows", [1, 3, INT_KERNEL_MAX_ROWS, INT_KERNEL_MAX_TOTAL_ROWS - 1, 40])
 def test_matmul_paths_match_the_dequantized_weight(bits: int, rows: int, c_kernels: bool) -> None:
     """Few rows take llmscale's C kernels (int8 activations per 32 values) or torch's
     int8/int4 kernels (bf16 activations, 8 rows at a time), many rows dequantize; all equal
@@ -77,17 +76,17 @@ def test_matmul_paths_match_the_dequantized_weight(bits: int, rows: int, c_kerne
     qw = _quantized_weight(torch.randn(160, 256), bits, c_kernels=c_kernels)
     x = torch.randn(rows, 256)
     ref = x @ qw.dequantize_rows(0, 160, torch.float32).t()
-    tol = 0.02 * ref.abs().max().item() if rows <= KERNEL_MAX_TOTAL_ROWS else 1e-4
-    torch.testing.assert_close(qw.matmul(x), ref, atol=tol, rtol=0)
+    tol = 0.02 * ref.abs().max().item() if rows <= INT_KERNEL_MAX_TOTAL_ROWS else 1e-4
+    torch.testing.assert_close(quantized_method(qw, torch.float32).apply(x), ref, atol=tol, rtol=0)
 
 
 def test_big_weight_dequantizes_in_cached_chunks() -> None:
     """An lm_head-sized weight is dequantized chunk by chunk into one reused buffer."""
     torch.manual_seed(0)
     qw = _quantized_weight(torch.randn(9000, 512), 8)
-    x = torch.randn(KERNEL_MAX_TOTAL_ROWS + 1, 512)
+    x = torch.randn(INT_KERNEL_MAX_TOTAL_ROWS + 1, 512)
     ref = x @ qw.dequantize_rows(0, 9000, torch.float32).t()
-    torch.testing.assert_close(qw.matmul(x), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(quantized_method(qw, torch.float32).apply(x), ref, atol=1e-4, rtol=1e-5)
     assert qw.workspace.buffers[torch.float32].numel() < 9000 * 512
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmscale.config import ConfigError, ModelConfig
-from llmscale.model.layers import RotaryEmbedding
+from llmscale.model.layers import RotaryEmbedding, choose_methods
 from llmscale.model.llama import LlamaForCausalLM
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -104,6 +104,7 @@ def build_model(raw_config: dict[str, Any], tensors: dict[str, torch.Tensor] | N
             for shard in range(len(getattr(module, "output_sizes", [None]))):
                 if (id(p), shard) not in covered:
                     raise ConfigError(f"no tensor for {name}.{pname} (shard {shard})")
+    choose_methods(model, dtype)
     return model.eval()
 
 

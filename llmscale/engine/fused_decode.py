@@ -21,16 +21,24 @@ import torch
 from llmscale.config import available_memory_bytes
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import layers as layers_mod
+from llmscale.model.linear_method import (
+    INT_C_KERNEL_MAX_ROWS,
+    DenseCLinear,
+    PanelsLinear,
+    QuantizedCLinear,
+    SwigluPanelsLinear,
+)
 from llmscale.model.llama import LlamaForCausalLM
 
 DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16 = range(8)
 # Decodes per step the fused path takes, by the weights' kind. Quantized: beyond these
-# dequantize + GEMM wins (llmscale.model.quant). Dense fp32: at 33-64 decodes the row-major
-# C matmuls and oneDNN's are close (see llmscale.model.matmul), and one C call still saves the
+# dequantize + GEMM wins (llmscale.model.linear_method). Dense fp32: at 33-64 decodes the row-major
+# C matmuls and oneDNN's are close (see llmscale.model.linear_method), and one C call still saves the
 # per-op path's dispatch: 261-295 ms against 277-329 ms per step at 48 decodes (min-median,
 # steps alternated in one process; 2-core AVX2 CPU, SmolLM2-135M). Prepacked fp32 panels are
 # what the per-op path would multiply with too, at any batch.
-MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64, INT8: 24, INT4: 16,  # bf16 weights, fp32 activations
+MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64,  # DENSE_BF16: also bf16 weights with fp32 activations
+            INT8: INT_C_KERNEL_MAX_ROWS[8], INT4: INT_C_KERNEL_MAX_ROWS[4],
             **dict.fromkeys((PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16), 1 << 20)}
 # A bf16 model on a CPU with bf16 arithmetic: past this many decodes the per-op path's oneDNN
 # bf16 GEMMs beat the C kernels on bf16 weights (BENCHMARKS.md, "bf16 decode steps").
@@ -74,42 +82,40 @@ def _as_fp32(t: torch.Tensor, held: list[torch.Tensor]) -> int:
 
 
 def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -> _Linear | None:
-    """The C descriptor of a (Column|Row)ParallelLinear, or None if it has no C kernel. With
-    `pack_bf16`, bf16 weights are packed into panels for the step (the copy kept in `held`)."""
-    if getattr(layer, "tp_size", 1) != 1:
+    """The C descriptor of a (Column|Row)ParallelLinear from its method's kernel and operand,
+    or None if it has no C kernel. With `pack_bf16`, bf16 weights that the per-op path reads as
+    stored are packed into panels for the step (the copy kept in `held`)."""
+    if layer.tp_size != 1:
         return None
-    bias = getattr(layer, "bias", None)
+    bias = layer.bias
     if bias is not None and not _cpu_float(bias):
         return None
-    quant = layer.quant
-    packed = getattr(layer, "packed_weight", None)
-    swiglu = getattr(layer, "swiglu_panels", None)
-    if quant is None and pack_bf16 and layer.weight.dtype == torch.bfloat16 and packed is None:
+    method = layer.method
+    if isinstance(method, SwigluPanelsLinear):  # its product is the SwiGLU activation
         w = layer.weight
-        feeds_swiglu = getattr(layer, "feeds_swiglu", False) and w.shape[0] % 16 == 0
-        panels = cpu_kernels.pack_swiglu_panels(w) if feeds_swiglu else cpu_kernels.pack_panels(w)
+        desc = _Linear(kind=PANELS_SWIGLU_F32, n=w.shape[0], k=w.shape[1], w=method.packed.data_ptr())
+    elif isinstance(method, PanelsLinear):
+        w = layer.weight
+        desc = _Linear(kind=PANELS_F32, n=w.shape[0], k=w.shape[1], w=method.packed.data_ptr())
+    elif isinstance(method, DenseCLinear) and pack_bf16 and layer.weight.dtype == torch.bfloat16:
+        w = layer.weight
+        swiglu = layer.feeds_swiglu and w.shape[0] % 16 == 0
+        panels = cpu_kernels.pack_swiglu_panels(w) if swiglu else cpu_kernels.pack_panels(w)
         held.append(panels)
-        desc = _Linear(kind=PANELS_SWIGLU_BF16 if feeds_swiglu else PANELS_BF16, n=w.shape[0], k=w.shape[1],
+        desc = _Linear(kind=PANELS_SWIGLU_BF16 if swiglu else PANELS_BF16, n=w.shape[0], k=w.shape[1],
                        w=panels.data_ptr())
-    elif quant is None and swiglu is not None:  # its product is the SwiGLU activation
-        desc = _Linear(kind=PANELS_SWIGLU_F32, n=layer.weight.shape[0], k=layer.weight.shape[1],
-                       w=swiglu.data_ptr())
-    elif quant is None and packed is not None and cpu_kernels.is_panels(packed):
-        desc = _Linear(kind=PANELS_F32, n=layer.weight.shape[0], k=layer.weight.shape[1],
-                       w=packed.data_ptr())
-    elif quant is None:
+    elif isinstance(method, DenseCLinear):
         w = layer.weight
-        kind = {torch.float32: DENSE_F32, torch.bfloat16: DENSE_BF16}.get(w.dtype)
-        if kind is None or not w.is_contiguous() or w.device.type != "cpu" or w.shape[1] % 8:
-            return None
+        kind = DENSE_F32 if w.dtype == torch.float32 else DENSE_BF16
         desc = _Linear(kind=kind, n=w.shape[0], k=w.shape[1], w=w.data_ptr())
-    elif quant.c_scales is None:
-        return None
-    else:
+    elif isinstance(method, QuantizedCLinear):
+        quant = method.quant
         desc = _Linear(kind=INT8 if quant.bits == 8 else INT4, n=quant.out_features,
                        k=quant.in_features, group=quant.group_size, w=quant.qweight.data_ptr(),
                        s=quant.c_scales.data_ptr(),
                        z=quant.c_zeros.data_ptr() if quant.c_zeros is not None else None)
+    else:
+        return None
     desc.bias = _as_fp32(bias, held) if bias is not None else None
     return desc
 

@@ -3,6 +3,7 @@ for itself and a worker rank for its part (`parallel/workers.py`)."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,14 +92,19 @@ def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, 
         load_time_s += layer_load.seconds
     if phases is not None:
         phases.lap("weights")
-    # The lm_head and each decoder layer (as it arrives, when streamed); never the input
-    # embedding, which is only looked up.
+    # Prepacking chooses the linears' methods again, with packed copies: the lm_head's and each
+    # decoder layer's (as it arrives, when streamed); never the input embedding's, which is only
+    # looked up.
     prepack = prepack_wanted(config.prepack_weights, model, device, dtype)
-    prepacked = layers.prepack_linears(model.lm_head) if prepack and model.lm_head is not None else 0
+    act = model.activation_dtype
+    prepacked = 0
+    if prepack and model.lm_head is not None:
+        prepacked = layers.choose_methods(model.lm_head, act, prepack=True)
     if config.stream_weights:
-        layer_load.start(layers.prepack_linears if prepack else None)
+        layer_load.start(functools.partial(layers.choose_methods, activation_dtype=act, prepack=True)
+                         if prepack else None)
     elif prepack:
-        prepacked += sum(layers.prepack_linears(layer) for layer in model.layers)
+        prepacked += sum(layers.choose_methods(layer, act, prepack=True) for layer in model.layers)
     if phases is not None:
         phases.lap("prepack")
     capacity = kv_cache_blocks(config.cache, model_config, model.activation_dtype, max_model_len, tp_size,

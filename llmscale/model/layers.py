@@ -4,7 +4,9 @@ Linear layers are written the Megatron way (column split for q/k/v and gate/up, 
 o/down) so tensor parallelism only has to set `tp_rank`/`tp_size`; with `tp_size == 1` they
 are plain matmuls. Each parallel module says which part of a checkpoint tensor its rank holds
 (`checkpoint_part`: the loader reads only that part from the memory-mapped file) and copies
-that part into its parameter (`load_shard`).
+that part into its parameter (`load_shard`). How a linear multiplies is its `method`
+(`linear_method.choose_method`), chosen once the model's weights are loaded; until then torch's
+`F.linear`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 
 from llmscale.config import ConfigError, QuantConfig
 from llmscale.kernels import cpu as cpu_kernels
-from llmscale.model import matmul
+from llmscale.model import linear_method
+from llmscale.model.linear_method import LinearMethod, QuantizedLinear, TorchLinear
 from llmscale.model.quant import QuantizedWeight
 
 
@@ -161,12 +164,15 @@ class ColumnParallelLinear(nn.Module):
     each is split separately so every rank holds matching slices of all of them. `shards`
     says into how many parts each is cut (default: one per rank); with fewer parts than ranks,
     consecutive ranks share a part (K and V of a model with fewer KV heads than ranks).
+    `feeds_swiglu`: an MLP's gate-up linear (gate rows, then up rows), whose method may yield
+    the SwiGLU activation instead of the product (`LinearMethod.fuses_swiglu`).
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  tp_rank: int = 0, tp_size: int = 1, quant: QuantConfig | None = None,
-                 shards: list[int] | None = None) -> None:
+                 shards: list[int] | None = None, feeds_swiglu: bool = False) -> None:
         super().__init__()
+        self.feeds_swiglu = feeds_swiglu
         self.shards = shards or [tp_size] * len(output_sizes)
         for s, count in zip(output_sizes, self.shards, strict=True):
             if s % count or tp_size % count and count % tp_size:
@@ -182,6 +188,12 @@ class ColumnParallelLinear(nn.Module):
         else:  # quantized rows of packed sub-matrices line up with their shards like dense ones
             self.quant = QuantizedWeight(out, input_size, quant.bits, quant.group_size)
             self.quant.output_sizes = self.output_sizes
+        self.method = _default_method(self)
+
+    @property
+    def matmul_bias(self) -> torch.Tensor | None:
+        """The bias the method adds in the matmul."""
+        return self.bias
 
     def checkpoint_part(self, shape: tuple[int, ...], shard_id: int = 0) -> tuple[slice, ...]:
         """Which rows of checkpoint tensor `shard_id` (q, k, v; gate, up) this rank holds: the
@@ -194,21 +206,22 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset:offset + self.output_sizes[shard_id]].copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self, x, self.bias)
+        return self.method.apply(x)
 
 
-def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) with W dense or quantized."""
-    if layer.quant is None:
-        if x.dim() == 2:
-            return matmul.linear(x, layer.weight, bias, getattr(layer, "packed_weight", None))
-        return F.linear(x, layer.weight, bias)
-    y = layer.quant.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-    return y if bias is None else y + bias
+def _default_method(layer: nn.Module) -> LinearMethod:
+    """A layer's method from construction until its model's load chooses one: torch's ops."""
+    if layer.quant is not None:
+        return QuantizedLinear(layer, layer.matmul_bias, layer.quant, dense_c_rows=0)
+    return TorchLinear(layer, layer.matmul_bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W split by input columns; partial sums are all-reduced across ranks."""
+    """y = x W^T with W split by input columns; partial sums are all-reduced across ranks, then
+    the bias added."""
+
+    feeds_swiglu = False
+    matmul_bias = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  tp_rank: int = 0, tp_size: int = 1, quant: QuantConfig | None = None) -> None:
@@ -223,6 +236,7 @@ class RowParallelLinear(nn.Module):
             self.weight = nn.Parameter(torch.empty(output_size, input_size // tp_size), requires_grad=False)
         else:
             self.quant = QuantizedWeight(output_size, input_size // tp_size, quant.bits, quant.group_size)
+        self.method = _default_method(self)
 
     def checkpoint_part(self, shape: tuple[int, ...], shard_id: int = 0) -> tuple[slice, ...]:
         if len(shape) == 1:  # the bias, or int8 per-output-row scales: whole on every rank
@@ -234,7 +248,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _linear(self, x, None)
+        y = self.method.apply(x)
         if self.tp_size > 1:
             self.all_reduce(y)
         return y if self.bias is None else y + self.bias
@@ -249,6 +263,9 @@ class VocabEmbedding(nn.Module):
     first rank only (the other ranks get no columns).
     """
 
+    feeds_swiglu = False
+    matmul_bias = None
+
     def __init__(self, vocab_size: int, dim: int, bits: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.vocab_size, self.tp_rank, self.tp_size = vocab_size, tp_rank, tp_size
@@ -261,6 +278,7 @@ class VocabEmbedding(nn.Module):
             self.quant = QuantizedWeight(self.rows, dim, bits)
         else:
             self.weight = nn.Parameter(torch.empty(self.rows, dim), requires_grad=False)
+        self.method = _default_method(self)
 
     def checkpoint_part(self, shape: tuple[int, ...], shard_id: int = 0) -> tuple[slice, ...]:
         return (slice(min(self.vocab_start, shape[0]), min(self.vocab_start + self.rows, shape[0])),)
@@ -287,7 +305,7 @@ class VocabEmbedding(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, dim] -> [N, vocab] logits (on rank 0; [N, 0] on the others)."""
-        logits = _linear(self, hidden, None)
+        logits = self.method.apply(hidden)
         if self.tp_size == 1:
             return logits
         logits = logits.contiguous()
@@ -310,7 +328,7 @@ def _weight_bytes(module: nn.Module) -> int:
 
 def cast_dense_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Store the dense linears' and embeddings' weights in `dtype`; norms, biases and rotary
-    tables keep theirs. `matmul.linear` multiplies such weights with activations of another
+    tables keep theirs. The linears' methods multiply such weights with activations of another
     dtype."""
     for module in _dense_linears(model):
         if module.weight.dtype != dtype:
@@ -318,21 +336,20 @@ def cast_dense_weights(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def dense_linear_bytes(model: nn.Module) -> int:
-    """Bytes of the dense weights that `prepack_linears` would copy."""
+    """Bytes of the dense weights that `choose_methods(..., prepack=True)` would copy."""
     return sum(_weight_bytes(m) for m in _dense_linears(model))
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Give every dense linear (and the lm_head) a `packed_weight` for a faster GEMM (`matmul.prepack`),
-    or, for a gate-up linear (`feeds_swiglu`), `swiglu_panels` (`matmul.prepack_swiglu`);
-    returns the bytes added. For inference: the copy does not follow later weight updates."""
+def choose_methods(model: nn.Module, activation_dtype: torch.dtype, prepack: bool = False) -> int:
+    """Give every linear in `model` (a model, a decoder layer, the lm_head) its method
+    (`linear_method.choose_method`), once its weights are loaded and prepared; returns the
+    bytes of packed copies made. With `prepack`, the engine's choice where memory allows, fp32
+    weights get a packed copy, which does not follow later changes to the weights: whoever
+    changes them chooses again."""
     added = 0
-    for module in _dense_linears(model):
-        module.swiglu_panels = module.packed_weight = None
-        if getattr(module, "feeds_swiglu", False) and module.bias is None:
-            module.swiglu_panels = matmul.prepack_swiglu(module.weight)
-        if module.swiglu_panels is None:
-            module.packed_weight = matmul.prepack(module.weight)
-        if module.swiglu_panels is not None or module.packed_weight is not None:
-            added += _weight_bytes(module)
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear | VocabEmbedding):
+            module.method = linear_method.choose_method(module, activation_dtype, prepack)
+            if module.method.holds_copy:
+                added += _weight_bytes(module)
     return added

@@ -21,6 +21,7 @@ from llmscale.model.layers import (
     RowParallelLinear,
     VocabEmbedding,
 )
+from llmscale.model.linear_method import silu_and_mul
 from llmscale.model.quant import QuantizedWeight, Workspace
 
 if TYPE_CHECKING:
@@ -81,19 +82,14 @@ class MLP(nn.Module):
         inter = cfg.intermediate_size
         quant = cfg.quantization
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, tp_rank, tp_size,
-                                                 quant)
-        self.gate_up_proj.feeds_swiglu = True  # prepack may fuse SwiGLU into its GEMM
+                                                 quant, feeds_swiglu=True)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, tp_rank, tp_size, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = getattr(self.gate_up_proj, "swiglu_panels", None)
-        if fused is not None and x.dim() == 2 and not (torch.is_grad_enabled() and x.requires_grad):
-            return self.down_proj(cpu_kernels.matmul_swiglu_panels(x.float().contiguous(), fused).to(x.dtype))
-        gate_up = self.gate_up_proj(x)
-        if gate_up.dim() == 2 and cpu_kernels.usable(gate_up) and gate_up.shape[1] % 16 == 0:
-            return self.down_proj(cpu_kernels.silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        h = self.gate_up_proj(x)
+        if not self.gate_up_proj.method.fuses_swiglu:  # else its GEMM yielded the activation
+            h = silu_and_mul(h)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):

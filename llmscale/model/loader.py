@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from llmscale.config import ConfigError, ModelConfig, activation_dtype
-from llmscale.model.layers import RotaryEmbedding, cast_dense_weights
+from llmscale.model.layers import RotaryEmbedding, cast_dense_weights, choose_methods
 from llmscale.model.llama import LlamaForCausalLM
 from llmscale.model.quant import QuantizedWeight
 
@@ -91,6 +91,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device, max_posit
     for module in dict.fromkeys((model.embed_tokens, model.lm_head)):  # once when they are tied
         if module is not None:  # a pipeline stage holds either, both or neither
             _prepare_quantized(module)
+            choose_methods(module, model.activation_dtype)
     model.eval()
     return model, cfg, time.perf_counter() - start, LayerLoad(model, by_layer)
 
@@ -141,7 +142,8 @@ class LayerLoad:
     """The decoder layers' weights, loaded in order: `run()` loads them all now; `start()` loads
     them on a thread of its own while the engine serves, and the model's forward waits for each
     layer in turn (`wait`), so a request's first layers run while its last ones are read.
-    `finish(layer)` runs on each layer once its tensors are in (the engine's prepacking); the
+    `finish(layer)` runs on each layer once its tensors are in and chooses its linears' methods
+    (default: `choose_methods` without prepacking; the engine's prepacks where that pays); the
     bytes it returns add up in `finished_bytes`."""
 
     def __init__(self, model: LlamaForCausalLM, tensors: list[list[CheckpointTensor]]) -> None:
@@ -158,7 +160,9 @@ class LayerLoad:
         for i, (layer, tensors) in enumerate(zip(self.model.layers, self.tensors, strict=True)):
             _copy_tensors(tensors)
             _prepare_quantized(layer)
-            if finish is not None:
+            if finish is None:
+                choose_methods(layer, self.model.activation_dtype)
+            else:
                 self.finished_bytes += finish(layer)
             with self.changed:
                 self.ready = i + 1

@@ -11,34 +11,26 @@ add a fifth to an int4 checkpoint at group size 32.
 The checkpoint keeps the portable layout; the kernel layout (torch's int4 pack) is built at
 load time, since it is specific to the device and torch version.
 
-Matmuls on CPU: few rows (decode of a handful of sequences) run llmscale's C kernels
-(`llmscale.kernels`: int8 activations per 32 values, integer dot products), reading a quarter
-or an eighth of the fp32 bytes. Where those cannot build, torch's weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) take their place with bf16 activations
-(their fp32-activation paths are reference loops). Many rows (prefill, big decode batches) are
-compute-bound, where both lose to a dense GEMM: the weight is dequantized (by the C kernels
-where they build) chunk by chunk into a reused buffer that stays in cache, then multiplied
-densely. Other devices always take the dequantize path.
+The kernels on CPU (which one runs for how many rows is the layer's `LinearMethod`, chosen at
+load time: `llmscale.model.linear_method`): llmscale's C kernels (`llmscale.kernels`: int8
+activations per 32 values, integer dot products), reading a quarter or an eighth of the fp32
+bytes; where those cannot build, torch's weight-only kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) with bf16 activations (their fp32-activation paths are reference
+loops); for many rows (compute-bound) the weight dequantized (by the C kernels where they build)
+chunk by chunk into a reused buffer that stays in cache, then multiplied densely.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmscale.kernels import cpu as cpu_kernels
-from llmscale.model.matmul import linear
 
 INT4_MID = 8
-# llmscale's C kernels read the weights once per 8 activation rows and are compute-bound from
-# ~8 rows: beyond these row counts dequantize + dense GEMM is faster (2-core AVX2 CPU).
-C_KERNEL_MAX_ROWS = {8: 24, 4: 16}
-# The weight-only kernels are memory-bound up to about 8 rows and then cost ~34 us per row of
-# a 1536x576 weight, where dequantize + dense GEMM costs ~300 us plus the GEMM: up to 24 rows
-# the kernels win (measured on a 2-core AVX2 CPU), run 8 rows at a time.
-KERNEL_MAX_ROWS = 8
-KERNEL_MAX_TOTAL_ROWS = 24
 # Dequantize at most this many weights at a time: an fp32 chunk of 8 MiB stays in cache.
 DEQUANT_CHUNK = 2 * 1024 * 1024
 
@@ -112,7 +104,7 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 class QuantizedWeight(nn.Module):
-    """The quantized weight of one linear ([N, K]) and its matmul `x @ W^T`."""
+    """The quantized weight of one linear ([N, K]) and its kernels for `x @ W^T`."""
 
     def __init__(self, out_features: int, in_features: int, bits: int, group_size: int = 0) -> None:
         super().__init__()
@@ -170,43 +162,49 @@ class QuantizedWeight(nn.Module):
         codes = unpack_nibbles(self.qweight[start:end])
         return dequantize_int4(codes, self.scales[start:end], self.zeros[start:end], dtype, out)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N]."""
+    def c_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] by llmscale's C kernels (after `prepare` chose them)."""
+        xf = x.float().contiguous()
+        if self.bits == 8:
+            y = cpu_kernels.matmul_int8(xf, self.qweight, self.c_scales)
+        else:
+            y = cpu_kernels.matmul_int4(xf, self.qweight, self.c_scales, self.c_zeros, self.group_size)
+        return y.to(x.dtype)
+
+    def kernel_matmul(self, x: torch.Tensor, residual: bool) -> torch.Tensor:
+        """x [M, K] -> [M, N] by torch's weight-only kernels (after `prepare` chose them), in
+        bf16; `residual`: the fp32 activations' rounding residual as extra bf16 rows, which
+        restores 16 mantissa bits (for a few rows of a memory-bound kernel)."""
         m = x.shape[0]
-        if self.c_scales is not None and m <= C_KERNEL_MAX_ROWS[self.bits]:
-            xf = x.float().contiguous()
-            if self.bits == 8:
-                y = cpu_kernels.matmul_int8(xf, self.qweight, self.c_scales)
-            else:
-                y = cpu_kernels.matmul_int4(xf, self.qweight, self.c_scales, self.c_zeros,
-                                            self.group_size)
-            return y.to(x.dtype)
-        if self.kernel_weight is not None and KERNEL_MAX_ROWS < m <= KERNEL_MAX_TOTAL_ROWS:
-            return torch.cat([self.matmul(part) for part in x.split(KERNEL_MAX_ROWS)])
-        if self.kernel_weight is not None and m <= KERNEL_MAX_ROWS:
-            xb = x.to(torch.bfloat16)
-            if x.dtype == torch.float32 and 2 * m <= KERNEL_MAX_ROWS:
-                # bf16 keeps 8 mantissa bits; the rounding residual as a second bf16 row
-                # restores 16, for a few extra rows of a memory-bound kernel.
-                xb = torch.cat((xb, (x - xb.float()).to(torch.bfloat16)))
-            if self.bits == 8:
-                y = torch._weight_int8pack_mm(xb, self.kernel_weight, self.kernel_scales)
-            else:
-                y = torch._weight_int4pack_mm_for_cpu(xb, self.kernel_weight, self.group_size,
-                                                      self.kernel_scales)
-            y = y.to(x.dtype)
-            return y[:m] + y[m:] if y.shape[0] > m else y
+        xb = x.to(torch.bfloat16)
+        if residual:
+            xb = torch.cat((xb, (x - xb.float()).to(torch.bfloat16)))
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(xb, self.kernel_weight, self.kernel_scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(xb, self.kernel_weight, self.group_size, self.kernel_scales)
+        y = y.to(x.dtype)
+        return y[:m] + y[m:] if y.shape[0] > m else y
+
+    def dequant_chunk_rows(self) -> int:
+        """How many rows `dequantized_matmul` dequantizes at a time."""
+        return max(1, min(self.out_features, DEQUANT_CHUNK // self.in_features))
+
+    def dequantized_matmul(self, x: torch.Tensor,
+                           dense: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x [M, K] -> [M, N]: the weight dequantized to x's dtype a cache-sized chunk at a
+        time into the shared workspace, each chunk multiplied by `dense(x, w)`."""
         n, k = self.out_features, self.in_features
-        rows = max(1, min(n, DEQUANT_CHUNK // k))
+        rows = self.dequant_chunk_rows()
         if rows >= n:
-            w = self.dequantize_rows(0, n, x.dtype, self.workspace.get(n * k, x.dtype, x.device).view(n, k))
-            return linear(x, w)
+            buf = self.workspace.get(n * k, x.dtype, x.device).view(n, k)
+            return dense(x, self.dequantize_rows(0, n, x.dtype, buf))
         y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
         buf = self.workspace.get(rows * k, x.dtype, x.device)
         for start in range(0, n, rows):
             end = min(n, start + rows)
             w = self.dequantize_rows(start, end, x.dtype, buf[:(end - start) * k].view(end - start, k))
-            y[:, start:end] = linear(x, w)
+            y[:, start:end] = dense(x, w)
         return y
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
