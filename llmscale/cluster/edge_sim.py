@@ -488,13 +488,13 @@ class _FleetSim:
         rep.inbox.clear()
         if not eng.has_unfinished_requests():
             return
-        step = eng.begin_step()
+        step = eng.launch()
         if not step.batch:
             self.push(t + IDLE_POLL_S, POLL, s.index, k, s.generation)
             return
         rep.step = step
         s.busy_s += step.seconds
-        self.push(t + step.seconds, STEP_END, s.index, k, s.generation)
+        self.push(step.ends_s, STEP_END, s.index, k, s.generation)
 
     def poll(self, s: _SiteSim, k: int, t: float) -> None:
         if s.replicas[k].step is None:
@@ -505,7 +505,7 @@ class _FleetSim:
         assert rep.step is not None
         rep.engine.now = t
         s.step_s += STEP_EMA * (rep.step.seconds - s.step_s)
-        for e in rep.engine.end_step(rep.step):
+        for e in rep.engine.end_step():
             r = self.live[int(e.request_id)]
             rec = r.rec
             r.emitted += 1

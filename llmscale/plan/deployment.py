@@ -225,7 +225,7 @@ class Deployment:
         blocks = num_blocks or self.kv_blocks(model, max_model_len)
         sched = scheduler or self.scheduler_config()
         return lambda: SimEngine(sched, blocks, self.block_size, self.enable_prefix_caching, max_model_len,
-                                 step_model)
+                                 step_model, stages=self.pp)
 
 
 def weight_format_of_dtype(dtype: str) -> str:

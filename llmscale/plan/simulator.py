@@ -7,7 +7,10 @@ tokens, finish it at its length), except that no model runs: the step lasts what
 performance model says, and the token appended is a stand-in (a function of the prompt and
 the position, so identical prompts still share blocks, as greedy decoding would make them).
 Batching, chunked prefill, preemption and prefix caching therefore decide exactly as in
-the engine.
+the engine. With pipeline parallelism it keeps micro-batches in flight as the engine does: up
+to one per stage, each the scheduler's share of the running requests, and each passing the
+stages in turn, a stage taking its share of the step's time once the micro-batch ahead of it
+has left.
 
 `simulate` is the discrete-event loop over arrivals and step ends of N replicas behind a
 router (the cluster's routing policies), in the shape of `llmscale bench serve`: each request
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -59,7 +63,8 @@ CATALOGUE_REQUEST_OVERHEAD = RequestOverhead.fixed(0.002)
 @dataclass
 class SimStep:
     batch: ScheduledBatch
-    seconds: float
+    seconds: float  # the step model's time: every stage's share, one after another
+    ends_s: float = 0.0  # when its last stage is done (behind the micro-batches ahead of it)
 
 
 @dataclass
@@ -74,13 +79,20 @@ class SimEngine:
     """One engine replica without a model (see the module docstring)."""
 
     def __init__(self, scheduler_config: SchedulerConfig, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool, max_model_len: int, step_model: StepModel) -> None:
+                 enable_prefix_caching: bool, max_model_len: int, step_model: StepModel,
+                 stages: int = 1) -> None:
         self.now = 0.0
         self.max_model_len = max_model_len
         self.step_model = step_model
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = make_scheduler(scheduler_config, self.kv, clock=lambda: self.now)
         self.stand_in_seeds: dict[str, int] = {}  # request id -> what its stand-in tokens hash
+        # Pipeline parallelism, as the engine runs it: up to `stages` micro-batches in flight,
+        # each the scheduler's share of the running requests, none sharing a request.
+        self.stages = stages
+        self.scheduler.micro_batches = stages
+        self.stage_free = [0.0] * stages  # when each stage is done with what it was given
+        self.flights: deque[SimStep] = deque()  # launched, not ended; oldest first
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], max_tokens: int,
                     arrival_s: float | None = None) -> None:
@@ -105,16 +117,26 @@ class SimEngine:
         """(waiting, running, KV usage), what replicas report to the router."""
         return len(self.scheduler.waiting), len(self.scheduler.running), self.kv.usage
 
-    def begin_step(self) -> SimStep:
-        """Schedule one step and price it; nothing advances until `end_step`."""
+    def launch(self) -> SimStep:
+        """Schedule one (micro-)batch at `now` and price it: it passes the stages in turn, each
+        taking its share of the step model's time once the micro-batch ahead has left it.
+        Nothing advances until `end_step`; an empty batch is not launched."""
         batch = self.scheduler.schedule()
         chunks = [Chunk(*shape) for shape in batch.shapes()]
-        return SimStep(batch, self.step_model.step_seconds(chunks) if chunks else 0.0)
+        step = SimStep(batch, self.step_model.step_seconds(chunks) if chunks else 0.0, self.now)
+        if not batch:
+            return step
+        per_stage = step.seconds / self.stages
+        for k in range(self.stages):
+            step.ends_s = self.stage_free[k] = max(step.ends_s, self.stage_free[k]) + per_stage
+        self.scheduler.in_flight.update(r.request_id for r, _ in batch.scheduled)
+        self.flights.append(step)
+        return step
 
-    def end_step(self, step: SimStep) -> list[Emitted]:
-        """Apply the step, as LLMEngine.step does after the model ran."""
-        if not step.batch:
-            return []
+    def end_step(self) -> list[Emitted]:
+        """End the oldest micro-batch in flight, as LLMEngine.step does after the model ran."""
+        step = self.flights.popleft()
+        self.scheduler.in_flight.difference_update(r.request_id for r, _ in step.batch.scheduled)
         for req, n in step.batch.scheduled:
             req.num_computed_tokens += n
         # The runner's row order: decodes first, then prefill chunks, each in scheduled order.
@@ -133,10 +155,16 @@ class SimEngine:
         return emitted
 
     def step(self) -> tuple[SimStep, list[Emitted]]:
-        """One whole step at the current time (the clock moves by its length)."""
-        step = self.begin_step()
-        self.now += step.seconds
-        return step, self.end_step(step)
+        """As `LLMEngine.step`: launch micro-batches until `stages` are in flight or nothing is
+        left to schedule, then end the oldest; the clock moves to its end."""
+        step = SimStep(ScheduledBatch(), 0.0, self.now)
+        while len(self.flights) < self.stages and (step := self.launch()).batch:
+            pass
+        if not self.flights:
+            return step, []
+        oldest = self.flights[0]
+        self.now = max(self.now, oldest.ends_s)
+        return oldest, self.end_step()
 
 
 # ----- routing -----------------------------------------------------------------------------
@@ -187,7 +215,7 @@ class SimWorkload:
 class _Replica:
     engine: SimEngine
     inbox: list[tuple[str, list[int], int, float]] = field(default_factory=list)
-    step: SimStep | None = None  # the step running now
+    launch_at: float | None = None  # a LAUNCH event waits for stage 0 to be free at this time
 
 
 def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: SimWorkload,
@@ -205,7 +233,7 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
     last_token: dict[str, float] = {}
     events: list[tuple[float, int, int, int]] = []  # (time, order, kind, payload)
     order = 0
-    ARRIVE, DELIVER, STEP_END, POLL = 0, 1, 2, 3
+    ARRIVE, DELIVER, STEP_END, POLL, LAUNCH = 0, 1, 2, 3, 4
     cap = max_concurrency or n
     queued: list[int] = []  # requests waiting for a concurrency slot
     active = 0
@@ -222,24 +250,30 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
         k = route(workload.prompts[i], [r.engine for r in replicas], inflight)
         inflight[k] = inflight.get(k, 0) + 1
         replica_of[i] = k
-        busy = replicas[k].step is not None
+        busy = bool(replicas[k].engine.flights)
         push(t + (request_overhead.busy_s if busy else request_overhead.idle_s), DELIVER, i)
 
-    def start_step(k: int, t: float) -> None:
+    def pump(k: int, t: float) -> None:
+        """Launch what replica k can now: as many micro-batches as it keeps in flight, each once
+        stage 0 is free (one step at a time without pipeline parallelism)."""
         rep = replicas[k]
         eng = rep.engine
         eng.now = t
         for rid, prompt, max_tokens, at in rep.inbox:
             eng.add_request(rid, prompt, max_tokens, at)
         rep.inbox.clear()
-        if not eng.has_unfinished_requests():
-            return
-        step = eng.begin_step()
-        if not step.batch:
-            push(t + IDLE_POLL_S, POLL, k)  # a request-level policy waits for its batch
-            return
-        rep.step = step
-        push(t + step.seconds, STEP_END, k)
+        while len(eng.flights) < eng.stages and eng.has_unfinished_requests():
+            if eng.stage_free[0] > t:
+                if rep.launch_at != eng.stage_free[0]:
+                    rep.launch_at = eng.stage_free[0]
+                    push(rep.launch_at, LAUNCH, k)
+                return
+            step = eng.launch()
+            if not step.batch:
+                if not eng.flights:
+                    push(t + IDLE_POLL_S, POLL, k)  # a request-level policy waits for its batch
+                return
+            push(step.ends_s, STEP_END, k)
 
     for i, at in enumerate(workload.arrivals):
         push(at, ARRIVE, i)
@@ -256,17 +290,20 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
             k = replica_of[payload]
             prompt, max_tokens = workload.prompts[payload], workload.max_tokens[payload]
             replicas[k].inbox.append((str(payload), prompt, max_tokens, t))
-            if replicas[k].step is None:
-                start_step(k, t)
+            pump(k, t)
             continue
         rep = replicas[payload]
         if kind == POLL:
-            if rep.step is None:
-                start_step(payload, t)
+            if not rep.engine.flights:
+                pump(payload, t)
             continue
-        assert rep.step is not None
+        if kind == LAUNCH:
+            if rep.launch_at == t:
+                rep.launch_at = None
+                pump(payload, t)
+            continue
         rep.engine.now = t
-        for e in rep.engine.end_step(rep.step):
+        for e in rep.engine.end_step():
             i = int(e.request_id)
             k = replica_of[i]
             res = results[i]
@@ -287,6 +324,5 @@ def simulate(make_engine: Callable[[], SimEngine], num_replicas: int, workload: 
                 on_done()
                 if queued:
                     send(queued.pop(0), t)
-        rep.step = None
-        start_step(payload, t)
+        pump(payload, t)
     return Run(label, rate, burstiness, max_concurrency, seed, end, results, rate_schedule=rate_schedule)

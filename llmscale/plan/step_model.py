@@ -160,7 +160,8 @@ class StepTimeModel:
             volume = f.tokens * g.allreduce_bytes_per_token * 2 * (g.tp - 1) / g.tp
             comm = volume / c.interconnect_bandwidth + g.allreduces_per_step * ALLREDUCE_LATENCY_S
         if g.pp > 1 and c.network_bandwidth > 0:
-            # Stages run one after another (one batch in flight), each handing on its hidden states.
+            # A micro-batch passes the stages in turn, each handing on its hidden states (the
+            # simulator overlaps micro-batches: plan/simulator.py).
             comm += (g.pp - 1) * (f.tokens * g.hidden_bytes_per_token / c.network_bandwidth + SEND_LATENCY_S)
         return fixed + compute + attention + comm
 
