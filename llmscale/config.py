@@ -198,9 +198,34 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
+# LLMSCALE_CPU_ISA caps the instruction sets every CPU path may use, so that one machine can run
+# the paths of lesser ones: `avx2` builds and picks the AVX2 kernels on an AVX-512 CPU, `none`
+# leaves the C kernels unbuilt (torch's ops everywhere). Each level drops the flags above it.
+CPU_ISA_LEVELS = ("native", "avx512", "avx2", "none")
+_ABOVE_AVX512 = ("amx",)
+_ABOVE_AVX2 = (*_ABOVE_AVX512, "avx512")
+_ABOVE_NONE = (*_ABOVE_AVX2, "avx2", "fma")
+
+
+@functools.cache
+def cpu_isa() -> str:
+    """The level LLMSCALE_CPU_ISA forces (`native`, the default, forces none), read once."""
+    value = os.environ.get("LLMSCALE_CPU_ISA", "").strip().lower() or "native"
+    if value not in CPU_ISA_LEVELS:
+        raise ConfigError(f"LLMSCALE_CPU_ISA={value}: expected one of {', '.join(CPU_ISA_LEVELS)}")
+    return value
+
+
+def flags_at_isa(flags: frozenset[str], isa: str) -> frozenset[str]:
+    """`flags` less those above the level `isa` (a level above the CPU's own changes nothing)."""
+    above = {"native": (), "avx512": _ABOVE_AVX512, "avx2": _ABOVE_AVX2, "none": _ABOVE_NONE}[isa]
+    return frozenset(f for f in flags if not f.startswith(above))
+
+
 def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags, read once: everything that picks a CPU path asks here."""
-    return frozenset(_cpuinfo().get("flags", "").split())
+    """This CPU's feature flags, read once, less those above LLMSCALE_CPU_ISA: everything that
+    picks a CPU path asks here."""
+    return flags_at_isa(frozenset(_cpuinfo().get("flags", "").split()), cpu_isa())
 
 
 def cpu_model_name() -> str:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llmscale import LLM, SamplingParams
+from llmscale import LLM, SamplingParams, config
 from llmscale.compress.quantize import quantize_model
-from llmscale.config import activation_dtype
+from llmscale.config import ConfigError, activation_dtype, cpu_flags, flags_at_isa
 from llmscale.engine.fused_decode import (
     BF16_ACTIVATIONS_MAX_ROWS,
     DENSE_BF16,
@@ -24,6 +28,8 @@ from llmscale.model.quant import dequantize_int4, dequantize_int8, pack_nibbles,
 from .divergence import assert_parts_only_at_near_ties
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C kernels do not build on this machine")
+NATIVE_FLAGS = frozenset(config._cpuinfo().get("flags", "").split())
+HAS_AVX512 = "avx512f" in NATIVE_FLAGS
 
 SHAPES = [(96, 64), (160, 576), (40, 1536)]
 ROWS = [1, 3, 8, 11, 17]
@@ -33,7 +39,82 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("n,k", SHAPES)
+def test_the_build_follows_the_cpu_flags() -> None:
+    """AVX-512 matmuls where the (possibly capped) flags have avx512f, AVX2 otherwise: under
+    LLMSCALE_CPU_ISA=avx2 this file runs again on the AVX2 build (the test below)."""
+    assert cpu.vector_bits() == (512 if "avx512f" in cpu_flags() else 256)
+    assert ("-mno-avx512f" in cpu.compile_flags(cpu_flags())) == ("avx512f" not in cpu_flags())
+
+
+def test_a_forced_isa_drops_the_flags_above_it() -> None:
+    flags = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16",
+                       "amx_tile", "amx_bf16"})
+    assert flags_at_isa(flags, "native") == flags
+    assert flags_at_isa(flags, "avx512") == flags - {"amx_tile", "amx_bf16"}
+    assert flags_at_isa(flags, "avx2") == {"sse4_2", "avx", "avx2", "fma", "f16c"}
+    assert flags_at_isa(flags, "none") == {"sse4_2", "avx", "f16c"}
+    assert flags_at_isa(frozenset({"avx2", "fma"}), "avx512") == {"avx2", "fma"}  # caps, never adds
+
+
+def test_an_unknown_cpu_isa_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSCALE_CPU_ISA", "avx1024")
+    config.cpu_isa.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"^LLMSCALE_CPU_ISA=avx1024: expected one of native, avx512, "
+                                              r"avx2, none$"):
+            config.cpu_flags()
+    finally:
+        monkeypatch.undo()
+        config.cpu_isa.cache_clear()
+    assert config.cpu_isa() in config.CPU_ISA_LEVELS
+
+
+@pytest.mark.skipif(not HAS_AVX512 or "LLMSCALE_CPU_ISA" in os.environ,
+                    reason="needs an AVX-512 CPU, and runs once (not under its own override)")
+def test_the_avx2_kernels_match_torch_under_the_override() -> None:
+    """An AVX-512 machine tests its AVX2 kernels too: the kernel tests of this file again, in a
+    process whose LLMSCALE_CPU_ISA=avx2 builds the library with -mno-avx512f."""
+    tests = "build_follows or dense or panel or swiglu or paged_decode or prefill_attention"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", tests], env={**os.environ, "LLMSCALE_CPU_ISA": "avx2"}, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+GREEDY = """
+import json, sys
+from llmscale import LLM, SamplingParams
+from llmscale.kernels import cpu
+from llmscale.serve.banner import cpu_kernels_path
+llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory="32MiB")
+outs = llm.generate(["The capital of France is", "1, 2, 3, 4,"],
+                    SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
+print(json.dumps({"available": cpu.available(), "banner": cpu_kernels_path(),
+                  "fused": llm.llm_engine.runner.fused is not None,
+                  "tokens": [o.outputs[0].token_ids for o in outs]}))
+"""
+
+
+def test_without_kernels_a_model_generates_the_same_greedy_tokens(tiny_model) -> None:
+    """LLMSCALE_CPU_ISA=none: no C kernels (as on a CPU without AVX2 or a compiler), every
+    caller on its torch path, and the same greedy tokens as with them."""
+    folder = str(tiny_model("llama"))
+    runs = {}
+    for isa in ("native", "none"):
+        proc = subprocess.run([sys.executable, "-c", GREEDY, folder],
+                              env={**os.environ, "LLMSCALE_CPU_ISA": isa}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[isa] = json.loads(proc.stdout.splitlines()[-1])
+    assert runs["native"]["available"] and runs["native"]["fused"]
+    assert not runs["none"]["available"] and not runs["none"]["fused"]
+    assert "off by LLMSCALE_CPU_ISA=none" in runs["none"]["banner"]
+    assert "LLMSCALE_CPU_ISA" not in runs["native"]["banner"]
+    assert runs["none"]["tokens"] == runs["native"]["tokens"]
+
+
+@pytest.mark.parametrize("n,k", [*SHAPES, (24, 40), (24, 56)])  # k % 32 == 8, 24: the AVX-512 tails
 @pytest.mark.parametrize("m", ROWS)
 def test_dense_matmul(n: int, k: int, m: int) -> None:
     torch.manual_seed(m)

@@ -1,5 +1,7 @@
 /* CPU kernels for decode steps on x86 CPUs with AVX2 + FMA: skinny matmuls, norms, rotary,
- * attention over the paged cache, and a whole decode step over all layers.
+ * attention over the paged cache, and a whole decode step over all layers. Where the compiler
+ * targets AVX-512 (__AVX512F__: -march=native on such a CPU, unless LLMSCALE_CPU_ISA=avx2 adds
+ * -mno-avx512f), the dense and panel matmuls take 16-lane versions; everything else is AVX2.
  *
  * Skinny matmuls y[m, n] = x[m, k] @ W[n, k]^T. A decode step multiplies a handful of activation rows by every weight of the model, so its
  * speed is the speed of streaming the weights from memory. torch's kernels for these shapes
@@ -78,6 +80,64 @@ int bind_threads(const int64_t *cores, int n) {
 
 /* ---------------------------------------------------------------- dense fp32 / bf16 weights */
 
+/* The vector width the library was compiled for: 512 (AVX-512 matmuls) or 256. */
+int vector_bits(void) {
+#if defined(__AVX512F__)
+    return 512;
+#else
+    return 256;
+#endif
+}
+
+#if defined(__AVX512F__)
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+/* 8 weights into the low lanes, the high ones zero (the k % 16 == 8 tail). */
+static inline __m512 load_f32x8z(const float *p) { return _mm512_maskz_loadu_ps(0xFF, p); }
+static inline __m512 load_bf16x8z(const uint16_t *p) {
+    return _mm512_zextps256_ps512(load_bf16(p));
+}
+
+/* 16 lanes, two accumulators per row (k in steps of 32): one row is not bound by the FMA's
+ * latency, and each row's sums are the same whatever M. */
+#define DENSE_ROWS(NAME, WTYPE, LOADW16, LOADW8)                                                \
+    static inline __attribute__((always_inline)) void NAME(                                     \
+        const float *x, int64_t k, const WTYPE *w, int64_t n0, int64_t n1, float *y,           \
+        int64_t ldy, const int M) {                                                             \
+        for (int64_t n = n0; n < n1; n++) {                                                     \
+            const WTYPE *wr = w + n * k;                                                        \
+            __m512 acc[MAX_ROWS], acc1[MAX_ROWS];                                               \
+            for (int i = 0; i < M; i++) acc[i] = acc1[i] = _mm512_setzero_ps();                 \
+            int64_t j = 0;                                                                      \
+            for (; j + 32 <= k; j += 32) {                                                      \
+                __m512 w0 = LOADW16(wr + j), w1 = LOADW16(wr + j + 16);                         \
+                for (int i = 0; i < M; i++) {                                                   \
+                    acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * k + j), acc[i]);       \
+                    acc1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * k + j + 16), acc1[i]); \
+                }                                                                               \
+            }                                                                                   \
+            if (j + 16 <= k) {                                                                  \
+                __m512 w0 = LOADW16(wr + j);                                                    \
+                for (int i = 0; i < M; i++)                                                     \
+                    acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * k + j), acc[i]);       \
+                j += 16;                                                                        \
+            }                                                                                   \
+            if (j < k) {                                                                        \
+                __m512 w1 = LOADW8(wr + j);                                                     \
+                for (int i = 0; i < M; i++)                                                     \
+                    acc1[i] = _mm512_fmadd_ps(w1, load_f32x8z(x + i * k + j), acc1[i]);         \
+            }                                                                                   \
+            for (int i = 0; i < M; i++)                                                         \
+                y[i * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc1[i]));          \
+        }                                                                                       \
+    }
+
+DENSE_ROWS(rows_f32, float, _mm512_loadu_ps, load_f32x8z)
+DENSE_ROWS(rows_bf16, uint16_t, load_bf16x16, load_bf16x8z)
+#else
 #define DENSE_ROWS(NAME, WTYPE, LOADW)                                                          \
     static inline __attribute__((always_inline)) void NAME(                                     \
         const float *x, int64_t k, const WTYPE *w, int64_t n0, int64_t n1, float *y,           \
@@ -97,6 +157,7 @@ int bind_threads(const int64_t *cores, int n) {
 
 DENSE_ROWS(rows_f32, float, _mm256_loadu_ps)
 DENSE_ROWS(rows_bf16, uint16_t, load_bf16)
+#endif
 
 #define DISPATCH_ROWS(FN, M, ...)                                                               \
     switch (M) {                                                                                \
@@ -166,7 +227,6 @@ static inline __m256 exp_ps(__m256 x) {
  * ~100 GFLOP/s at 48 rows against its ~72, and at ~130 at 2,048 rows, level with oneDNN on
  * its own blocked copy. */
 #define PANEL 16
-#define PANEL_ROWS 6
 #define PANEL_GROUP 4 /* panels per pass over the activation rows: they stay in L2 meanwhile */
 /* Activation rows per such pass: past a few hundred, re-reading all of them for every group of
  * panels comes from memory (a 2,048-row prefill chunk: 106-126 GFLOP/s in one pass, ~130-137
@@ -179,7 +239,27 @@ static inline __m256 exp_ps(__m256 x) {
     if (M > i) {                                                                                \
         __VA_ARGS__                                                                             \
     }
+#if defined(__AVX512F__)
+/* AVX-512: a panel's 16 weights are one vector, so a tile of 12 rows keeps 12 accumulators, as
+ * the AVX2 tile of 6 rows does with two vectors per row. Each output is the same chain of FMAs
+ * along k as there: the results are bit for bit the AVX2 kernel's. */
+#define PANEL_ROWS 12
+#define PANEL_ROWS_DO(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
+#define PANEL_DECLARE __m512 a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11
+#define PANEL_ZERO(i) PANEL_ROW(i, a##i = _mm512_setzero_ps();)
+#define PANEL_LOAD(i) PANEL_ROW(i, a##i = _mm512_loadu_ps(part + i * PANEL);)
+#define PANEL_FMA(i) PANEL_ROW(i, a##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + j]), w0, a##i);)
+#define PANEL_W(at) (BF ? load_bf16x16((const uint16_t *)wp + (at)) : _mm512_loadu_ps((const float *)wp + (at)))
+#define PANEL_K_STEP                                                                            \
+    {                                                                                           \
+        const __m512 w0 = PANEL_W(j * PANEL);                                                   \
+        PANEL_ROWS_DO(PANEL_FMA)                                                                \
+    }
+#define PANEL_STORE(i) PANEL_ROW(i, _mm512_storeu_ps(y + i * ldy, a##i);)
+#else
+#define PANEL_ROWS 6
 #define PANEL_ROWS_DO(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5)
+#define PANEL_DECLARE __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51
 #define PANEL_ZERO(i) PANEL_ROW(i, a##i##0 = a##i##1 = _mm256_setzero_ps();)
 #define PANEL_LOAD(i)                                                                           \
     PANEL_ROW(i, a##i##0 = _mm256_loadu_ps(part + i * PANEL); a##i##1 = _mm256_loadu_ps(part + i * PANEL + 8);)
@@ -188,8 +268,14 @@ static inline __m256 exp_ps(__m256 x) {
               a##i##0 = _mm256_fmadd_ps(xb, w0, a##i##0); a##i##1 = _mm256_fmadd_ps(xb, w1, a##i##1);)
 /* Eight weights at element `at` of the panel: fp32, or bf16 (BF) widened as they load. */
 #define PANEL_W(at) (BF ? load_bf16((const uint16_t *)wp + (at)) : _mm256_loadu_ps((const float *)wp + (at)))
+#define PANEL_K_STEP                                                                            \
+    {                                                                                           \
+        __m256 w0 = PANEL_W(j * PANEL), w1 = PANEL_W(j * PANEL + 8);                            \
+        PANEL_ROWS_DO(PANEL_FMA)                                                                \
+    }
 #define PANEL_STORE(i)                                                                          \
     PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
+#endif
 
 /* silu(gate) * up for 8 lanes: `silu_and_mul` and the GEMM that fuses it (below) share it, so
  * both give bit-identical activations. */
@@ -212,7 +298,7 @@ static __attribute__((noinline)) void swiglu_store(const float *acc, int rows, f
 static inline __attribute__((always_inline)) void panel_tile(
     const float *x, int64_t ldx, int64_t k, const void *wp, float *y, int64_t ldy, const int M,
     const int SWIGLU, const float *part, const int BF) {
-    __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51;
+    PANEL_DECLARE;
     if (part) { /* sums so far, PANEL floats per row */
         PANEL_ROWS_DO(PANEL_LOAD)
     } else {
@@ -221,10 +307,7 @@ static inline __attribute__((always_inline)) void panel_tile(
     /* Unrolled, the loop's own instructions stop sharing the cycles of its 12 FMAs: 3-5% faster
      * from 1 to 2,048 rows (all decoder linears, medians, alternated in one process). */
 #pragma GCC unroll 4
-    for (int64_t j = 0; j < k; j++) {
-        __m256 w0 = PANEL_W(j * PANEL), w1 = PANEL_W(j * PANEL + 8);
-        PANEL_ROWS_DO(PANEL_FMA)
-    }
+    for (int64_t j = 0; j < k; j++) PANEL_K_STEP
     if (SWIGLU) {
         float acc[PANEL_ROWS * PANEL], *out = y;
         const int64_t ld = ldy;
@@ -248,6 +331,14 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
         case 3: panel_tile(x, ldx, k, wp, y, ldy, 3, SWIGLU, part, BF); break;
         case 4: panel_tile(x, ldx, k, wp, y, ldy, 4, SWIGLU, part, BF); break;
         case 5: panel_tile(x, ldx, k, wp, y, ldy, 5, SWIGLU, part, BF); break;
+#if PANEL_ROWS > 6
+        case 6: panel_tile(x, ldx, k, wp, y, ldy, 6, SWIGLU, part, BF); break;
+        case 7: panel_tile(x, ldx, k, wp, y, ldy, 7, SWIGLU, part, BF); break;
+        case 8: panel_tile(x, ldx, k, wp, y, ldy, 8, SWIGLU, part, BF); break;
+        case 9: panel_tile(x, ldx, k, wp, y, ldy, 9, SWIGLU, part, BF); break;
+        case 10: panel_tile(x, ldx, k, wp, y, ldy, 10, SWIGLU, part, BF); break;
+        case 11: panel_tile(x, ldx, k, wp, y, ldy, 11, SWIGLU, part, BF); break;
+#endif
         default: panel_tile(x, ldx, k, wp, y, ldy, PANEL_ROWS, SWIGLU, part, BF); break;
     }
 }

@@ -1,9 +1,11 @@
 """The C decode kernels of `cpu.c`: built once per machine, called through ctypes.
 
 The library is compiled on first use with the system C compiler (`$CC`, else `cc`) for this
-CPU (`-march=native`) and cached under `$LLMSCALE_CACHE/kernels/`, keyed by the source, the
-flags and the CPU's feature flags. Where it cannot be built (no compiler, no AVX2/FMA, not
-x86-64) or `LLMSCALE_CPU_KERNELS=0`, `available()` is False and callers use torch's ops.
+CPU (`-march=native`; with AVX-512 forced off by LLMSCALE_CPU_ISA=avx2, `-mno-avx512f` too, so
+the AVX2 code is what runs) and cached under `$LLMSCALE_CACHE/kernels/`, keyed by the source,
+the compiler flags and the CPU's feature flags. Where it cannot be built (no compiler, no
+AVX2/FMA, not x86-64, LLMSCALE_CPU_ISA=none) or `LLMSCALE_CPU_KERNELS=0`, `available()` is
+False and callers use torch's ops.
 """
 
 from __future__ import annotations
@@ -55,12 +57,20 @@ _SIGNATURES = {
     "shm_sum": [_P, _I, ctypes.c_int, _I, ctypes.c_int, _P],
     "bind_threads": [_P, ctypes.c_int],
     "decode_step": [_P, _P, _I, _P, _P, _P, _I, _P, _P, ctypes.c_int],
+    "vector_bits": [],
 }
 
 
+def compile_flags(flags: frozenset[str]) -> list[str]:
+    """The compiler's flags for a CPU with these feature flags (`config.cpu_flags`: capped by
+    LLMSCALE_CPU_ISA): without avx512f, `cpu.c` compiles its AVX2 code even on an AVX-512 CPU."""
+    return FLAGS + ([] if "avx512f" in flags else ["-mno-avx512f"])
+
+
 def _build(compiler: str, flags: frozenset[str]) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + sorted(flags)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu-{key}.so"
+    cc_flags = compile_flags(flags)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cc_flags + sorted(flags)).encode()).hexdigest()
+    target = cache_root() / "kernels" / f"cpu-{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,12 +78,33 @@ def _build(compiler: str, flags: frozenset[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *cc_flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
+                       text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def load(flags: frozenset[str]) -> ctypes.CDLL:
+    """The kernels built for a CPU with these feature flags (once per machine), their signatures
+    set; raises OSError or CalledProcessError where they cannot be built. `library()` is the
+    one for this CPU; benchmarks load another level's beside it."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise OSError("no C compiler found")
+    # torch is imported above, so the OpenMP runtime the library needs is torch's own
+    # (same soname): one thread pool, not two competing for the cores.
+    lib = ctypes.CDLL(str(_build(compiler, flags)))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    lib.bind_threads.restype = ctypes.c_int
+    lib.shm_wait.restype = ctypes.c_int
+    lib.prefill_attention_workspace.restype = ctypes.c_int64
+    lib.vector_bits.restype = ctypes.c_int
+    return lib
 
 
 @functools.cache
@@ -83,26 +114,22 @@ def library() -> ctypes.CDLL | None:
     flags = cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
+    if shutil.which(os.environ.get("CC", "cc")) is None:
         log.warning("no C compiler found: decode matmuls use torch's kernels")
         return None
     try:
-        path = _build(compiler, flags)
+        return load(flags)
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("building the CPU kernels failed, using torch's: %s", detail.strip()[:500])
         return None
-    # torch is imported above, so the OpenMP runtime the library needs is torch's own
-    # (same soname): one thread pool, not two competing for the cores.
-    lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
-    lib.bind_threads.restype = ctypes.c_int
-    lib.shm_wait.restype = ctypes.c_int
-    lib.prefill_attention_workspace.restype = ctypes.c_int64
-    return lib
+
+
+def vector_bits() -> int:
+    """The vector width the kernels were compiled for: 512 (their AVX-512 matmuls) or 256
+    (AVX2 throughout); 0 where they are not built."""
+    lib = library()
+    return 0 if lib is None else lib.vector_bits()
 
 
 def available() -> bool:

@@ -11,7 +11,7 @@ import socket
 import torch
 import uvicorn
 
-from llmscale.config import ParallelConfig, cpu_flags
+from llmscale.config import ParallelConfig, cpu_flags, cpu_isa
 from llmscale.console import status
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.engine.runner import kv_bytes_per_block
@@ -19,6 +19,7 @@ from llmscale.kernels import cpu as cpu_kernels
 
 # CPU features that decide the CPU path: the C kernels need AVX2 and FMA and are built with
 # -march=native (AVX-512 where there is one); bf16 math picks the `auto` dtype (config.py).
+# LLMSCALE_CPU_ISA removes the flags above the level it forces, and the line says so.
 SHOWN_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
 
 
@@ -53,10 +54,14 @@ def cpu_kernels_path() -> str:
     """Which ops run the CPU decode path, and why torch's where they are not llmscale's."""
     flags = cpu_flags()
     features = " ".join(f.upper() for f in SHOWN_CPU_FLAGS if f in flags) or "no AVX2"
+    if cpu_isa() != "native":
+        features += f", capped by LLMSCALE_CPU_ISA={cpu_isa()}"
     if cpu_kernels.available():
         return f"llmscale C kernels ({features})"
     if os.environ.get("LLMSCALE_CPU_KERNELS") == "0":
         why = "off by LLMSCALE_CPU_KERNELS=0"
+    elif cpu_isa() == "none":
+        why = "off by LLMSCALE_CPU_ISA=none"
     else:
         why = "unavailable: they need AVX2, FMA and a C compiler"
     return f"torch's ops, llmscale C kernels {why} (CPU: {features})"
