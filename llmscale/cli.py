@@ -9,15 +9,9 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from llmscale.config import (
-    BATCHING_POLICIES,
-    DTYPE_CHOICES,
-    DTYPE_HELP,
-    EXECUTOR_BACKENDS,
-    ConfigError,
-    EngineConfig,
-)
+from llmscale.config import ConfigError
 from llmscale.console import set_quiet, status
+from llmscale.engine_args import EngineArgs
 
 # Commands that live with their layer: each module has `register(subparsers)`, which adds its
 # parser(s) and sets `func`. Registration imports only what building the parser needs.
@@ -26,83 +20,6 @@ COMMAND_MODULES: tuple[str, ...] = ("llmscale.bench.profile", "llmscale.bench.cl
                                      "llmscale.compress.distill", "llmscale.compress.quantize",
                                      "llmscale.cluster.cli", "llmscale.cluster.edge_cli",
                                      "llmscale.plan.cli")
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="HF folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--keep-quantized", action="store_true",
-                   help="serve a GGUF's Q8_0/Q4_0/Q4_1 weights with int8/int4 kernels instead of "
-                        "dequantizing them")
-    g.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep a copy of fp32 CPU weights packed for a faster GEMM (the C kernels' panels, "
-                        "else oneDNN's layout) for faster batched linears "
-                        "(default: when it takes at most 1/8 of free memory)")
-    g.add_argument("--stream-weights", action="store_true",
-                   help="start serving before every layer's weights are loaded: layers load in order "
-                        "while the first request runs through them (CPU)")
-    g.add_argument("--cpu-threads-bind", default=None, metavar="CORES",
-                   help="pin the engine's threads to these cores, one each (0-1, 0,2,4); with several "
-                        "ranks one list per rank, separated by | (0-7|8-15); default: no pinning")
-    g.add_argument("--log-steps", default=None, metavar="FILE",
-                   help="append one JSON line per engine step to FILE: when it ended, its seconds, and "
-                        "each scheduled request's [cached tokens, new tokens, samples]")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="on a GPU, run every step eagerly instead of replaying CUDA graphs for decodes")
-    g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    g.add_argument("--kv-cache-memory", default="0.1",
-                   help="KV cache size: bytes (2GiB, 512MB) or a fraction of free memory")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget per step (default: 2048; `serve` on CPU: 512)")
-    g.add_argument("--max-num-seqs", type=int, default=128, help="max requests running at once")
-    g.add_argument("--batching", default="continuous", choices=BATCHING_POLICIES, help="batching policy")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    add_parallel_args(p)
-
-
-def add_parallel_args(p: argparse.ArgumentParser) -> None:
-    """How an engine spreads over ranks: every command that builds one takes these."""
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
-                   help="split every layer over T ranks, one process each, joined by torch.distributed "
-                        "(gloo on CPU, NCCL on GPU); default 1")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="P",
-                   help="split the layers into P stages of T ranks each, with up to P micro-batches in "
-                        "flight; default 1")
-    g.add_argument("--context-parallel-size", "-cp", type=int, default=1, metavar="C",
-                   help="C ranks, each holding the whole model, share every long prefill chunk (ring "
-                        "attention); decodes and short chunks run on every rank; default 1")
-    g.add_argument("--context-parallel-min-tokens", type=int, default=None, metavar="N",
-                   help="with C > 1, split prefill chunks of at least N tokens (default: 1024)")
-    g.add_argument("--distributed-executor-backend", default="mp", choices=EXECUTOR_BACKENDS,
-                   help="where ranks 1..T*P*C-1 run: mp, local processes; ray, Ray actors in a placement "
-                        "group (the cluster at RAY_ADDRESS, or a local one started here)")
-
-
-def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`add_parallel_args`' flags as `EngineConfig.from_kwargs` / `LLM` keyword arguments."""
-    return {name: getattr(args, name) for name in (
-        "tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size",
-        "context_parallel_min_tokens", "distributed_executor_backend")}
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    kv = args.kv_cache_memory
-    return EngineConfig.from_kwargs(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        keep_quantized=args.keep_quantized, prepack_weights=args.prepack_weights,
-        stream_weights=args.stream_weights,
-        cpu_threads_bind=args.cpu_threads_bind, enforce_eager=args.enforce_eager,
-        log_steps=args.log_steps, **parallel_kwargs(args),
-        kv_cache_memory=kv, block_size=args.block_size,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        batching=args.batching, enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -139,7 +56,7 @@ def stream_tokens(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from llmscale.engine.llm_engine import LLMEngine
-    engine = LLMEngine(engine_config_from_args(args), stream_text=True)
+    engine = LLMEngine(EngineArgs.from_cli_args(args).create_engine_config(), stream_text=True)
     try:
         for delta in stream_tokens(engine, args.prompt, sampling_params_from_args(args)):
             sys.stdout.write(delta)
@@ -151,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from llmscale.engine.llm_engine import LLMEngine
-    engine = LLMEngine(engine_config_from_args(args), stream_text=True)
+    engine = LLMEngine(EngineArgs.from_cli_args(args).create_engine_config(), stream_text=True)
     params = sampling_params_from_args(args)
     history: list[dict[str, str]] = []
     if args.system:
@@ -181,7 +98,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from llmscale.serve.server import run_server
-    run_server(args, engine_config_from_args(args))
+    run_server(args, EngineArgs.from_cli_args(args).create_engine_config())
 
 
 class Parser(argparse.ArgumentParser):
@@ -205,20 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate from one prompt, streaming to the terminal")
     p.add_argument("prompt")
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat that keeps the conversation")
     p.add_argument("--system", default=None, help="system prompt")
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     from llmscale.serve.server import add_serve_args
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
     add_serve_args(p)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
     for name in COMMAND_MODULES:

@@ -188,3 +188,31 @@ def test_tables_stay_whole_in_a_pipe_and_quiet_keeps_them(tiny_model, tmp_path: 
         "top-1 agree", "TPOT (ms)", "batched tok/s"]
     assert "│ float32 │" in out.stdout
     assert not re.search(r"\d+/\d+ +\d+:\d\d:\d\d", out.stdout)  # -q: no progress bars
+
+
+def test_engine_flags_come_from_one_dataclass_and_validate_before_loading() -> None:
+    import argparse
+
+    from llmscale.config import CacheConfig, EngineConfig, SchedulerConfig
+    from llmscale.engine_args import PARALLEL, EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert f"(default: {SchedulerConfig().max_num_seqs})" in helps["max_num_seqs"]  # the config's own
+    assert f"(default: {CacheConfig().block_size})" in helps["block_size"]
+    unset = EngineArgs.from_cli_args(parser.parse_args([]))
+    assert unset.kwargs() == {} and unset.create_engine_config() == EngineConfig.from_kwargs()
+    args = parser.parse_args(["--max-num-seqs", "7", "-tp", "2", "--no-enable-prefix-caching"])
+    config = EngineArgs.from_cli_args(args).create_engine_config()
+    assert (config.scheduler.max_num_seqs, config.parallel.tensor_parallel_size) == (7, 2)
+    assert config.cache.enable_prefix_caching is False
+    assert EngineArgs.from_cli_args(args).kwargs((PARALLEL,)) == {"tensor_parallel_size": 2}
+    only_parallel = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(only_parallel, (PARALLEL,))
+    pp = EngineArgs.from_cli_args(only_parallel.parse_args(["-pp", "2"]))
+    assert pp.kwargs() == {"pipeline_parallel_size": 2}
+    # Bad values are refused in one line before any model loads (no --model is even resolved).
+    out = subprocess.run([sys.executable, "-m", "llmscale.cli", "generate", "hi", "--model", "/no/such/model",
+                          "--max-num-seqs", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "max_num_seqs" in out.stderr and out.stderr.count("\n") == 1

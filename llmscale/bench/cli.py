@@ -103,13 +103,13 @@ def register(subparsers: Any) -> None:
     add_load_args(p)
     p.set_defaults(func=cmd_serve)
 
-    from llmscale.cli import add_engine_args
+    from llmscale.engine_args import EngineArgs
 
     p = sub.add_parser("offline", help="the same workloads on an in-process engine, without HTTP")
     p.add_argument("--label", default="llmscale", help="name in reports")
     add_workload_args(p)
     add_load_args(p)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_offline)
 
 
@@ -254,13 +254,14 @@ def cmd_offline(args: argparse.Namespace) -> None:
     from llmscale.bench.datasets import Codec, make_requests
     from llmscale.bench.metrics import parse_slo
     from llmscale.bench.offline import offline_sweep
-    from llmscale.cli import engine_config_from_args
     from llmscale.engine.llm_engine import LLMEngine
+    from llmscale.engine_args import EngineArgs
 
     spec = workload_spec(args)
     plan = load_plan(args)
     parse_slo(args.slo)
-    engine = LLMEngine(engine_config_from_args(args))
+    config = EngineArgs.from_cli_args(args).create_engine_config()
+    engine = LLMEngine(config)
     spec = replace(spec, max_total_len=min(spec.max_total_len, engine.max_model_len))
     codec = Codec(engine.tokenizer.backend)
     progress, start = progress_bars()
@@ -270,5 +271,5 @@ def cmd_offline(args: argparse.Namespace) -> None:
                                  args.label, start, args.ignore_eos)
     finally:
         engine.shutdown()  # its worker ranks, if any
-    finish_runs(args, runs, f"bench offline ({args.label}, {args.batching} batching)", "offline")
+    finish_runs(args, runs, f"bench offline ({args.label}, {config.scheduler.batching} batching)", "offline")
     exit_if_interrupted(runs)

@@ -28,6 +28,7 @@ from typing import Any
 
 from llmscale.bench.roofline import Chunk, CostModel, Peaks, attainable, classify
 from llmscale.config import DTYPE_CHOICES, DTYPE_HELP, ConfigError
+from llmscale.engine_args import PARALLEL, EngineArgs
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"
 PHASES = ("prefill", "decode", "mixed")
@@ -75,9 +76,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     p.add_argument("--matmul-size", type=int, default=2048, help="peak FLOP/s: side of the square GEMM")
     p.add_argument("--seed", type=int, default=0)
-    from llmscale.cli import add_parallel_args
 
-    add_parallel_args(p)
+    EngineArgs.add_cli_args(p, (PARALLEL,))
     p.add_argument("--calibrate", action="store_true",
                    help="instead: time a grid of step shapes and fit the planner's performance model; "
                         "--out is then the calibration file (default: results/profile/calib.json) and a "
@@ -92,7 +92,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.calibrate:
         from llmscale.plan.calibrate import run_calibration
 
-        if (args.tensor_parallel_size, args.pipeline_parallel_size, args.context_parallel_size) != (1, 1, 1):
+        if EngineArgs.from_cli_args(args).create_engine_config().parallel.world_size > 1:
             raise ConfigError("--calibrate fits the model of one engine process; it takes no parallelism "
                               "flags")
 
@@ -111,7 +111,6 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmscale.bench.roofline import measure_peaks
-    from llmscale.cli import parallel_kwargs
     from llmscale.config import EngineConfig
     from llmscale.engine.llm_engine import LLMEngine
     from llmscale.engine.runner import kv_bytes_per_block
@@ -143,7 +142,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=max_len,
         kv_cache_memory=blocks * per_block, block_size=block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=max(args.num_requests, max(batch_sizes)), **parallel_kwargs(args))
+        max_num_seqs=max(args.num_requests, max(batch_sizes)),
+        **EngineArgs.from_cli_args(args).kwargs((PARALLEL,)))
 
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())

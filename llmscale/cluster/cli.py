@@ -30,7 +30,7 @@ DEFAULT_SCALING = AutoscalingOptions(min_replicas=1, max_replicas=1)
 
 
 def register(subparsers: Any) -> None:
-    from llmscale.cli import add_engine_args
+    from llmscale.engine_args import EngineArgs
     from llmscale.serve.server import add_serve_args
 
     cluster = subparsers.add_parser("cluster", help="serve engine replicas behind one endpoint on Ray Serve")
@@ -74,7 +74,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--no-fallback-while-cold", action="store_true",
                    help="requests wait for a main replica instead (no fallback replica is started)")
     add_serve_args(p)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("coldstart", help="where a replica's cold start goes: each phase from the request "
@@ -87,7 +87,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default="results/coldstart", help="where coldstart.json and coldstart.png go")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs of the replica (default: 1)")
     add_serve_args(p)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     p.set_defaults(func=cmd_coldstart, num_replicas=1, router="prefix", fallback_model=None,
                    no_fallback_while_cold=True)
 
@@ -137,12 +137,12 @@ def fallback_config(args: argparse.Namespace, config: EngineConfig) -> EngineCon
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from llmscale.cli import engine_config_from_args
+    from llmscale.engine_args import EngineArgs
 
     if args.num_replicas < 1 or args.replica_cpus <= 0:
         raise ConfigError("--num-replicas must be >= 1 and --replica-cpus > 0")
     scaling = autoscaling_of(args)
-    config = engine_config_from_args(args)
+    config = EngineArgs.from_cli_args(args).create_engine_config()
     fallback = fallback_config(args, config)
     # Ray and Serve load only to serve, not to build the CLI parser.
     import ray

@@ -116,13 +116,13 @@ def one_cold_start(args: argparse.Namespace, config: Any, url: str) -> dict[str,
 
 
 def cmd_coldstart(args: argparse.Namespace) -> None:
-    from llmscale.cli import engine_config_from_args
     from llmscale.console import status, stdout_console
+    from llmscale.engine_args import EngineArgs
     from llmscale.ray_cluster import connect
 
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
-    config = engine_config_from_args(args)
+    config = EngineArgs.from_cli_args(args).create_engine_config()
     cluster = connect(None, host="127.0.0.1", log_to_driver=args.verbose)
     if not args.verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

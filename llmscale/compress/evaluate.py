@@ -41,9 +41,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--keep-quantized", action="store_true",
                    help="serve GGUF Q8_0/Q4_0/Q4_1 weights on the int8/int4 kernels, not dequantized")
     p.add_argument("--kv-cache-memory", default="512MiB", help="KV cache size per model")
-    from llmscale.cli import add_parallel_args
+    from llmscale.engine_args import PARALLEL, EngineArgs
 
-    add_parallel_args(p)
+    EngineArgs.add_cli_args(p, (PARALLEL,))
     p.add_argument("--window", type=int, default=256, help="perplexity: tokens per held-out window")
     p.add_argument("--max-windows", type=int, default=8, help="perplexity: windows scored at most")
     p.add_argument("--num-prompts", type=int, default=8, help="agreement: fixed prompts")
@@ -73,14 +73,15 @@ def display_names(models: list[str | None]) -> list[str]:
 
 
 def worker_spec(args: argparse.Namespace, model: str | None, name: str) -> dict[str, Any]:
-    from llmscale.cli import parallel_kwargs
+    from llmscale.engine_args import PARALLEL, EngineArgs
 
     longest = max(args.window + 1, args.prompt_len + args.greedy_tokens + 1,
                   args.prompt_len + max(args.tpot_tokens, args.batch_tokens))
     return {
         "model": model, "name": name, "dtype": args.dtype,
         "kv_cache_memory": args.kv_cache_memory, "max_model_len": longest,
-        "engine_args": {**parallel_kwargs(args), **({"keep_quantized": True} if args.keep_quantized else {})},
+        "engine_args": {**EngineArgs.from_cli_args(args).kwargs((PARALLEL,)),
+                        **({"keep_quantized": True} if args.keep_quantized else {})},
         "window": args.window, "max_windows": args.max_windows, "num_prompts": args.num_prompts,
         "prompt_len": args.prompt_len, "greedy_tokens": args.greedy_tokens,
         "tpot_tokens": args.tpot_tokens, "tpot_repeats": args.tpot_repeats,

@@ -35,7 +35,7 @@ def add_deployment_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     from llmscale.bench.cli import add_load_args, add_workload_args
-    from llmscale.cli import add_engine_args
+    from llmscale.engine_args import EngineArgs
     from llmscale.plan.simulator import ROUTING_POLICIES
 
     p = subparsers.add_parser("simulate", help="predict `bench serve` results without running the model",
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--label", default=None, help="name in reports (default: simulated <hardware>)")
     add_workload_args(p)
     add_load_args(p)
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     add_deployment_args(p)
     g = p.add_argument_group("hardware and parallelism")
     g.add_argument("--hardware-name", default=None, metavar="NAME",
@@ -87,9 +87,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from llmscale.bench.cli import exit_if_interrupted, finish_runs, load_plan, progress_bars, workload_spec
     from llmscale.bench.datasets import make_requests
     from llmscale.bench.metrics import parse_slo
-    from llmscale.cli import engine_config_from_args
     from llmscale.console import status
     from llmscale.engine.shard import kv_cache_blocks
+    from llmscale.engine_args import EngineArgs
     from llmscale.plan.calibrate import Calibration
     from llmscale.plan.deployment import THIS_MACHINE, Deployment, ModelSpec, weight_format_of_dtype
     from llmscale.plan.simulator import CATALOGUE_REQUEST_OVERHEAD, RequestOverhead, make_router
@@ -98,17 +98,17 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     spec = workload_spec(args)
     plan = load_plan(args)
     parse_slo(args.slo)
-    for flag in ("tensor_parallel_size", "pipeline_parallel_size", "num_replicas"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.num_replicas < 1:
+        raise ConfigError("--num-replicas must be >= 1")
     calibration = Calibration.read(args.calibration) if args.calibration else None
     hardware = _hardware(args, calibration)
-    engine_config = engine_config_from_args(args)
+    engine_config = EngineArgs.from_cli_args(args).create_engine_config()
+    tp, pp = engine_config.parallel.tensor_parallel_size, engine_config.parallel.pipeline_parallel_size
     model = ModelSpec.load(args.model)
     max_model_len = model.config.context_len(args.max_model_len)
     on_machine = hardware.name == THIS_MACHINE
     if on_machine:
-        if (args.weight_format or args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1
+        if (args.weight_format or tp > 1 or pp > 1
                 or args.kv_cache_dtype != "auto"):
             raise ConfigError("--weight-format, --kv-cache-dtype and parallelism apply to catalogue "
                               "hardware; this machine runs the engine's --dtype on one process")
@@ -121,7 +121,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     import torch
 
     scheduler = engine_config.scheduler.resolved(torch.device(device), online=True)
-    deployment = Deployment(hardware, fmt, args.tensor_parallel_size, args.pipeline_parallel_size,
+    deployment = Deployment(hardware, fmt, tp, pp,
                             args.num_replicas, scheduler.max_num_seqs, scheduler.max_num_batched_tokens or 0,
                             engine_config.cache.block_size, engine_config.cache.enable_prefix_caching,
                             kv_cache_dtype=args.kv_cache_dtype)
@@ -129,9 +129,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         kv_dtype = engine_config.activation_dtype
         num_blocks = kv_cache_blocks(engine_config.cache, model.config, kv_dtype, max_model_len)
     else:
-        explicit = args.kv_cache_memory != "0.1"
         num_blocks = None
-        if explicit:
+        if args.kv_cache_memory is not None:  # else what the devices hold after the weights
             from llmscale.config import parse_memory
 
             kv_bytes = parse_memory(args.kv_cache_memory, hardware.memory_bytes)
