@@ -239,42 +239,50 @@ static inline __m256 exp_ps(__m256 x) {
     if (M > i) {                                                                                \
         __VA_ARGS__                                                                             \
     }
-#if defined(__AVX512F__)
-/* AVX-512: a panel's 16 weights are one vector, so a tile of 12 rows keeps 12 accumulators, as
- * the AVX2 tile of 6 rows does with two vectors per row. Each output is the same chain of FMAs
- * along k as there: the results are bit for bit the AVX2 kernel's. */
-#define PANEL_ROWS 12
-#define PANEL_ROWS_DO(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
-#define PANEL_DECLARE __m512 a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11
-#define PANEL_ZERO(i) PANEL_ROW(i, a##i = _mm512_setzero_ps();)
-#define PANEL_LOAD(i) PANEL_ROW(i, a##i = _mm512_loadu_ps(part + i * PANEL);)
-#define PANEL_FMA(i) PANEL_ROW(i, a##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + j]), w0, a##i);)
-#define PANEL_W(at) (BF ? load_bf16x16((const uint16_t *)wp + (at)) : _mm512_loadu_ps((const float *)wp + (at)))
-#define PANEL_K_STEP                                                                            \
-    {                                                                                           \
-        const __m512 w0 = PANEL_W(j * PANEL);                                                   \
-        PANEL_ROWS_DO(PANEL_FMA)                                                                \
-    }
-#define PANEL_STORE(i) PANEL_ROW(i, _mm512_storeu_ps(y + i * ldy, a##i);)
-#else
+/* AVX2: a tile of 6 rows keeps two vectors per row, 12 accumulators. */
 #define PANEL_ROWS 6
-#define PANEL_ROWS_DO(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5)
-#define PANEL_DECLARE __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51
-#define PANEL_ZERO(i) PANEL_ROW(i, a##i##0 = a##i##1 = _mm256_setzero_ps();)
-#define PANEL_LOAD(i)                                                                           \
+#define PANEL_ROWS_DO_N(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5)
+#define PANEL_DECLARE_N __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51
+#define PANEL_ZERO_N(i) PANEL_ROW(i, a##i##0 = a##i##1 = _mm256_setzero_ps();)
+#define PANEL_LOAD_N(i)                                                                         \
     PANEL_ROW(i, a##i##0 = _mm256_loadu_ps(part + i * PANEL); a##i##1 = _mm256_loadu_ps(part + i * PANEL + 8);)
-#define PANEL_FMA(i)                                                                            \
+#define PANEL_FMA_N(i)                                                                          \
     PANEL_ROW(i, __m256 xb = _mm256_broadcast_ss(x + i * ldx + j);                               \
               a##i##0 = _mm256_fmadd_ps(xb, w0, a##i##0); a##i##1 = _mm256_fmadd_ps(xb, w1, a##i##1);)
 /* Eight weights at element `at` of the panel: fp32, or bf16 (BF) widened as they load. */
-#define PANEL_W(at) (BF ? load_bf16((const uint16_t *)wp + (at)) : _mm256_loadu_ps((const float *)wp + (at)))
-#define PANEL_K_STEP                                                                            \
+#define PANEL_W_N(at) (BF ? load_bf16((const uint16_t *)wp + (at)) : _mm256_loadu_ps((const float *)wp + (at)))
+#define PANEL_K_STEP_N                                                                          \
     {                                                                                           \
-        __m256 w0 = PANEL_W(j * PANEL), w1 = PANEL_W(j * PANEL + 8);                            \
-        PANEL_ROWS_DO(PANEL_FMA)                                                                \
+        __m256 w0 = PANEL_W_N(j * PANEL), w1 = PANEL_W_N(j * PANEL + 8);                        \
+        PANEL_ROWS_DO_N(PANEL_FMA_N)                                                            \
     }
-#define PANEL_STORE(i)                                                                          \
+#define PANEL_STORE_N(i)                                                                        \
     PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
+
+#if defined(__AVX512F__)
+/* AVX-512: a panel's 16 weights are one vector, so a tile of 12 rows keeps 12 accumulators.
+ * Each output is the same chain of FMAs along k as in the AVX2 tile: bit for bit its results.
+ * It wins from PANEL_WIDE_MIN_ROWS rows; below, one tile of a few rows keeps too few FMAs in
+ * flight (all decoder linears of SmolLM2-135M, fp32 panels: 4 and 8 rows 1.2-1.3x slower than
+ * the AVX2 tile, 32 rows 1.3x faster), and the AVX2 tile runs instead. */
+#define PANEL_WIDE 1
+#define PANEL_ROWS_WIDE 12
+#define PANEL_WIDE_MIN_ROWS 16
+#define PANEL_ROWS_DO_W(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
+#define PANEL_DECLARE_W __m512 a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11
+#define PANEL_ZERO_W(i) PANEL_ROW(i, a##i = _mm512_setzero_ps();)
+#define PANEL_LOAD_W(i) PANEL_ROW(i, a##i = _mm512_loadu_ps(part + i * PANEL);)
+#define PANEL_FMA_W(i) PANEL_ROW(i, a##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + j]), w0, a##i);)
+#define PANEL_W_W(at) (BF ? load_bf16x16((const uint16_t *)wp + (at)) : _mm512_loadu_ps((const float *)wp + (at)))
+#define PANEL_K_STEP_W                                                                          \
+    {                                                                                           \
+        const __m512 w0 = PANEL_W_W(j * PANEL);                                                 \
+        PANEL_ROWS_DO_W(PANEL_FMA_W)                                                            \
+    }
+#define PANEL_STORE_W(i) PANEL_ROW(i, _mm512_storeu_ps(y + i * ldy, a##i);)
+#else
+#define PANEL_WIDE 0
+#define PANEL_ROWS_WIDE PANEL_ROWS
 #endif
 
 /* silu(gate) * up for 8 lanes: `silu_and_mul` and the GEMM that fuses it (below) share it, so
@@ -294,51 +302,61 @@ static __attribute__((noinline)) void swiglu_store(const float *acc, int rows, f
 }
 
 /* SWIGLU: the panel holds 8 gate then 8 up outputs (`pack_swiglu_panels`); each row stores the 8
- * values silu(gate) * up instead of 16. */
-static inline __attribute__((always_inline)) void panel_tile(
-    const float *x, int64_t ldx, int64_t k, const void *wp, float *y, int64_t ldy, const int M,
-    const int SWIGLU, const float *part, const int BF) {
-    PANEL_DECLARE;
-    if (part) { /* sums so far, PANEL floats per row */
-        PANEL_ROWS_DO(PANEL_LOAD)
-    } else {
-        PANEL_ROWS_DO(PANEL_ZERO)
+ * values silu(gate) * up instead of 16. V: N (AVX2 tile) or W (AVX-512 tile). */
+#define PANEL_TILE(NAME, V, ROWS)                                                               \
+    static inline __attribute__((always_inline)) void NAME(                                     \
+        const float *x, int64_t ldx, int64_t k, const void *wp, float *y, int64_t ldy, const int M, \
+        const int SWIGLU, const float *part, const int BF) {                                    \
+        PANEL_DECLARE_##V;                                                                      \
+        if (part) { /* sums so far, PANEL floats per row */                                     \
+            PANEL_ROWS_DO_##V(PANEL_LOAD_##V)                                                   \
+        } else {                                                                                \
+            PANEL_ROWS_DO_##V(PANEL_ZERO_##V)                                                   \
+        }                                                                                       \
+        /* Unrolled, the loop's own instructions stop sharing the cycles of its FMAs: 3-5%      \
+         * faster from 1 to 2,048 rows (AVX2, all decoder linears, alternated in one process). */ \
+        _Pragma("GCC unroll 4") for (int64_t j = 0; j < k; j++) PANEL_K_STEP_##V                \
+        if (SWIGLU) {                                                                           \
+            float acc[ROWS * PANEL], *out = y;                                                  \
+            const int64_t ld = ldy;                                                             \
+            y = acc, ldy = PANEL;                                                               \
+            PANEL_ROWS_DO_##V(PANEL_STORE_##V)                                                  \
+            swiglu_store(acc, M, out, ld);                                                      \
+        } else {                                                                                \
+            PANEL_ROWS_DO_##V(PANEL_STORE_##V)                                                  \
+        }                                                                                       \
     }
-    /* Unrolled, the loop's own instructions stop sharing the cycles of its 12 FMAs: 3-5% faster
-     * from 1 to 2,048 rows (all decoder linears, medians, alternated in one process). */
-#pragma GCC unroll 4
-    for (int64_t j = 0; j < k; j++) PANEL_K_STEP
-    if (SWIGLU) {
-        float acc[PANEL_ROWS * PANEL], *out = y;
-        const int64_t ld = ldy;
-        y = acc, ldy = PANEL;
-        PANEL_ROWS_DO(PANEL_STORE)
-        swiglu_store(acc, M, out, ld);
-    } else {
-        PANEL_ROWS_DO(PANEL_STORE)
-    }
-}
+
+PANEL_TILE(panel_tile, N, PANEL_ROWS)
+#if PANEL_WIDE
+PANEL_TILE(panel_tile_wide, W, PANEL_ROWS_WIDE)
+#endif
+
+#define PANEL_CASE(F, R) case R: F(x, ldx, k, wp, y, ldy, R, SWIGLU, part, BF); break;
 
 /* Up to PANEL_ROWS rows of x (ldx floats apart) times the first k rows of one panel, the sums
- * started from `part` unless it is NULL. */
+ * started from `part` unless it is NULL; with WIDE, up to PANEL_ROWS_WIDE rows in the AVX-512
+ * tile. */
 static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, int rows,
                                                               int64_t k, const void *wp, float *y,
                                                               int64_t ldy, const int SWIGLU,
-                                                              const float *part, const int BF) {
-    switch (rows) {
-        case 1: panel_tile(x, ldx, k, wp, y, ldy, 1, SWIGLU, part, BF); break;
-        case 2: panel_tile(x, ldx, k, wp, y, ldy, 2, SWIGLU, part, BF); break;
-        case 3: panel_tile(x, ldx, k, wp, y, ldy, 3, SWIGLU, part, BF); break;
-        case 4: panel_tile(x, ldx, k, wp, y, ldy, 4, SWIGLU, part, BF); break;
-        case 5: panel_tile(x, ldx, k, wp, y, ldy, 5, SWIGLU, part, BF); break;
-#if PANEL_ROWS > 6
-        case 6: panel_tile(x, ldx, k, wp, y, ldy, 6, SWIGLU, part, BF); break;
-        case 7: panel_tile(x, ldx, k, wp, y, ldy, 7, SWIGLU, part, BF); break;
-        case 8: panel_tile(x, ldx, k, wp, y, ldy, 8, SWIGLU, part, BF); break;
-        case 9: panel_tile(x, ldx, k, wp, y, ldy, 9, SWIGLU, part, BF); break;
-        case 10: panel_tile(x, ldx, k, wp, y, ldy, 10, SWIGLU, part, BF); break;
-        case 11: panel_tile(x, ldx, k, wp, y, ldy, 11, SWIGLU, part, BF); break;
+                                                              const float *part, const int BF, const int WIDE) {
+#if PANEL_WIDE
+    if (WIDE) {
+        switch (rows) {
+            PANEL_CASE(panel_tile_wide, 1) PANEL_CASE(panel_tile_wide, 2) PANEL_CASE(panel_tile_wide, 3)
+            PANEL_CASE(panel_tile_wide, 4) PANEL_CASE(panel_tile_wide, 5) PANEL_CASE(panel_tile_wide, 6)
+            PANEL_CASE(panel_tile_wide, 7) PANEL_CASE(panel_tile_wide, 8) PANEL_CASE(panel_tile_wide, 9)
+            PANEL_CASE(panel_tile_wide, 10) PANEL_CASE(panel_tile_wide, 11)
+            default: panel_tile_wide(x, ldx, k, wp, y, ldy, PANEL_ROWS_WIDE, SWIGLU, part, BF); break;
+        }
+        return;
+    }
 #endif
+    (void)WIDE;
+    switch (rows) {
+        PANEL_CASE(panel_tile, 1) PANEL_CASE(panel_tile, 2) PANEL_CASE(panel_tile, 3)
+        PANEL_CASE(panel_tile, 4) PANEL_CASE(panel_tile, 5)
         default: panel_tile(x, ldx, k, wp, y, ldy, PANEL_ROWS, SWIGLU, part, BF); break;
     }
 }
@@ -350,30 +368,39 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
 static inline __attribute__((always_inline)) void panel_step(const float *x, int64_t k, int rows,
                                                               int64_t kb, int64_t kc, const void *panel,
                                                               float *part, float *yr, int64_t ldy,
-                                                              int64_t n, int64_t p, int swiglu, const int BF) {
+                                                              int64_t n, int64_t p, int swiglu, const int BF,
+                                                              const int WIDE) {
     const int64_t cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
     const float *in = kb ? part : NULL;
     const void *w = (const char *)panel + kb * PANEL * (BF ? 2 : 4);
     if (kb + kc < k || cols < PANEL) {
-        panel_rows(x + kb, k, rows, kc, w, part, PANEL, 0, in, BF);
+        panel_rows(x + kb, k, rows, kc, w, part, PANEL, 0, in, BF, WIDE);
         if (kb + kc == k)
             for (int i = 0; i < rows; i++)
                 for (int64_t c = 0; c < cols; c++) yr[i * ldy + p * PANEL + c] = part[i * PANEL + c];
     } else if (swiglu) {
-        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL / 2, ldy, 1, in, BF);
+        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL / 2, ldy, 1, in, BF, WIDE);
     } else {
-        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL, ldy, 0, in, BF);
+        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL, ldy, 0, in, BF, WIDE);
     }
 }
 
-/* `panel_step` with its weights' type fixed at compile time: the choice is made once per
- * (tile, panel), not per weight load. */
-static inline __attribute__((always_inline)) void panel_step_of(int bf, const float *x, int64_t k, int rows,
-                                                                 int64_t kb, int64_t kc, const void *panel,
-                                                                 float *part, float *yr, int64_t ldy,
-                                                                 int64_t n, int64_t p, int swiglu) {
-    if (bf) panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 1);
-    else panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 0);
+/* `panel_step` with its weights' type and tile fixed at compile time: the choice is made once
+ * per (tile, panel), not per weight load. */
+static inline __attribute__((always_inline)) void panel_step_of(int bf, int wide, const float *x, int64_t k,
+                                                                 int rows, int64_t kb, int64_t kc,
+                                                                 const void *panel, float *part, float *yr,
+                                                                 int64_t ldy, int64_t n, int64_t p, int swiglu) {
+#if PANEL_WIDE
+    if (wide) {
+        if (bf) panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 1, 1);
+        else panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 0, 1);
+        return;
+    }
+#endif
+    (void)wide;
+    if (bf) panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 1, 0);
+    else panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 0, 0);
 }
 
 static inline void prefetch_lines(const char **pf, const char *end, int64_t count) {
@@ -408,6 +435,12 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
     const int64_t group = prefetch ? PANEL_GROUP_PREFETCHED : PANEL_GROUP;
     const int64_t kc = prefetch && m >= PANEL_KBLOCK_MIN_ROWS && k > PANEL_KC ? PANEL_KC : k;
     const int64_t kblocks = (k + kc - 1) / kc;
+#if PANEL_WIDE
+    const int wide = m >= PANEL_WIDE_MIN_ROWS;
+#else
+    const int wide = 0;
+#endif
+    const int64_t tile = wide ? PANEL_ROWS_WIDE : PANEL_ROWS;
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -415,7 +448,7 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
         float part[PANEL_BLOCK_ROWS * PANEL];
         for (int64_t i0 = 0; i0 < m; i0 += PANEL_BLOCK_ROWS) {
             const int64_t i1 = i0 + PANEL_BLOCK_ROWS < m ? i0 + PANEL_BLOCK_ROWS : m;
-            const int64_t tiles = (i1 - i0 + PANEL_ROWS - 1) / PANEL_ROWS;
+            const int64_t tiles = (i1 - i0 + tile - 1) / tile;
             for (int64_t g = first; g < p1; g += group) {
                 const int64_t g1 = g + group < p1 ? g + group : p1;
                 const int64_t g2 = g1 + group < p1 ? g1 + group : p1;
@@ -427,17 +460,17 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                 if (kblocks > 1) { /* panel by panel, block by block, every row tile */
                     for (int64_t p = g; p < g1; p++)
                         for (int64_t kb = 0; kb < k; kb += kc)
-                            for (int64_t r = i0; r < i1; r += PANEL_ROWS) {
+                            for (int64_t r = i0; r < i1; r += tile) {
                                 prefetch_lines(&pf, pf_end, per_product);
-                                panel_step_of(bf, x + r * k, k, i1 - r < PANEL_ROWS ? (int)(i1 - r) : PANEL_ROWS,
+                                panel_step_of(bf, wide, x + r * k, k, i1 - r < tile ? (int)(i1 - r) : (int)tile,
                                               kb, k - kb < kc ? k - kb : kc, (const char *)wp + p * panel_bytes,
                                               part + (r - i0) * PANEL, y + r * ldy, ldy, n, p, swiglu);
                             }
                 } else { /* row tile by row tile: each stays in L1 for the group's panels */
-                    for (int64_t r = i0; r < i1; r += PANEL_ROWS)
+                    for (int64_t r = i0; r < i1; r += tile)
                         for (int64_t p = g; p < g1; p++) {
                             prefetch_lines(&pf, pf_end, per_product);
-                            panel_step_of(bf, x + r * k, k, i1 - r < PANEL_ROWS ? (int)(i1 - r) : PANEL_ROWS, 0,
+                            panel_step_of(bf, wide, x + r * k, k, i1 - r < tile ? (int)(i1 - r) : (int)tile, 0,
                                           k, (const char *)wp + p * panel_bytes, part, y + r * ldy, ldy, n, p,
                                           swiglu);
                         }
@@ -910,7 +943,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 const int64_t seen16 = (offset + r0 + i + m + PANEL - 1) / PANEL * PANEL;
                 for (int64_t p = 0; p < seen16 / PANEL; p++)
                     panel_rows(qb + i * d, d, m, d, kh_p + p * d * PANEL, sc + i * keys16 + p * PANEL,
-                               keys16, 0, NULL, 0);
+                               keys16, 0, NULL, 0, 0);
                 for (int64_t r = i; r < i + m; r++) { /* row r sees keys [0, offset + r0 + r] */
                     float *s = sc + r * keys16;
                     const int64_t seen = offset + r0 + r + 1;
@@ -919,7 +952,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 }
                 for (int64_t p = 0; p < d / PANEL; p++)
                     panel_rows(sc + i * keys16, keys16, m, seen16, vh_p + p * len16 * PANEL,
-                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0, NULL, 0);
+                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0, NULL, 0, 0);
             }
         }
     }
