@@ -262,9 +262,9 @@ static inline __m256 exp_ps(__m256 x) {
 #if defined(__AVX512F__)
 /* AVX-512: a panel's 16 weights are one vector, so a tile of 12 rows keeps 12 accumulators.
  * Each output is the same chain of FMAs along k as in the AVX2 tile: bit for bit its results.
- * It wins from PANEL_WIDE_MIN_ROWS rows; below, one tile of a few rows keeps too few FMAs in
- * flight (all decoder linears of SmolLM2-135M, fp32 panels: 4 and 8 rows 1.2-1.3x slower than
- * the AVX2 tile, 32 rows 1.3x faster), and the AVX2 tile runs instead. */
+ * It runs from PANEL_WIDE_MIN_ROWS rows (all decoder linears of SmolLM2-135M at 32 rows:
+ * 0.70-0.83x the AVX2 build's time, BENCHMARKS.md); a single tile of 4-8 rows keeps few FMAs in
+ * flight and measured slower than the AVX2 tile, which runs there instead. */
 #define PANEL_WIDE 1
 #define PANEL_ROWS_WIDE 12
 #define PANEL_WIDE_MIN_ROWS 16
