@@ -14,8 +14,8 @@ dequantized to fp32, 16 at once. Costs are the sites file's (`SITES` below).
    128 tokens, 32 output tokens) with the user's `x-llmscale-user-location`. TTFT and E2E
    p50/p99, which sites served it, the cost per 1M output tokens of the sites the policy keeps
    (their $/h over the run's span) and the bytes that crossed inter-site links.
-2. Sensors. Users at the Munich site send 1,500-token prompts ("readings") and get 8 tokens
-   back, once kept at the edge and once sent to the cloud: bytes on each link.
+2. Sensors. Users at the Munich site send 1,500-token prompts ("readings", 0.25 req/s) and get
+   8 tokens back, once kept at the edge and once sent to the cloud: bytes on each link.
 3. Failover. Munich users load the fleet; edge-munich's links are cut mid-run: how long until
    the gateway takes it out, how many requests failed, and where the rest went.
 
@@ -55,6 +55,7 @@ sites:
 USERS = {"Munich": "48.14,11.58", "Paris": "48.86,2.35", "Vienna": "48.21,16.37", "Madrid": "40.42,-3.70"}
 POLICIES = {"edge only": "edge", "cloud only": "cloud", "hybrid": None}
 SITE_KIND = {"edge-munich": "edge", "edge-paris": "edge", "cloud-frankfurt": "cloud"}
+SENSOR_RATE = 0.25  # req/s: what one edge site keeps up with at 1,500-token prompts on this machine
 SITE_COST = {"edge-munich": 0.40, "edge-paris": 0.40, "cloud-frankfurt": 4.00}
 
 
@@ -133,7 +134,7 @@ def sensors(url: str, out: Path, n: int) -> list[dict[str, Any]]:
     for policy, kind in (("at the edge", "edge"), ("to the cloud", "cloud")):
         headers = {"x-llmscale-user-location": USERS["Munich"], "x-llmscale-site-kind": kind}
         sites = [s for s, k in SITE_KIND.items() if k == kind]
-        row = measured(url, out / f"sensors-{kind}", headers, n, 1.0, 1500, 8, sites)
+        row = measured(url, out / f"sensors-{kind}", headers, n, SENSOR_RATE, 1500, 8, sites)
         rows.append({"policy": policy, **row})
     return rows
 
