@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -321,6 +322,31 @@ def parse_rank_cpu_lists(spec: str, ranks: int) -> list[list[int]]:
     if len(set(flat)) != len(flat):
         raise ConfigError(f"--cpu-threads-bind {spec!r} gives a core to two ranks")
     return lists
+
+
+def read_user_file(path: str | Path, what: str) -> str:
+    """The text of a file the user named (`what` it is, for the message); one ConfigError line
+    when it is missing or unreadable."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the {what}: {e}") from None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as Python objects; a syntax error is one ConfigError line naming its line."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
 def parse_memory(value: str | int | float, available_bytes: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,32 +66,8 @@ def workload(seed: int, vocab: int = 5000) -> list[tuple[int, list[int], int]]:
        blocks=st.sampled_from([24, 40, 400]), max_seqs=st.sampled_from([2, 8]), caching=st.booleans())
 def test_simulator_schedules_exactly_as_the_engine(tiny_model, seed: int, budget: int, blocks: int,
                                                    max_seqs: int, caching: bool) -> None:
-    folder = tiny_model("llama")
-    config = EngineConfig.from_kwargs(model=str(folder), dtype="float32", max_model_len=256,
-                                      num_gpu_blocks_override=blocks, block_size=16,
-                                      max_num_batched_tokens=budget, max_num_seqs=max_seqs,
-                                      enable_prefix_caching=caching)
-    engine = LLMEngine(config)
-    real = record_batches(engine)
-    sched = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
-    sim = SimEngine(sched, blocks, 16, caching, engine.max_model_len, FixedStep())
-    simulated: list[list[tuple[str, int]]] = []
-    pending = workload(seed)
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][0] <= step:
-            _, prompt, max_tokens = pending.pop(0)
-            rid = f"r{len(simulated)}-{len(pending)}"
-            engine.add_request(rid, {"prompt_token_ids": prompt},
-                               SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-            sim.add_request(rid, prompt, max_tokens)
-        engine.step()
-        batch, _ = sim.step()
-        simulated.append([(r.request_id, n) for r, n in batch.batch.scheduled]
-                         + [(f"preempted:{r.request_id}", 0) for r in batch.batch.preempted])
-        step += 1
-        assert real[-1] == simulated[-1], f"step {step}: engine {real[-1]} vs simulator {simulated[-1]}"
-    assert not sim.has_unfinished_requests()
+    engine, sim = engine_and_simulator(tiny_model("llama"), blocks, budget, max_seqs, caching=caching)
+    in_lockstep(engine, sim, seed)
     assert engine.kv.prefix_hits == sim.kv.prefix_hits
 
 
@@ -98,35 +75,45 @@ def test_simulator_schedules_exactly_as_the_engine(tiny_model, seed: int, budget
 def test_pipelined_simulator_schedules_exactly_as_the_pipelined_engine(tiny_model, seed: int) -> None:
     """Two pipeline stages: the engine keeps two micro-batches in flight, and so must the
     simulator, with the same requests in each and the same preemptions."""
-    folder = tiny_model("llama")
-    blocks, budget, max_seqs = 40, 48, 8
-    config = EngineConfig.from_kwargs(model=str(folder), dtype="float32", max_model_len=256,
-                                      num_gpu_blocks_override=blocks, block_size=16,
-                                      max_num_batched_tokens=budget, max_num_seqs=max_seqs,
-                                      pipeline_parallel_size=2)
-    engine = LLMEngine(config)
+    engine, sim = engine_and_simulator(tiny_model("llama"), 40, 48, 8, stages=2)
     try:
-        real = record_batches(engine)
-        sched = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
-        sim = SimEngine(sched, blocks, 16, True, engine.max_model_len, FixedStep(), stages=2)
-        simulated = record_batches(sim)  # type: ignore[arg-type]
-        pending = workload(seed)
-        step = 0
-        while pending or engine.has_unfinished_requests():
-            while pending and pending[0][0] <= step:
-                _, prompt, max_tokens = pending.pop(0)
-                rid = f"r{step}-{len(pending)}"
-                engine.add_request(rid, {"prompt_token_ids": prompt},
-                                   SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-                sim.add_request(rid, prompt, max_tokens)
-            engine.step()
-            sim.step()
-            step += 1
-            assert real == simulated, f"step {step}"
-        assert not sim.has_unfinished_requests() and not sim.flights
+        real = in_lockstep(engine, sim, seed)
+        assert not sim.flights
         assert any(len(b) and len(a) for a, b in zip(real, real[1:], strict=False))  # two in flight at once
     finally:
         engine.shutdown()
+
+
+def engine_and_simulator(folder: Path, blocks: int, budget: int, max_seqs: int, caching: bool = True,
+                         stages: int = 1) -> tuple[LLMEngine, SimEngine]:
+    config = EngineConfig.from_kwargs(model=str(folder), dtype="float32", max_model_len=256,
+                                      num_gpu_blocks_override=blocks, block_size=16,
+                                      max_num_batched_tokens=budget, max_num_seqs=max_seqs,
+                                      enable_prefix_caching=caching, pipeline_parallel_size=stages)
+    engine = LLMEngine(config)
+    sched = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+    return engine, SimEngine(sched, blocks, 16, caching, engine.max_model_len, FixedStep(), stages=stages)
+
+
+def in_lockstep(engine: LLMEngine, sim: SimEngine, seed: int) -> list[list[tuple[str, int]]]:
+    """The same workload through both, step for step; every batch either schedules must match
+    (which requests, how many tokens, who was preempted). Returns the batches."""
+    real, simulated = record_batches(engine), record_batches(sim)
+    pending = workload(seed)
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, prompt, max_tokens = pending.pop(0)
+            rid = f"r{step}-{len(pending)}"
+            engine.add_request(rid, {"prompt_token_ids": prompt},
+                               SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            sim.add_request(rid, prompt, max_tokens)
+        engine.step()
+        sim.step()
+        step += 1
+        assert real == simulated, f"step {step}: engine {real[-1]} vs simulator {simulated[-1]}"
+    assert not sim.has_unfinished_requests()
+    return real
 
 
 class LinearStep:

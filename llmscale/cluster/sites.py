@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmscale.config import ConfigError
+from llmscale.config import ConfigError, parse_yaml, read_user_file
 
 EARTH_RADIUS_KM = 6371.0
 JURISDICTION_RE = re.compile(r"^[A-Z][A-Z0-9-]{1,15}$")  # ISO 3166 codes, or a region such as EU
@@ -213,12 +212,7 @@ class Fleet:
 
 
 def parse_fleet(text: str, source: str) -> Fleet:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    raw = parse_yaml(text, source)
     if not isinstance(raw, dict) or "sites" not in raw:
         raise ConfigError(f"{source}: expected a top-level 'sites:' list")
     try:
@@ -228,14 +222,7 @@ def parse_fleet(text: str, source: str) -> Fleet:
 
 
 def load_fleet(path: str | Path) -> Fleet:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: sites file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read the sites file: {e}") from None
-    return parse_fleet(text, str(p))
+    return parse_fleet(read_user_file(path, "sites file"), str(path))
 
 
 def _one_line(e: ValidationError, raw: dict[str, Any]) -> str:

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from llmscale.config import ConfigError
+from llmscale.config import ConfigError, parse_yaml, read_user_file
 
 KINDS = ("gpu", "cpu")
 DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
@@ -159,13 +157,7 @@ class _Entry:
 
 def parse_catalogue(text: str, source: str) -> dict[str, Hardware]:
     """The entries of one catalogue file, in file order. `source` names it in errors."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    data = parse_yaml(text, source)
     if not isinstance(data, dict) or "hardware" not in data:
         raise ConfigError(f"{source}: expected a top-level 'hardware:' list of entries")
     for key in data:
@@ -192,14 +184,7 @@ def load_catalogue(extra: Path | None = None) -> dict[str, Hardware]:
     shipped = importlib.resources.files("llmscale.plan") / "hardware.yaml"
     catalogue = parse_catalogue(shipped.read_text(encoding="utf-8"), "llmscale/plan/hardware.yaml")
     if extra is not None:
-        path = Path(extra)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: hardware file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read hardware file: {e}") from None
-        catalogue.update(parse_catalogue(text, str(path)))
+        catalogue.update(parse_catalogue(read_user_file(extra, "hardware file"), str(extra)))
     return catalogue
 
 
