@@ -347,6 +347,7 @@ R = TypeVar("R")
 def _each(fn: Callable[[T], R], items: Sequence[T], name: Callable[[T], str],
           advance: Callable[[str], None]) -> list[R]:
     """`fn` of each item, on every core: each simulation is one Python thread's work."""
+    import gc
     import os
     from concurrent.futures import ProcessPoolExecutor
 
@@ -356,12 +357,20 @@ def _each(fn: Callable[[T], R], items: Sequence[T], name: Callable[[T], str],
             advance(name(item))
             out.append(fn(item))
         return out
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        results = []
-        for item, future in zip(items, futures, strict=True):
-            advance(name(item))
-            results.append(future.result())
+    # The workers are forks of this process. Garbage it holds (a finished engine's gloo process
+    # group, say) must die here, where its threads live: a fork that collected it would wait on
+    # those threads forever. What the forks inherit, they never collect.
+    gc.collect()
+    gc.freeze()
+    try:
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            results = []
+            for item, future in zip(items, futures, strict=True):
+                advance(name(item))
+                results.append(future.result())
+    finally:
+        gc.unfreeze()
     return results
 
 
