@@ -32,7 +32,7 @@ from typing import Any
 from llmscale.bench.metrics import percentile
 from llmscale.bench.roofline import Chunk
 from llmscale.cluster.placement import Demand, SiteState, Unplaceable, place
-from llmscale.cluster.sites import Fleet, Link, Location, Site, load_fleet
+from llmscale.cluster.sites import Fleet, Location, Site, load_fleet
 from llmscale.config import ConfigError
 from llmscale.console import fmt_bytes, stdout_console
 from llmscale.plan.deployment import Deployment, ModelSpec
@@ -347,28 +347,6 @@ class _Live:
         return list(range(base, base + self.rec.prompt_tokens + self.emitted))
 
 
-class _RouteMemo(Fleet):
-    """The fleet with each user's access site and each link worked out once: users do not move,
-    and placement asks for every candidate site's route on every request."""
-
-    def __init__(self, fleet: Fleet):
-        super().__init__(fleet.spec, fleet.source)
-        self.access: dict[Location, str] = {}
-        self.links: dict[tuple[str, str], Link] = {}
-
-    def access_site(self, user: Location) -> str:
-        site = self.access.get(user)
-        if site is None:
-            site = self.access[user] = super().access_site(user)
-        return site
-
-    def link(self, a: str, b: str) -> Link:
-        link = self.links.get((a, b))
-        if link is None:
-            link = self.links[(a, b)] = super().link(a, b)
-        return link
-
-
 # ----- the event loop --------------------------------------------------------------------------
 
 ARRIVE, DELIVER, STEP_END, POLL, DOWN, UP = range(6)
@@ -379,7 +357,7 @@ class _FleetSim:
     the kind's integers (a request and its attempt; a site, a replica and the site's generation)."""
 
     def __init__(self, fleet: Fleet, options: SimOptions):
-        self.fleet = _RouteMemo(fleet)
+        self.fleet = fleet
         self.options = options
         self.slo_s = options.ttft_slo_s if options.ttft_slo_s is not None else fleet.default_ttft_s
         rng = random.Random(options.seed)

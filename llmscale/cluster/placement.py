@@ -102,7 +102,7 @@ def place(fleet: Fleet, demand: Demand, states: Mapping[str, SiteState], fleet_m
         what += f", {demand.kind} sites only"
         if not sites:
             raise Unplaceable(f"no {demand.kind} site is allowed by {what}")
-    routes = {s.name: fleet.route(demand.user, s.name) for s in sites}
+    routes = fleet.routes(demand.user, [s.name for s in sites])
     up = [s for s in sites
           if states[s.name].healthy and routes[s.name].access not in states[s.name].down_links]
     if not up:

@@ -175,7 +175,10 @@ class Fleet:
         self.source = source
         self.sites: dict[str, Site] = {s.name: s for s in spec.sites}
         self.net = spec.network
-        self._links = {frozenset(link.between): link for link in spec.links}
+        given = {frozenset(link.between): link for link in spec.links}
+        # Every pair's link, worked out once: placement asks for each candidate on every request.
+        self.links = {(a, b): self._link(a, b, given.get(frozenset((a, b))))
+                      for a in self.sites for b in self.sites}
 
     @property
     def default_ttft_s(self) -> float | None:
@@ -188,9 +191,11 @@ class Fleet:
 
     def link(self, a: str, b: str) -> Link:
         """The link between two sites (a site's own link when a == b: its uplink, one hop)."""
-        sa, sb = self.sites[a], self.sites[b]
-        link = self.derived(great_circle_km(sa.location, sb.location))
-        spec = self._links.get(frozenset((a, b)))
+        return self.links[a, b]
+
+    def _link(self, a: str, b: str, spec: LinkSpec | None) -> Link:
+        """Derived from the distance, with what `links:` gives for the pair."""
+        link = self.derived(great_circle_km(self.sites[a].location, self.sites[b].location))
         if spec is None:
             return link
         return Link(link.rtt_s if spec.rtt_ms is None else spec.rtt_ms / 1e3,
@@ -202,13 +207,19 @@ class Fleet:
 
     def route(self, user: Location | None, site: str) -> Route:
         """A user at `user` (None: unknown, taken as at the site) to `site`."""
+        return self.routes(user, [site])[site]
+
+    def routes(self, user: Location | None, sites: list[str]) -> dict[str, Route]:
+        """A user's route to each of `sites`, their access site found once."""
         if user is None:
-            return Route(site, 0.0, 0.0, self.link(site, site))
+            return {s: Route(s, 0.0, 0.0, self.links[s, s]) for s in sites}
         access = self.access_site(user)
         access_rtt = self.derived(great_circle_km(user, self.sites[access].location)).rtt_s
-        link = self.link(access, site)
-        rtt = access_rtt + (0.0 if access == site else link.rtt_s)
-        return Route(access, rtt, access_rtt, link)
+        out = {}
+        for s in sites:
+            link = self.links[access, s]
+            out[s] = Route(access, access_rtt + (0.0 if access == s else link.rtt_s), access_rtt, link)
+        return out
 
 
 def parse_fleet(text: str, source: str) -> Fleet:
