@@ -27,7 +27,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -290,9 +290,9 @@ class Gateway:
         max_tokens = max_tokens if isinstance(max_tokens, int) else DEFAULT_MAX_TOKENS
         tried: set[str] = set()
         while True:
-            states = self.states()
-            for name in tried:  # a site that failed this request is not asked again
-                states[name].healthy = False
+            # A site that failed this request is not asked again (the sites' own states stay as they are).
+            states = {name: replace(st, healthy=False) if name in tried else st
+                      for name, st in self.states().items()}
             try:
                 placement = place(self.fleet, demand, states, self.served_model_name)
             except Unplaceable as e:
