@@ -8,16 +8,17 @@
 1. `llmscale profile --calibrate` (skipped with --calibration FILE) fits this machine.
 2. Per workload, `llmscale simulate --request-rate inf` predicts where one server saturates;
    the rates run are 25%, 50% and 75% of that prediction, then inf (everything at once).
-3. The real server is started on 127.0.0.1 (the default engine, `--kv-cache-memory 1GiB` in
-   both), `llmscale bench serve --sweep-rates R1,R2,R3,inf` is sent to it, it is stopped, and
-   `llmscale simulate` runs the same flags: the same prompts, lengths, seeds and arrival times.
-   Before each measured sweep a sixth of the calibration's step shapes are timed again, to say
-   how fast the machine ran then relative to the calibration (this shared host drifts); during
-   it the server logs every step (`--log-steps`), and the sum of those steps is set against
-   what the model says steps of the same shapes take: the model's own error, apart from the
-   simulator's scheduling and the host's drift.
-   With --repeats R the measured side runs R times, each on a fresh server (a second sweep of
-   the same prompts would hit the prefix cache); errors are against the median, with the range.
+3. Per repeat: `llmscale profile --calibrate` again, just before the sweep (this shared host's
+   speed drifts by 15% within minutes, more than the targets allow, so every prediction comes
+   from the machine as it was when its sweep ran; with --calibration FILE that file serves
+   throughout). Then the real server is started on 127.0.0.1 (the default engine,
+   `--kv-cache-memory 1GiB` in both), `llmscale bench serve --sweep-rates R1,R2,R3,inf` is
+   sent to it, it is stopped, and `llmscale simulate` runs the same flags from the repeat's
+   calibration: the same prompts, lengths, seeds and arrival times. During the sweep the server
+   logs every step (`--log-steps`), and the sum of those steps is set against what the model
+   says steps of the same shapes take: the model's own error, apart from the simulator's
+   scheduling. Each repeat runs on a fresh server (a second sweep of the same prompts would
+   hit the prefix cache); a cell's error is the median of the repeats' own errors.
 4. Printed: predicted against measured output throughput, TTFT p50/p99 and TPOT p50/p99 per
    run, with the relative error; the saturation rate (the inf run's completed requests per
    second) side by side. Written to --out: each side's results.json, summary.json and
@@ -77,25 +78,6 @@ def value(run: dict[str, Any], metric: str, stat: str | None) -> float:
     return math.nan if v is None else float(v)
 
 
-def machine_speed(calib: Path, every: int = 6) -> float:
-    """How long a sixth of the calibration's step shapes take now, relative to the calibrated
-    curve (median of measured / fitted): the shared host's speed drifts by 10% and more over an
-    hour, and this says how far it was from the calibration when a sweep ran."""
-    import gc
-
-    from llmscale.bench.roofline import Chunk
-    from llmscale.plan.calibrate import MAX_LEN, Calibration, calibration_engine, measure
-
-    calibration = Calibration.read(calib)
-    curve = calibration.curve()
-    shapes = [tuple(Chunk(*c) for c in s["chunks"]) for s in calibration.samples[::every]]
-    engine = calibration_engine(None, "auto", None, MAX_LEN)
-    samples = measure(engine, shapes, 3)
-    del engine
-    gc.collect()
-    return statistics.median(s.seconds / curve.step_seconds(s.chunks) for s in samples)
-
-
 def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dict[str, Any]:
     flags = [*WORKLOADS[name], "--num-prompts", str(args.num_prompts), "--seed", "0"]
     (out / name).mkdir(parents=True, exist_ok=True)
@@ -105,11 +87,15 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
     saturation = runs_of(probe / "results.json")[0]["summary"]["request_throughput"]
     rates = ",".join(f"{saturation * f:.3g}" for f in FRACTIONS) + ",inf"
     sweep = [*flags, "--sweep-rates", rates]
-    measured_runs, speeds, step_ratios = [], [], []
+    pairs, drifts, step_ratios = [], [], []
     for r in range(args.repeats):
-        speeds.append(machine_speed(calib))
+        # The calibration this sweep is predicted from: taken just before it, unless one was given.
+        own = calib
+        if args.recalibrate:
+            own = out / name / f"calib-{r + 1}.json"
+            llmscale("profile", "--calibrate", "--out", str(own), log=out / name / f"calibrate-{r + 1}.log")
+        drifts.append(drift(own, calib))
         # A fresh server each time: a second sweep of the same prompts would hit the prefix cache.
-        tag = "measured" if args.repeats == 1 else f"measured-{r + 1}"
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         steps = out / name / f"steps-{r + 1}.jsonl"
@@ -117,30 +103,42 @@ def validate(name: str, args: argparse.Namespace, calib: Path, out: Path) -> dic
         server = start_server(port, [*ENGINE, "--log-steps", str(steps)], out / name / f"server-{r + 1}.log")
         try:
             wait_ready(url, server)
-            llmscale("bench", "serve", "--base-url", url, *sweep, "--out", str(out / name / tag),
-                     log=out / name / f"bench-{r + 1}.log")
+            llmscale("bench", "serve", "--base-url", url, *sweep,
+                     "--out", str(out / name / f"measured-{r + 1}"), log=out / name / f"bench-{r + 1}.log")
         finally:
             stop_server(server)
-        measured_runs.append(runs_of(out / name / tag / "results.json"))
-        step_ratios.append(served_step_ratio(steps, calib))
-    llmscale("simulate", "--calibration", str(calib), *ENGINE, *sweep, "--out", str(out / name / "predicted"),
-             log=out / name / "simulate.log")
-    predicted = runs_of(out / name / "predicted" / "results.json")
+        llmscale("simulate", "--calibration", str(own), *ENGINE, *sweep,
+                 "--out", str(out / name / f"predicted-{r + 1}"), log=out / name / f"simulate-{r + 1}.log")
+        pairs.append((runs_of(out / name / f"predicted-{r + 1}" / "results.json"),
+                      runs_of(out / name / f"measured-{r + 1}" / "results.json")))
+        step_ratios.append(served_step_ratio(steps, own))
     rows = []
-    for i, p in enumerate(predicted):
-        repeats = [runs[i] for runs in measured_runs]
+    for i in range(len(pairs[0][0])):
         cells = {}
         for metric, stat, label in METRICS:
-            values = [value(m, metric, stat) for m in repeats]
-            mv, pv = statistics.median(values), value(p, metric, stat)
-            cells[label] = {"measured": mv, "measured_min": min(values), "measured_max": max(values),
-                            "predicted": pv, "error": pv / mv - 1 if mv else math.nan}
-        rows.append({"rate": p["request_rate"], "metrics": cells,
-                     "requests_per_s": {"measured": statistics.median(m["summary"]["request_throughput"]
-                                                                      for m in repeats),
-                                        "predicted": p["summary"]["request_throughput"]}})
+            predicted = [value(p[i], metric, stat) for p, _ in pairs]
+            measured = [value(m[i], metric, stat) for _, m in pairs]
+            errors = [pv / mv - 1 if mv else math.nan for pv, mv in zip(predicted, measured, strict=True)]
+            cells[label] = {"predicted": statistics.median(predicted),
+                            "measured": statistics.median(measured),
+                            "measured_min": min(measured), "measured_max": max(measured),
+                            "error": statistics.median(errors), "error_min": min(errors),
+                            "error_max": max(errors)}
+        rows.append({"rate": pairs[0][0][i]["request_rate"], "metrics": cells,
+                     "requests_per_s": {side: statistics.median(runs[j][i]["summary"]["request_throughput"]
+                                                                for runs in pairs)
+                                        for j, side in enumerate(("predicted", "measured"))}})
     return {"workload": name, "flags": sweep, "predicted_saturation": saturation, "runs": rows,
-            "machine_speed": speeds, "served_step_ratio": step_ratios}
+            "drift": drifts, "served_step_ratio": step_ratios}
+
+
+def drift(calib: Path, first: Path) -> float:
+    """How much slower a calibration's steps ran than the first calibration's, on the same shapes
+    (median ratio): how far the shared host's speed moved between them."""
+    from llmscale.plan.calibrate import Calibration
+
+    a, b = Calibration.read(calib), Calibration.read(first)
+    return statistics.median(x["seconds"] / y["seconds"] for x, y in zip(a.samples, b.samples, strict=True))
 
 
 def served_step_ratio(steps: Path, calib: Path) -> float:
@@ -163,7 +161,8 @@ def served_step_ratio(steps: Path, calib: Path) -> float:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     table = Table(title="predicted (llmscale simulate) vs measured (llmscale serve + bench serve): "
-                        "predicted / measured (median of the repeats), relative error [measured range]")
+                        "predicted / measured (medians of the repeats), relative error (median of the "
+                        "repeats' own) [range of the repeats' errors]")
     for col in ("workload", "rate req/s", *(label for _, _, label in METRICS)):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for r in results:
@@ -171,8 +170,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
             cells = []
             for _, _, label in METRICS:
                 c = run["metrics"][label]
-                spread = (f" [{c['measured_min']:.0f}-{c['measured_max']:.0f}]"
-                          if c["measured_max"] > c["measured_min"] else "")
+                spread = (f" [{c['error_min']:+.0%}..{c['error_max']:+.0%}]"
+                          if c["error_max"] > c["error_min"] else "")
                 cells.append(f"{c['predicted']:.0f} / {c['measured']:.0f} ({c['error']:+.0%}){spread}")
             rate = run["rate"]
             shown = "inf" if rate in ("inf", math.inf) else f"{float(rate):.3g}"
@@ -180,11 +179,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
     console.print(table)
     for r in results:
         sat = r["runs"][-1]["requests_per_s"]
-        speeds = ", ".join(f"{s:.2f}" for s in r["machine_speed"])
+        drifts = ", ".join(f"{s:.2f}" for s in r["drift"])
         ratios = ", ".join(f"{s:.2f}" for s in r["served_step_ratio"])
         console.print(f"{r['workload']}: saturation {sat['predicted']:.2f} req/s predicted, "
                       f"{sat['measured']:.2f} measured ({sat['predicted'] / sat['measured'] - 1:+.1%}); "
-                      f"calibrated steps took {speeds}x their fitted time before each measured sweep; "
+                      f"each sweep's calibration ran {drifts}x the first's step times; "
                       f"the server's steps took {ratios}x the model's time for their shapes")
 
 
@@ -226,7 +225,8 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=48)
     p.add_argument("--repeats", type=int, default=1,
                    help="measured sweeps per workload, each on a fresh server")
-    p.add_argument("--calibration", type=Path, default=None)
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="use this calibration for the rates and every prediction (no recalibrating)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("results/plan-validate"))
     args = p.parse_args()
@@ -237,6 +237,7 @@ def main() -> None:
     if args.quick:
         names, args.num_prompts = ["fixed"], 12
     args.out.mkdir(parents=True, exist_ok=True)
+    args.recalibrate = args.calibration is None
     calib = args.calibration
     if calib is None:
         calib = args.out / "calib.json"

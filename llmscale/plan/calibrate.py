@@ -358,12 +358,15 @@ def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 
         geometry = geometry_of_engine(engine)
         physical = fit(samples, geometry, peaks.memory_bytes, peaks.matmul_flops)
         curve, curve_errors = fit_curve(samples)
-        tokenizer = engine.tokenizer
-        del engine  # the server measured next loads its own
         task = progress.add_task("served", total=len(serving.BATCHES) + 1)
         serve_args = ["--dtype", dtype] + (["--model", model] if model else []) + \
             (["--device", device] if device else [])
-        overhead = serving.measure(serve_args, curve, tokenizer, lambda: progress.advance(task))
+        prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(1))
+
+        def time_shape(shape: Sequence[Chunk]) -> float:  # this engine stays idle while the server runs
+            return statistics.median(run_shape(engine, shape, prompts, f"served-{r}") for r in range(3))
+
+        overhead = serving.measure(serve_args, time_shape, engine.tokenizer, lambda: progress.advance(task))
     calibration = Calibration(
         coefficients=physical.coefficients, model=model_name, dtype=engine_dtype, weight_format=weight_format,
         cpu=cpu, threads=torch.get_num_threads(),

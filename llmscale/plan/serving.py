@@ -5,11 +5,15 @@ an SSE event) and with the client. On a few cores that shows in every step: the 
 inter-token gap of b streams exceeds the engine's own step time for b decodes by a fixed
 cost per step plus a cost per streamed token. `measure` starts the server as a subprocess on
 a free loopback port, streams b = 1..32 concurrent requests, and fits both costs (least
-squares, non-negative) against the calibrated curve; a lone request's time to first token
-less its prefill step gives the request's own overhead (HTTP, tokenizing): the median of a
-few sent one after another, the first left out (its prompt length is new to the kernels).
-The same requests sent while one other stream decodes take longer to reach the engine: their
-parsing and tokenizing wait for cores the step's threads hold.
+squares, non-negative); a lone request's time to first token less its prefill step gives the
+request's own overhead (HTTP, tokenizing): the median of a few sent one after another, the
+first left out (its prompt length is new to the kernels). The same requests sent while one
+other stream decodes take longer to reach the engine: their parsing and tokenizing wait for
+cores the step's threads hold.
+
+Every served time is set against the same shape timed in an engine with nothing else running
+(`time_shape`) just before: a shared host's speed drifts by 15% within minutes, and against a
+curve fitted a minute earlier that drift would read as serving overhead.
 """
 
 from __future__ import annotations
@@ -137,9 +141,15 @@ async def _lone_ttfts(url: str, model: str, tokenizer: Tokenizer, first: int, bu
     return ttfts
 
 
-def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer,
+def measure(serve_args: list[str], time_shape: Callable[[Sequence[Chunk]], float], tokenizer: Tokenizer,
             advance: Callable[[], None] = lambda: None) -> ServingOverhead:
-    """Start `llmscale serve` with `serve_args`, measure, stop it, fit."""
+    """Start `llmscale serve` with `serve_args`, measure, stop it, fit. `time_shape` times one
+    step of a shape in an engine of the same model with nothing else running, now."""
+    busy_first = 2 + LONE_REQUESTS  # its background stream's prompt is the one before
+    rounds_first = busy_first + LONE_REQUESTS
+    prompts = [len(tokenizer.encode(prompt_text(tokenizer, i))) for i in range(rounds_first + sum(BATCHES))]
+    context = round(statistics.mean(prompts)) + (SKIP_TOKENS + OUTPUT_TOKENS) // 2
+    decode = Chunk(context, 1, True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(port, serve_args)
@@ -147,36 +157,34 @@ def measure(serve_args: list[str], engine_model: StepModel, tokenizer: Tokenizer
         model = wait_ready(url, proc)
         asyncio.run(_round(url, model, tokenizer, 1, 0))  # warm-up
         advance()
+        lone_engine = [time_shape([Chunk(0, prompts[1 + i], True)]) for i in range(LONE_REQUESTS)]
         ttfts = asyncio.run(_lone_ttfts(url, model, tokenizer, 1, busy=False))
-        busy_first = 2 + LONE_REQUESTS  # its background stream's prompt is the one before
+        decode_engine = time_shape([decode])
+        busy_engine = [time_shape([decode, Chunk(0, prompts[busy_first + i], True)])
+                       for i in range(LONE_REQUESTS)]
         busy_ttfts = asyncio.run(_lone_ttfts(url, model, tokenizer, busy_first, busy=True))
         rows = []
-        sent = busy_first + LONE_REQUESTS
+        sent = rounds_first
         for b in BATCHES:
-            gap = asyncio.run(_round(url, model, tokenizer, b, sent))
+            engine_s = time_shape([decode] * b)
+            rows.append((b, asyncio.run(_round(url, model, tokenizer, b, sent)) - engine_s))
             sent += b
-            rows.append((b, gap))
             advance()
     finally:
         stop_server(proc)
-    prompts = [len(tokenizer.encode(prompt_text(tokenizer, i))) for i in range(sent)]
-    context = round(statistics.mean(prompts)) + (SKIP_TOKENS + OUTPUT_TOKENS) // 2
-    engine = np.array([engine_model.step_seconds([Chunk(context, 1, True)] * b) for b, _ in rows])
-    excess = np.array([gap for _, gap in rows]) - engine
-    a = np.array([[1.0, float(b)] for b, _ in rows])
     from llmscale.plan.calibrate import nnls
 
-    step_s, per_token_s = (float(x) for x in nnls(a, excess))
-    served = Served(engine_model, ServingOverhead(step_s, per_token_s, 0.0, 0.0))  # steps as served
-    # Each lone request's TTFT less its own prefill step; the first is left out (its kernels'
-    # first call at a new row count), the median of the rest kept.
-    lone = [ttft - served.step_seconds([Chunk(0, prompts[1 + i], True)]) for i, ttft in enumerate(ttfts)]
+    a = np.array([[1.0, float(b)] for b, _ in rows])
+    step_s, per_token_s = (float(x) for x in nnls(a, np.array([excess for _, excess in rows])))
+    added = step_s + per_token_s  # what serving adds to a step that samples one row
+
+    # Each lone request's TTFT less its own prefill step as served; the first is left out (its
+    # kernels' first call at a new row count), the median of the rest kept.
+    lone = [ttft - engine_s - added for ttft, engine_s in zip(ttfts, lone_engine, strict=True)]
     request_s = max(0.0, statistics.median(lone[1:]))
     # Beside a decoding stream a request waits, on average, half that stream's step, then
     # prefills in a step with it; what is left is its way in while the engine steps.
-    decode = served.step_seconds([Chunk(context, 1, True)])
-    busy = [ttft - decode / 2 - served.step_seconds([Chunk(context, 1, True),
-                                                     Chunk(0, prompts[busy_first + i], True)])
-            for i, ttft in enumerate(busy_ttfts)]
+    busy = [ttft - (decode_engine + added) / 2 - (engine_s + step_s + 2 * per_token_s)
+            for ttft, engine_s in zip(busy_ttfts, busy_engine, strict=True)]
     busy_request_s = max(request_s, statistics.median(busy))
     return ServingOverhead(step_s, per_token_s, request_s, busy_request_s)
