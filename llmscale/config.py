@@ -262,6 +262,19 @@ def activation_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.d
     return weight_dtype
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8")
+
+
+def kv_cache_dtype(name: str, activations: torch.dtype) -> torch.dtype:
+    """The dtype a cache of `name` (a KV_CACHE_DTYPES entry) stores for `activations`."""
+    if name == "auto":
+        return activations
+    if name == "fp8":
+        raise ConfigError("--kv-cache-dtype fp8 is for planning catalogue hardware (llmscale simulate, "
+                          "llmscale plan); this engine stores K/V as float32 or bfloat16")
+    return DTYPES[name]
+
+
 # The --dtype flag of every command that loads a model.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 DTYPE_HELP = ("weights dtype (auto: bf16 on AVX-512 BF16/AMX CPUs and GPUs); bf16 on a CPU without "
@@ -391,10 +404,17 @@ class CacheConfig:
     kv_cache_memory: str | int | float = 0.1  # bytes, "2GiB", or fraction of free memory
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None  # exact block count (tests)
+    # What K/V are stored in (auto: the activations' dtype). A bf16 cache holds twice the tokens
+    # in the same memory and halves the bytes a decode's attention reads, for rounding K/V to bf16;
+    # fp8 is for planning catalogue hardware (`llmscale simulate`/`plan`), not stored here.
+    kv_cache_dtype: str = "auto"
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; "
+                              f"choose {', '.join(KV_CACHE_DTYPES)}")
 
 
 EXECUTOR_BACKENDS = ("mp", "ray")
@@ -585,6 +605,10 @@ class EngineConfig:
     @property
     def activation_dtype(self) -> torch.dtype:
         return activation_dtype(self.torch_dtype, self.torch_device)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return kv_cache_dtype(self.cache.kv_cache_dtype, self.activation_dtype)
 
     @property
     def torch_device(self) -> torch.device:

@@ -18,6 +18,7 @@ from llmscale.config import (
     DTYPE_CHOICES,
     DTYPE_HELP,
     EXECUTOR_BACKENDS,
+    KV_CACHE_DTYPES,
     CacheConfig,
     EngineConfig,
     ParallelConfig,
@@ -69,6 +70,10 @@ class EngineArgs:
     max_model_len: int | None = flag("context window (default: the model's)", kind=int, show_default=False)
     kv_cache_memory: str | None = flag("KV cache size: bytes (2GiB, 512MB) or a fraction of free memory")
     block_size: int | None = flag("tokens per KV block", kind=int)
+    kv_cache_dtype: str | None = flag(
+        "what K/V are stored in (auto: the activations' dtype); bfloat16 holds twice the tokens and "
+        "halves attention's reads; fp8 only in `simulate`/`plan` on catalogue hardware",
+        choices=KV_CACHE_DTYPES)
     max_num_batched_tokens: int | None = flag("token budget per step (default: 2048; `serve` on CPU: 512)",
                                               kind=int, show_default=False)
     max_num_seqs: int | None = flag("max requests running at once", kind=int)

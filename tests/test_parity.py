@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmscale import LLM, SamplingParams
-from llmscale.config import EngineConfig, activation_dtype
+from llmscale.config import DTYPES, ConfigError, EngineConfig, activation_dtype
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import linear_method
@@ -163,6 +163,44 @@ def test_bf16_decodes_in_place_match_the_gathered_path(smollm_folder: Path, prom
         runs.append([o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params,
                                                         use_tqdm=False)])
     assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in runs[1]], max_gap=0.125)
+
+
+@pytest.mark.parametrize("dtype, kv_cache_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_kv_cache_in_another_dtype_parts_only_at_near_ties(dtype: str, kv_cache_dtype: str,
+                                                          smollm_folder: Path, prompts: list[str]) -> None:
+    """`--kv-cache-dtype` stores K/V apart from the activations' dtype. fp32 activations over a
+    bf16 cache run every C path (the fused decode step, rotary with the cache write, the prefill
+    kernel over cached tokens, under chunked prefill); bf16 activations over an fp32 cache the
+    in-place decodes. Against the same model with its cache in the activations' dtype: the same
+    greedy tokens but at near-ties (bf16 rounds K/V to 8 bits of mantissa), and twice (half) the
+    blocks in the same memory."""
+    if dtype == "bfloat16" and activation_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32:
+        pytest.skip("this CPU computes bf16 weights in fp32")
+    ids = _encode(smollm_folder, prompts + [" ".join(prompts * 6)])
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
+    runs, blocks = [], []
+    for kv in ("auto", kv_cache_dtype):
+        llm = LLM(model=str(smollm_folder), dtype=dtype, kv_cache_memory="128MiB", max_model_len=1024,
+                  max_num_batched_tokens=64, kv_cache_dtype=kv)
+        runner = llm.llm_engine.runner
+        assert runner.kv_dtype == (activation_dtype(DTYPES[dtype], torch.device("cpu")) if kv == "auto"
+                                   else DTYPES[kv])
+        assert runner.model.layers[0].self_attn.k_cache.dtype == runner.kv_dtype
+        if kv != "auto" and cpu_kernels.available():
+            assert runner.decode_in_place and runner.fused is not None
+            assert runner.c_kernels == (dtype == "float32")
+        blocks.append(llm.llm_engine.num_blocks)
+        runs.append([o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params,
+                                                        use_tqdm=False)])
+    assert blocks[1] == (blocks[0] * 2 if kv_cache_dtype == "bfloat16" else blocks[0] // 2)
+    assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in runs[1]], max_gap=0.125)
+
+
+def test_fp8_kv_cache_is_refused_before_loading() -> None:
+    with pytest.raises(ConfigError, match="fp8 is for planning catalogue hardware"):
+        LLM(kv_cache_dtype="fp8")
+    with pytest.raises(ConfigError, match="unknown kv_cache_dtype 'fp16'"):
+        LLM(kv_cache_dtype="fp16")
 
 
 @pytest.fixture(scope="module")

@@ -273,3 +273,14 @@ def test_fp8_kv_cache_holds_twice_the_tokens_and_reads_half_the_bytes() -> None:
     decode = [Chunk(4000, 1, True)] * 64  # long contexts: K/V reads dominate the step
     assert kv8.step_model(model).step_seconds(decode) < 0.8 * base.step_model(model).step_seconds(decode)
     assert "kv-fp8" in kv8.describe()
+
+
+def test_kv_cache_dtype_sets_the_bytes_per_token_on_catalogue_hardware() -> None:
+    """float32 and bfloat16 are taken as asked; auto stores 16 bits where the device has bf16."""
+    model = ModelSpec.load("llama-3.1-8b")
+    base = Deployment(load_catalogue()["h100-sxm"], "bf16")
+    fp32 = replace(base, kv_cache_dtype="float32")
+    assert base.kv_elem_bytes() == replace(base, kv_cache_dtype="bfloat16").kv_elem_bytes() == 2.0
+    assert fp32.kv_elem_bytes() == 4.0
+    assert fp32.kv_blocks(model, 4096) == pytest.approx(base.kv_blocks(model, 4096) / 2, abs=1)
+    assert "kv-fp32" in fp32.describe() and "kv-" not in base.describe()

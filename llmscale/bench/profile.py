@@ -222,7 +222,7 @@ def cost_model_of(engine: Any) -> CostModel:
     tp = engine.config.parallel.tensor_parallel_size
     whole = tp * engine.model_config.num_hidden_layers / len(model.layers)
     return CostModel.from_config(engine.model_config, torch_elem_bytes(engine.dtype),
-                                 torch_elem_bytes(model.activation_dtype),  # the KV cache's
+                                 torch_elem_bytes(engine.runner.kv_dtype),
                                  body_weight_bytes=round(body * whole), lm_head_bytes=head_bytes * tp)
 
 

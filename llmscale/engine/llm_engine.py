@@ -115,7 +115,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = make_scheduler(scheduler_config, self.kv)
         cores = config.rank_cores(0)
-        self.runner = ModelRunner(self.model, cache.block_size, num_blocks, self.model.activation_dtype,
+        self.runner = ModelRunner(self.model, cache.block_size, num_blocks, shard.kv_dtype,
                                   self.device, cores if self.device.type == "cpu" else None,
                                   context_of(parallel, 0))
         if self.device.type == "cuda" and not config.enforce_eager and world == 1:

@@ -74,6 +74,7 @@ class RankModel:
     layer_load: LayerLoad
     prepacked_bytes: int  # so far: streamed layers add theirs to layer_load.finished_bytes
     kv_capacity: int  # KV blocks its cache memory holds
+    kv_dtype: torch.dtype  # what they store
 
 
 def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, rank: int = 0,
@@ -82,6 +83,7 @@ def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, 
     shard of each), prepack them where that pays, and size its KV cache; with
     `config.stream_weights` the decoder layers go on loading on a thread."""
     device, dtype = config.torch_device, config.torch_dtype
+    kv_dtype = config.kv_dtype  # before loading: fp8 is refused here
     parallel = config.parallel
     stage, tp_rank = parallel.place(rank)
     tp_size = parallel.tensor_parallel_size
@@ -107,6 +109,6 @@ def load_rank_model(config: EngineConfig, model_path: Path, max_model_len: int, 
         prepacked += sum(layers.choose_methods(layer, act, prepack=True) for layer in model.layers)
     if phases is not None:
         phases.lap("prepack")
-    capacity = kv_cache_blocks(config.cache, model_config, model.activation_dtype, max_model_len, tp_size,
+    capacity = kv_cache_blocks(config.cache, model_config, kv_dtype, max_model_len, tp_size,
                                len(model.layers))
-    return RankModel(model, model_config, load_time_s, layer_load, prepacked, capacity)
+    return RankModel(model, model_config, load_time_s, layer_load, prepacked, capacity, kv_dtype)

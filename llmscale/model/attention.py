@@ -5,8 +5,8 @@ A step's flat batch puts single-token queries (decodes) first and multi-token ch
 (prefills) after them; `AttentionMetadata` describes both parts.
 
 With llmscale's C kernels on CPU, decodes read the paged cache (fp32 or bf16) in place, each
-sequence over its own context only; with an fp32 cache prefill chunks also run a causal
-attention kernel on the GEMM micro-kernel (`kernels/cpu.c`).
+sequence over its own context only; with fp32 activations prefill chunks also run a causal
+attention kernel on the GEMM micro-kernel (`kernels/cpu.c`), widening a bf16 cache's tokens.
 Otherwise decodes run as one batched SDPA call: their blocks are gathered into a padded
 `[B, Hkv, L, D]` view and the query heads of each KV group are folded into the query-length
 axis (`[B, Hkv, G, D]`), which is exact for one query position and avoids repeating K/V for
@@ -51,7 +51,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], 0 or -inf
-    # With `c_kernels` (an fp32 cache on CPU where llmscale's C kernels run), rotary and the
+    # With `c_kernels` (fp32 activations on CPU where llmscale's C kernels run), rotary and the
     # cache write are one C call and prefills run the C attention kernel.
     c_kernels: bool = False
     # With `decode_in_place` (an fp32 or bf16 cache on CPU where the C kernels run), decodes
@@ -129,9 +129,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         if meta.c_kernels:  # the C kernel reads K/V token-major, as they are in the batch and cache
             kc, vc = k[s:s + n], v[s:s + n]
-            if chunk.context_len != n:
-                kc = _gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:chunk.context_len]
-                vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:chunk.context_len]
+            if chunk.context_len != n:  # the kernel reads fp32: a bf16 cache's tokens widen
+                length = chunk.context_len
+                kc = _gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:length].float()
+                vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:length].float()
             size = cpu_kernels.prefill_attention_workspace(kc.shape[0], num_kv_heads, head_dim)
             work = _workspace(meta.workspaces, "prefill_attention", size, kc)
             out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n], kc, vc, scale, work)

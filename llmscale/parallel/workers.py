@@ -172,7 +172,7 @@ class Rank:
         model = self.shard.model
         num_blocks = settle_group(model, parallel, self.rank, device, max_bytes, one_machine, check_peers,
                                   self.shard.kv_capacity)
-        self.runner = ModelRunner(model, self.config.cache.block_size, num_blocks, model.activation_dtype,
+        self.runner = ModelRunner(model, self.config.cache.block_size, num_blocks, self.shard.kv_dtype,
                                   device, self.cores if device.type == "cpu" else None,
                                   context_of(parallel, self.rank))
         self.state = WorkerState()

@@ -50,9 +50,8 @@ def register(subparsers: Any) -> None:
                    help="a catalogue entry to simulate (default: this-machine, which needs --calibration)")
     g.add_argument("--weight-format", default=None, metavar="FORMAT",
                    help="fp32, bf16, fp16, fp8, int8 or int4 on catalogue hardware (default: bf16)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                   help="on catalogue hardware with an fp8 peak: store K/V in fp8, as FP8 engines of "
-                        "TensorRT-LLM and vLLM can (default: 16 bits)")
+    # --kv-cache-dtype is an engine flag: fp8 (catalogue hardware with an fp8 peak) stores K/V as
+    # FP8 engines of TensorRT-LLM and vLLM can
     # --tensor-parallel-size and --pipeline-parallel-size are engine flags: the simulated
     # deployment splits its layers too
     g.add_argument("--num-replicas", type=int, default=1, metavar="N")
@@ -104,18 +103,19 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     hardware = _hardware(args, calibration)
     engine_config = EngineArgs.from_cli_args(args).create_engine_config()
     tp, pp = engine_config.parallel.tensor_parallel_size, engine_config.parallel.pipeline_parallel_size
+    kv_format = engine_config.cache.kv_cache_dtype
     model = ModelSpec.load(args.model)
     max_model_len = model.config.context_len(args.max_model_len)
     on_machine = hardware.name == THIS_MACHINE
     if on_machine:
         if (args.weight_format or tp > 1 or pp > 1
-                or args.kv_cache_dtype != "auto"):
+                or kv_format != "auto"):
             raise ConfigError("--weight-format, --kv-cache-dtype and parallelism apply to catalogue "
                               "hardware; this machine runs the engine's --dtype on one process")
         fmt = weight_format_of_dtype(str(engine_config.torch_dtype).removeprefix("torch."))
     else:
         fmt = weight_format_of_dtype(args.weight_format or "bf16")
-        if args.kv_cache_dtype == "fp8" and not hardware.supports("fp8"):
+        if kv_format == "fp8" and not hardware.supports("fp8"):
             raise ConfigError(f"--kv-cache-dtype fp8: {hardware.name} has no fp8 peak in the catalogue")
     device = "cpu" if hardware.kind == "cpu" else "cuda"
     import torch
@@ -124,7 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     deployment = Deployment(hardware, fmt, tp, pp,
                             args.num_replicas, scheduler.max_num_seqs, scheduler.max_num_batched_tokens or 0,
                             engine_config.cache.block_size, engine_config.cache.enable_prefix_caching,
-                            kv_cache_dtype=args.kv_cache_dtype)
+                            kv_cache_dtype=kv_format)
     if on_machine:
         kv_dtype = engine_config.activation_dtype
         num_blocks = kv_cache_blocks(engine_config.cache, model.config, kv_dtype, max_model_len)

@@ -83,7 +83,7 @@ def kernels_line(engine: LLMEngine) -> str:
 
 def kv_cache_line(engine: LLMEngine) -> str:
     blocks, block_size = engine.num_blocks, engine.config.cache.block_size
-    dtype = engine.model.activation_dtype
+    dtype = engine.runner.kv_dtype
     parallel = engine.config.parallel
     held = blocks * kv_bytes_per_block(engine.model_config, block_size, dtype, parallel.tensor_parallel_size,
                                        len(engine.model.layers))
