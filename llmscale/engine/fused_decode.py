@@ -41,11 +41,12 @@ MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64,  # DENSE_BF16: also bf16 weights with
             INT8: INT_C_KERNEL_MAX_ROWS[8], INT4: INT_C_KERNEL_MAX_ROWS[4],
             **dict.fromkeys((PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16), 1 << 20)}
 # A bf16 model on a CPU with bf16 arithmetic: past this many decodes the per-op path's oneDNN
-# bf16 GEMMs beat the C kernels on bf16 weights (BENCHMARKS.md, "bf16 decode steps").
-BF16_ACTIVATIONS_MAX_ROWS = 32
-# bf16 weights packed in panels win from this many decodes on; fewer read the weights as
-# stored (the row-major kernel), which is faster for one to three.
-BF16_ROW_MAJOR_MAX_ROWS = 3
+# bf16 GEMMs catch up with the C kernels on bf16 weights (level at 96; BENCHMARKS.md, "bf16
+# decode steps").
+BF16_ACTIVATIONS_MAX_ROWS = 64
+# bf16 weights packed in panels win past this many decodes; fewer read the weights as stored
+# (the row-major kernel), which is faster for one to four.
+BF16_ROW_MAJOR_MAX_ROWS = 4
 
 
 class _Linear(ctypes.Structure):

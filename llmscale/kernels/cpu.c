@@ -260,29 +260,10 @@ static inline __m256 exp_ps(__m256 x) {
     PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
 
 #if defined(__AVX512F__)
-/* AVX-512: a panel's 16 weights are one vector, so a tile of 12 rows keeps 12 accumulators.
- * Each output is the same chain of FMAs along k as in the AVX2 tile: bit for bit its results.
- * It runs from PANEL_WIDE_MIN_ROWS rows (all decoder linears of SmolLM2-135M at 32 rows:
- * 0.70-0.83x the AVX2 build's time, BENCHMARKS.md); a single tile of 4-8 rows keeps few FMAs in
- * flight and measured slower than the AVX2 tile, which runs there instead. */
-#define PANEL_WIDE 1
-#define PANEL_ROWS_WIDE 12
-#define PANEL_WIDE_MIN_ROWS 16
-#define PANEL_ROWS_DO_W(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
-#define PANEL_DECLARE_W __m512 a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11
-#define PANEL_ZERO_W(i) PANEL_ROW(i, a##i = _mm512_setzero_ps();)
-#define PANEL_LOAD_W(i) PANEL_ROW(i, a##i = _mm512_loadu_ps(part + i * PANEL);)
-#define PANEL_FMA_W(i) PANEL_ROW(i, a##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + j]), w0, a##i);)
-#define PANEL_W_W(at) (BF ? load_bf16x16((const uint16_t *)wp + (at)) : _mm512_loadu_ps((const float *)wp + (at)))
-#define PANEL_K_STEP_W                                                                          \
-    {                                                                                           \
-        const __m512 w0 = PANEL_W_W(j * PANEL);                                                 \
-        PANEL_ROWS_DO_W(PANEL_FMA_W)                                                            \
-    }
-#define PANEL_STORE_W(i) PANEL_ROW(i, _mm512_storeu_ps(y + i * ldy, a##i);)
+#define PANEL_PAIRS 1 /* the AVX-512 tile below: two panels at a time */
 #else
-#define PANEL_WIDE 0
-#define PANEL_ROWS_WIDE PANEL_ROWS
+#define PANEL_PAIRS 0
+#define PANEL_PAIR_ROWS PANEL_ROWS
 #endif
 
 /* silu(gate) * up for 8 lanes: `silu_and_mul` and the GEMM that fuses it (below) share it, so
@@ -328,32 +309,92 @@ static __attribute__((noinline)) void swiglu_store(const float *acc, int rows, f
     }
 
 PANEL_TILE(panel_tile, N, PANEL_ROWS)
-#if PANEL_WIDE
-PANEL_TILE(panel_tile_wide, W, PANEL_ROWS_WIDE)
+#if PANEL_PAIRS
+/* AVX-512: a panel's 16 weights are one vector, and a tile multiplies two neighbouring panels
+ * at once: 8 rows keep 16 accumulators (2 per row), 2 weight loads and 8 broadcasts per 16
+ * FMAs, and even a few rows keep enough FMAs in flight. A tile of 12 rows on one panel (12
+ * accumulators) measured 1.1-1.6x its time from 4 to 2,048 rows (BENCHMARKS.md). Each output
+ * is the same chain of FMAs along k as in the AVX2 tile: bit for bit its results, which take
+ * a last unpaired panel. Outputs of panel q (0, 1) go to yq (ldq floats apart), sums start
+ * from inq unless it is NULL. */
+#define PANEL_PAIR_ROWS 8
+#define PANEL_ROWS_DO_P(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7)
+#define PANEL_DECLARE_P                                                                         \
+    __m512 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71
+#define PANEL_ZERO_P(i) PANEL_ROW(i, a##i##0 = a##i##1 = _mm512_setzero_ps();)
+#define PANEL_LOAD_P(i)                                                                         \
+    PANEL_ROW(i, a##i##0 = _mm512_loadu_ps(in0 + i * PANEL); a##i##1 = _mm512_loadu_ps(in1 + i * PANEL);)
+#define PANEL_FMA_P(i)                                                                          \
+    PANEL_ROW(i, const __m512 xb = _mm512_set1_ps(x[i * ldx + j]);                               \
+              a##i##0 = _mm512_fmadd_ps(xb, w0, a##i##0); a##i##1 = _mm512_fmadd_ps(xb, w1, a##i##1);)
+#define PANEL_STORE_P(i)                                                                        \
+    PANEL_ROW(i, _mm512_storeu_ps(y0 + i * ld0, a##i##0); _mm512_storeu_ps(y1 + i * ld1, a##i##1);)
+#define PANEL_W_P(w, at) (BF ? load_bf16x16((const uint16_t *)(w) + (at)) : _mm512_loadu_ps((const float *)(w) + (at)))
+
+static inline __attribute__((always_inline)) void panel_pair_tile(
+    const float *x, int64_t ldx, int64_t k, const void *wp0, const void *wp1, float *y0, int64_t ld0,
+    float *y1, int64_t ld1, const int M, const int SWIGLU, const float *in0, const float *in1, const int BF) {
+    PANEL_DECLARE_P;
+    if (in0) {
+        PANEL_ROWS_DO_P(PANEL_LOAD_P)
+    } else {
+        PANEL_ROWS_DO_P(PANEL_ZERO_P)
+    }
+    _Pragma("GCC unroll 4") for (int64_t j = 0; j < k; j++) {
+        const __m512 w0 = PANEL_W_P(wp0, j * PANEL), w1 = PANEL_W_P(wp1, j * PANEL);
+        PANEL_ROWS_DO_P(PANEL_FMA_P)
+    }
+    if (SWIGLU) {
+        float acc0[PANEL_PAIR_ROWS * PANEL], acc1[PANEL_PAIR_ROWS * PANEL], *out0 = y0, *out1 = y1;
+        const int64_t l0 = ld0, l1 = ld1;
+        y0 = acc0, y1 = acc1, ld0 = ld1 = PANEL;
+        PANEL_ROWS_DO_P(PANEL_STORE_P)
+        swiglu_store(acc0, M, out0, l0);
+        swiglu_store(acc1, M, out1, l1);
+    } else {
+        PANEL_ROWS_DO_P(PANEL_STORE_P)
+    }
+}
+
+#define PANEL_PAIR_CASE(R)                                                                      \
+    case R: panel_pair_tile(x, ldx, k, wp0, wp1, y0, ld0, y1, ld1, R, SWIGLU, in0, in1, BF); break;
+
+static inline __attribute__((always_inline)) void panel_pair_rows(
+    const float *x, int64_t ldx, int rows, int64_t k, const void *wp0, const void *wp1, float *y0,
+    int64_t ld0, float *y1, int64_t ld1, const int SWIGLU, const float *in0, const float *in1, const int BF) {
+    switch (rows) {
+        PANEL_PAIR_CASE(1) PANEL_PAIR_CASE(2) PANEL_PAIR_CASE(3) PANEL_PAIR_CASE(4)
+        PANEL_PAIR_CASE(5) PANEL_PAIR_CASE(6) PANEL_PAIR_CASE(7)
+        default: panel_pair_tile(x, ldx, k, wp0, wp1, y0, ld0, y1, ld1, PANEL_PAIR_ROWS, SWIGLU, in0, in1, BF);
+    }
+}
+
+/* `panel_step` for panels p and p + 1, both whole (no padded columns); parts: PANEL floats per
+ * row for each. */
+static inline __attribute__((always_inline)) void panel_pair_step(
+    const float *x, int64_t k, int rows, int64_t kb, int64_t kc, const void *panel, int64_t panel_bytes,
+    float *part0, float *part1, float *yr, int64_t ldy, int64_t p, int swiglu, const int BF) {
+    const float *in0 = kb ? part0 : NULL, *in1 = kb ? part1 : NULL;
+    const char *w0 = (const char *)panel + kb * PANEL * (BF ? 2 : 4), *w1 = w0 + panel_bytes;
+    if (kb + kc < k)
+        panel_pair_rows(x + kb, k, rows, kc, w0, w1, part0, PANEL, part1, PANEL, 0, in0, in1, BF);
+    else if (swiglu)
+        panel_pair_rows(x + kb, k, rows, kc, w0, w1, yr + p * PANEL / 2, ldy, yr + (p + 1) * PANEL / 2, ldy, 1,
+                        in0, in1, BF);
+    else
+        panel_pair_rows(x + kb, k, rows, kc, w0, w1, yr + p * PANEL, ldy, yr + (p + 1) * PANEL, ldy, 0, in0,
+                        in1, BF);
+}
 #endif
 
 #define PANEL_CASE(F, R) case R: F(x, ldx, k, wp, y, ldy, R, SWIGLU, part, BF); break;
 
 /* Up to PANEL_ROWS rows of x (ldx floats apart) times the first k rows of one panel, the sums
- * started from `part` unless it is NULL; with WIDE, up to PANEL_ROWS_WIDE rows in the AVX-512
- * tile. */
+ * started from `part` unless it is NULL. */
 static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, int rows,
                                                               int64_t k, const void *wp, float *y,
                                                               int64_t ldy, const int SWIGLU,
-                                                              const float *part, const int BF, const int WIDE) {
-#if PANEL_WIDE
-    if (WIDE) {
-        switch (rows) {
-            PANEL_CASE(panel_tile_wide, 1) PANEL_CASE(panel_tile_wide, 2) PANEL_CASE(panel_tile_wide, 3)
-            PANEL_CASE(panel_tile_wide, 4) PANEL_CASE(panel_tile_wide, 5) PANEL_CASE(panel_tile_wide, 6)
-            PANEL_CASE(panel_tile_wide, 7) PANEL_CASE(panel_tile_wide, 8) PANEL_CASE(panel_tile_wide, 9)
-            PANEL_CASE(panel_tile_wide, 10) PANEL_CASE(panel_tile_wide, 11)
-            default: panel_tile_wide(x, ldx, k, wp, y, ldy, PANEL_ROWS_WIDE, SWIGLU, part, BF); break;
-        }
-        return;
-    }
-#endif
-    (void)WIDE;
+                                                              const float *part, const int BF) {
     switch (rows) {
         PANEL_CASE(panel_tile, 1) PANEL_CASE(panel_tile, 2) PANEL_CASE(panel_tile, 3)
         PANEL_CASE(panel_tile, 4) PANEL_CASE(panel_tile, 5)
@@ -368,39 +409,20 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
 static inline __attribute__((always_inline)) void panel_step(const float *x, int64_t k, int rows,
                                                               int64_t kb, int64_t kc, const void *panel,
                                                               float *part, float *yr, int64_t ldy,
-                                                              int64_t n, int64_t p, int swiglu, const int BF,
-                                                              const int WIDE) {
+                                                              int64_t n, int64_t p, int swiglu, const int BF) {
     const int64_t cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
     const float *in = kb ? part : NULL;
     const void *w = (const char *)panel + kb * PANEL * (BF ? 2 : 4);
     if (kb + kc < k || cols < PANEL) {
-        panel_rows(x + kb, k, rows, kc, w, part, PANEL, 0, in, BF, WIDE);
+        panel_rows(x + kb, k, rows, kc, w, part, PANEL, 0, in, BF);
         if (kb + kc == k)
             for (int i = 0; i < rows; i++)
                 for (int64_t c = 0; c < cols; c++) yr[i * ldy + p * PANEL + c] = part[i * PANEL + c];
     } else if (swiglu) {
-        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL / 2, ldy, 1, in, BF, WIDE);
+        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL / 2, ldy, 1, in, BF);
     } else {
-        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL, ldy, 0, in, BF, WIDE);
+        panel_rows(x + kb, k, rows, kc, w, yr + p * PANEL, ldy, 0, in, BF);
     }
-}
-
-/* `panel_step` with its weights' type and tile fixed at compile time: the choice is made once
- * per (tile, panel), not per weight load. */
-static inline __attribute__((always_inline)) void panel_step_of(int bf, int wide, const float *x, int64_t k,
-                                                                 int rows, int64_t kb, int64_t kc,
-                                                                 const void *panel, float *part, float *yr,
-                                                                 int64_t ldy, int64_t n, int64_t p, int swiglu) {
-#if PANEL_WIDE
-    if (wide) {
-        if (bf) panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 1, 1);
-        else panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 0, 1);
-        return;
-    }
-#endif
-    (void)wide;
-    if (bf) panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 1, 0);
-    else panel_step(x, k, rows, kb, kc, panel, part, yr, ldy, n, p, swiglu, 0, 0);
 }
 
 static inline void prefetch_lines(const char **pf, const char *end, int64_t count) {
@@ -426,6 +448,19 @@ static inline void prefetch_lines(const char **pf, const char *end, int64_t coun
 /* x [m, k] times the packed weight of n outputs -> y [m, n]; with `swiglu` (the weight packed by
  * `pack_swiglu_panels`, n % 16 == 0) -> y [m, n / 2] = silu(gate) * up, the gate-up product
  * never stored. */
+/* One panel for `rows` rows in single-panel tiles (a pair's row tile is taller), its weights'
+ * type fixed at compile time: chosen once per (tile, panel), not per weight load. */
+static inline __attribute__((always_inline)) void panel_single(int bf, const float *x, int64_t k, int rows,
+                                                                int64_t kb, int64_t kc, const void *panel,
+                                                                float *part, float *yr, int64_t ldy, int64_t n,
+                                                                int64_t p, int swiglu) {
+    for (int s = 0; s < rows; s += PANEL_ROWS) {
+        const int r = rows - s < PANEL_ROWS ? rows - s : PANEL_ROWS;
+        if (bf) panel_step(x + s * k, k, r, kb, kc, panel, part + s * PANEL, yr + s * ldy, ldy, n, p, swiglu, 1);
+        else panel_step(x + s * k, k, r, kb, kc, panel, part + s * PANEL, yr + s * ldy, ldy, n, p, swiglu, 0);
+    }
+}
+
 static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, int64_t n, float *y,
                           int swiglu, int bf, int nthreads) {
     const int64_t es = bf ? 2 : 4, panel_bytes = k * PANEL * es; /* a weight's bytes, a panel's */
@@ -435,17 +470,16 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
     const int64_t group = prefetch ? PANEL_GROUP_PREFETCHED : PANEL_GROUP;
     const int64_t kc = prefetch && m >= PANEL_KBLOCK_MIN_ROWS && k > PANEL_KC ? PANEL_KC : k;
     const int64_t kblocks = (k + kc - 1) / kc;
-#if PANEL_WIDE
-    const int wide = m >= PANEL_WIDE_MIN_ROWS;
-#else
-    const int wide = 0;
-#endif
-    const int64_t tile = wide ? PANEL_ROWS_WIDE : PANEL_ROWS;
+    const int pair = PANEL_PAIRS;
+    const int64_t tile = pair ? PANEL_PAIR_ROWS : PANEL_ROWS;
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t first = panels * t / nt, p1 = panels * (t + 1) / nt;
         float part[PANEL_BLOCK_ROWS * PANEL];
+#if PANEL_PAIRS
+        float part1[PANEL_PREFETCH_MAX_ROWS * PANEL]; /* a pair's second panel's (k-blocks: m <= 64) */
+#endif
         for (int64_t i0 = 0; i0 < m; i0 += PANEL_BLOCK_ROWS) {
             const int64_t i1 = i0 + PANEL_BLOCK_ROWS < m ? i0 + PANEL_BLOCK_ROWS : m;
             const int64_t tiles = (i1 - i0 + tile - 1) / tile;
@@ -454,26 +488,49 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                 const int64_t g2 = g1 + group < p1 ? g1 + group : p1;
                 /* The next group's panels in lines of 64 bytes, spread over this group's products. */
                 const int64_t lines = prefetch ? (g2 - g1) * panel_bytes / 64 : 0;
-                const int64_t products = tiles * (g1 - g) * kblocks;
+                const int64_t products = tiles * (pair ? (g1 - g + 1) / 2 : g1 - g) * kblocks;
                 const int64_t per_product = (lines + products - 1) / products;
                 const char *pf = (const char *)wp + g1 * panel_bytes, *pf_end = pf + lines * 64;
-                if (kblocks > 1) { /* panel by panel, block by block, every row tile */
-                    for (int64_t p = g; p < g1; p++)
+                if (kblocks > 1) { /* panel by panel (or pair by pair), block by block, every row tile */
+                    for (int64_t p = g; p < g1;) {
+                        /* Two whole panels of this group make a pair. */
+                        const int two = pair && p + 1 < g1 && (p + 2) * PANEL <= n;
+                        const void *panel = (const char *)wp + p * panel_bytes;
                         for (int64_t kb = 0; kb < k; kb += kc)
                             for (int64_t r = i0; r < i1; r += tile) {
+                                const int rows = i1 - r < tile ? (int)(i1 - r) : (int)tile;
+                                const int64_t kn = k - kb < kc ? k - kb : kc;
                                 prefetch_lines(&pf, pf_end, per_product);
-                                panel_step_of(bf, wide, x + r * k, k, i1 - r < tile ? (int)(i1 - r) : (int)tile,
-                                              kb, k - kb < kc ? k - kb : kc, (const char *)wp + p * panel_bytes,
-                                              part + (r - i0) * PANEL, y + r * ldy, ldy, n, p, swiglu);
+#if PANEL_PAIRS
+                                if (two)
+                                    panel_pair_step(x + r * k, k, rows, kb, kn, panel, panel_bytes,
+                                                    part + (r - i0) * PANEL, part1 + (r - i0) * PANEL,
+                                                    y + r * ldy, ldy, p, swiglu, bf);
+                                else
+#endif
+                                    panel_single(bf, x + r * k, k, rows, kb, kn, panel,
+                                                 part + (r - i0) * PANEL, y + r * ldy, ldy, n, p, swiglu);
                             }
+                        p += two ? 2 : 1;
+                    }
                 } else { /* row tile by row tile: each stays in L1 for the group's panels */
-                    for (int64_t r = i0; r < i1; r += tile)
-                        for (int64_t p = g; p < g1; p++) {
+                    for (int64_t r = i0; r < i1; r += tile) {
+                        const int rows = i1 - r < tile ? (int)(i1 - r) : (int)tile;
+                        for (int64_t p = g; p < g1;) {
+                            const int two = pair && p + 1 < g1 && (p + 2) * PANEL <= n;
+                            const void *panel = (const char *)wp + p * panel_bytes;
                             prefetch_lines(&pf, pf_end, per_product);
-                            panel_step_of(bf, wide, x + r * k, k, i1 - r < tile ? (int)(i1 - r) : (int)tile, 0,
-                                          k, (const char *)wp + p * panel_bytes, part, y + r * ldy, ldy, n, p,
-                                          swiglu);
+#if PANEL_PAIRS
+                            if (two)
+                                panel_pair_step(x + r * k, k, rows, 0, k, panel, panel_bytes, part, part1,
+                                                y + r * ldy, ldy, p, swiglu, bf);
+                            else
+#endif
+                                panel_single(bf, x + r * k, k, rows, 0, k, panel, part, y + r * ldy, ldy, n, p,
+                                             swiglu);
+                            p += two ? 2 : 1;
                         }
+                    }
                 }
             }
         }
@@ -943,7 +1000,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 const int64_t seen16 = (offset + r0 + i + m + PANEL - 1) / PANEL * PANEL;
                 for (int64_t p = 0; p < seen16 / PANEL; p++)
                     panel_rows(qb + i * d, d, m, d, kh_p + p * d * PANEL, sc + i * keys16 + p * PANEL,
-                               keys16, 0, NULL, 0, 0);
+                               keys16, 0, NULL, 0);
                 for (int64_t r = i; r < i + m; r++) { /* row r sees keys [0, offset + r0 + r] */
                     float *s = sc + r * keys16;
                     const int64_t seen = offset + r0 + r + 1;
@@ -952,7 +1009,7 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
                 }
                 for (int64_t p = 0; p < d / PANEL; p++)
                     panel_rows(sc + i * keys16, keys16, m, seen16, vh_p + p * len16 * PANEL,
-                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0, NULL, 0, 0);
+                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0, NULL, 0);
             }
         }
     }
