@@ -147,10 +147,9 @@ def served_step_ratio(steps: Path, calib: Path) -> float:
     the simulator's scheduling, the arrivals and the host drifting before the sweep."""
     from llmscale.bench.roofline import Chunk
     from llmscale.plan.calibrate import Calibration
-    from llmscale.plan.serving import Served
 
     calibration = Calibration.read(calib)
-    model = Served(calibration.curve(), calibration.serving_overhead())
+    model = calibration.served(calibration.curve())  # a fresh server's: this sweep's was one
     measured = predicted = 0.0
     for line in steps.read_text().splitlines():
         _, seconds, chunks = json.loads(line)

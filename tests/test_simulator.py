@@ -239,3 +239,21 @@ def test_curve_fit_recovers_a_known_curve() -> None:
     assert max(abs(e) for e in errors) < 1e-6
     for shape in SHAPES:
         assert model.step_seconds(list(shape)) == pytest.approx(truth.step_seconds(list(shape)), rel=1e-6)
+
+
+def test_a_fresh_server_pays_each_prefill_token_count_once() -> None:
+    """`Served` adds `FirstRun` to the first step of each token count that holds a prefill chunk
+    (oneDNN builds its primitives per row count), never to decode-only steps (the fused C step),
+    and keeps what it has seen for every engine made from it: one server over a sweep's rates."""
+    from llmscale.plan.serving import FirstRun, Served, ServingOverhead
+
+    flat = CurveModel((1, 4096), (0.0,) * 6 + (0.01, 0.01))  # 10 ms a step whatever it holds
+    served = Served(flat, ServingOverhead(0.0, 0.0, 0.0, 0.0), FirstRun(0.002, 1e-5))
+    prefill = [Chunk(0, 100, True)]
+    mixed = [Chunk(40, 1, True)] * 3 + [Chunk(0, 97, True)]  # 100 tokens too: the same GEMM rows
+    decodes = [Chunk(40, 1, True)] * 100
+    assert served.step_seconds(prefill) == pytest.approx(0.010 + 0.002 + 0.001)
+    assert served.step_seconds(prefill) == pytest.approx(0.010)
+    assert served.step_seconds(mixed) == pytest.approx(0.010)
+    assert served.step_seconds(decodes) == pytest.approx(0.010)
+    assert served.step_seconds([Chunk(0, 200, True)]) == pytest.approx(0.010 + 0.002 + 0.002)

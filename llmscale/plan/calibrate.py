@@ -28,19 +28,20 @@ import numpy as np
 from llmscale.bench.profile import PromptSource, corpus_tokens, cost_model_of, place_running
 from llmscale.bench.roofline import Chunk
 from llmscale.config import ConfigError
-from llmscale.plan.serving import ServingOverhead
+from llmscale.plan.serving import FirstRun, Served, ServingOverhead
 from llmscale.plan.step_model import (
     Coefficients,
     CurveModel,
     Features,
     Geometry,
+    StepModel,
     StepTimeModel,
     curve_terms,
     linear_seconds,
     linear_terms,
 )
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,31 @@ def measure(engine: Any, shapes: Sequence[tuple[Chunk, ...]], repeats: int,
         samples.append(Sample(tuple(shape), statistics.median(times)))
         advance()
     return samples
+
+
+FIRST_RUN_COUNTS = 12  # prefill chunks at token counts the engine has not run, each timed twice
+
+
+def measure_first_run(engine: Any, shapes: Sequence[tuple[Chunk, ...]], max_tokens: int) -> FirstRun:
+    """What running a token count for the first time adds: prefill chunks at counts no shape
+    used, each timed on its first run and again (the least of two), the difference fitted as
+    a fixed cost plus a cost per token (non-negative least squares)."""
+    used = {sum(c.new for c in shape) for shape in shapes}
+    top = min(max_tokens, 512)  # the served steps' range (512-token steps by default)
+    counts = [n for n in range(20, top, max(1, (top - 20) // (3 * FIRST_RUN_COUNTS))) if n not in used]
+    counts = counts[::max(1, len(counts) // FIRST_RUN_COUNTS)][:FIRST_RUN_COUNTS]
+    prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(2))
+    rows, extra = [], []
+    for n in counts:
+        shape = (Chunk(0, n, True),)
+        first = run_shape(engine, shape, prompts, f"first-{n}")
+        again = min(run_shape(engine, shape, prompts, f"again-{n}-{r}") for r in range(2))
+        rows.append([1.0, float(n)])
+        extra.append(first - again)
+    if not rows:
+        return FirstRun()
+    step_s, per_token_s = (float(x) for x in nnls(np.array(rows), np.array(extra)))
+    return FirstRun(step_s, per_token_s)
 
 
 # ----- the fit -----------------------------------------------------------------------------
@@ -263,6 +289,7 @@ class Calibration:
     curve_mean_abs_error: float
     curve_max_abs_error: float
     serving: dict[str, float]  # ServingOverhead's fields: what `llmscale serve` adds
+    first_run: dict[str, float]  # FirstRun's fields: a prefill step's first run of its token count
     samples: list[dict[str, Any]]
 
     def curve(self) -> CurveModel:
@@ -270,6 +297,10 @@ class Calibration:
 
     def serving_overhead(self) -> ServingOverhead:
         return ServingOverhead(**self.serving)
+
+    def served(self, engine: StepModel) -> Served:
+        """`engine` as a fresh server runs it (see `Served`)."""
+        return Served(engine, self.serving_overhead(), FirstRun(**self.first_run))
 
     def write(self, path: Path) -> None:
         doc = asdict(self) | {"version": CALIBRATION_VERSION, "coefficients": self.coefficients.to_json()}
@@ -289,7 +320,7 @@ class Calibration:
         try:
             doc["coefficients"] = Coefficients.from_json(doc["coefficients"])
             calibration = cls(**doc)
-            calibration.serving_overhead()  # its fields, checked before a run needs them
+            calibration.served(calibration.curve())  # its fields, checked before a run needs them
             return calibration
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"--calibration {path}: malformed ({e})") from None
@@ -355,6 +386,7 @@ def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 
                                 engine.scheduler.config.max_num_seqs)
         task = progress.add_task("step shapes", total=len(shapes))
         samples = measure(engine, shapes, repeats, lambda: progress.advance(task))
+        first_run = measure_first_run(engine, shapes, engine.scheduler.config.max_num_batched_tokens)
         geometry = geometry_of_engine(engine)
         physical = fit(samples, geometry, peaks.memory_bytes, peaks.matmul_flops)
         curve, curve_errors = fit_curve(samples)
@@ -375,7 +407,7 @@ def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 
         curve_knots=list(curve.knots), curve_coefficients=list(curve.coefficients),
         curve_mean_abs_error=float(np.mean(np.abs(curve_errors))),
         curve_max_abs_error=float(np.max(np.abs(curve_errors))),
-        serving=asdict(overhead),
+        serving=asdict(overhead), first_run=asdict(first_run),
         samples=[{"chunks": [[c.context, c.new, c.samples] for c in s.chunks], "seconds": s.seconds,
                   "curve_error": ce, "roofline_error": pe}
                  for s, ce, pe in zip(samples, curve_errors, physical.relative_errors, strict=True)])
@@ -430,6 +462,10 @@ def print_fit(calibration: Calibration, console: Any) -> None:
         f"serving over HTTP adds {served.step_s * 1e3:.1f} ms per step, "
         f"{served.per_token_s * 1e3:.2f} ms per streamed token, and {served.request_s * 1e3:.1f} ms "
         f"per request ({served.busy_request_s * 1e3:.1f} ms while the engine steps)")
+    first = FirstRun(**calibration.first_run)
+    console.print(
+        f"a prefill step at a token count the engine has not run yet takes {first.step_s * 1e3:.1f} ms + "
+        f"{first.per_token_s * 1e6:.1f} us per token more (e.g. {first.seconds(200) * 1e3:.1f} ms at 200)")
     table = Table(title="measured step shapes: time and the two models' relative error")
     for col in ("shape", "ms", "curve", "roofline"):
         table.add_column(col, justify="left" if col == "shape" else "right")

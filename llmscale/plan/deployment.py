@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from llmscale.config import ConfigError, ModelConfig, SchedulerConfig
 from llmscale.plan.calibrate import Calibration
 from llmscale.plan.hardware import Hardware
-from llmscale.plan.serving import Served
 from llmscale.plan.simulator import SimEngine
 from llmscale.plan.step_model import (
     COMPUTE_DTYPE,
@@ -191,7 +190,7 @@ class Deployment:
                 engine = calibration.curve()
             else:
                 engine = StepTimeModel(calibration.coefficients, self.geometry(model))
-            return Served(engine, calibration.serving_overhead())
+            return calibration.served(engine)
         return StepTimeModel(self.coefficients(), self.geometry(model))
 
     def kv_blocks(self, model: ModelSpec, max_model_len: int) -> int:

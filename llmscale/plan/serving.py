@@ -24,7 +24,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,17 +59,39 @@ class ServingOverhead:
 
 
 @dataclass(frozen=True)
+class FirstRun:
+    """What a step whose token count the process has not run before costs on top: oneDNN builds
+    its GEMM primitives per row count on first use, so a fresh server's first prefill chunk of
+    each length pays it once. Decode-only steps run the fused C step, which builds nothing."""
+
+    step_s: float = 0.0
+    per_token_s: float = 0.0
+
+    def seconds(self, tokens: int) -> float:
+        return self.step_s + self.per_token_s * tokens
+
+
+@dataclass(frozen=True)
 class Served:
-    """A step model as a server runs it: the engine's time plus what serving adds."""
+    """A step model as a server runs it: the engine's time plus what serving adds, and the first
+    run of each token count of the steps that hold a prefill chunk (`seen`: one server's)."""
 
     engine: StepModel
     overhead: ServingOverhead
+    first_run: FirstRun = FirstRun()
+    seen: set[int] = field(default_factory=set, compare=False)
 
     def step_seconds(self, chunks: Sequence[Chunk]) -> float:
         if not chunks:
             return 0.0
         sampled = sum(1 for c in chunks if c.samples)
-        return self.engine.step_seconds(chunks) + self.overhead.step_s + self.overhead.per_token_s * sampled
+        seconds = self.engine.step_seconds(chunks) + self.overhead.step_s
+        seconds += self.overhead.per_token_s * sampled
+        tokens = sum(c.new for c in chunks)
+        if tokens not in self.seen and any(c.new > 1 for c in chunks):
+            self.seen.add(tokens)
+            seconds += self.first_run.seconds(tokens)
+        return seconds
 
 
 @functools.cache
