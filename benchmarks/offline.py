@@ -24,6 +24,10 @@ Systems:
 Peers run in their own venvs through benchmarks/peer_worker.py; transformers runs in this
 interpreter when it can import it (same torch as llmscale), else in `.venv-hf`.
 
+Every engine runs with prefix caching off (vLLM's on by default), so the single-stream runs after
+the batch measure the engine, not its cache. The run opens with the CPU model, its SIMD flags and
+the kernel path llmscale takes on it.
+
 Wall time excludes model load and one short warm-up request; load time is reported apart.
 Single-stream latency: TTFT is the median time to the first token of a 128-token prompt, TPOT
 the mean time per further token over 128 generated tokens (median of 3, fresh prompt each).
@@ -170,6 +174,8 @@ def run_llmscale(wl: Workload, args: argparse.Namespace, system: str) -> Result:
                                       ("max_num_batched_tokens", args.max_num_batched_tokens),
                                       ("kv_cache_memory", args.kv_cache_memory)) if v is not None}
     engine_args["device"] = args.device
+    # Off in every engine: the single-stream runs after the batch would otherwise measure the cache.
+    engine_args["enable_prefix_caching"] = False
     if args.device == "cpu":  # pinned to the cores vLLM's worker gets through VLLM_CPU_OMP_THREADS_BIND
         engine_args["cpu_threads_bind"] = f"0-{args.threads - 1}"
     model = args.model
@@ -271,20 +277,14 @@ def run_peer(system: str, python: Path, wl: Workload, args: argparse.Namespace, 
 
 
 def machine(device: str) -> dict[str, Any]:
-    model, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, val = line.partition(":")
-            if key.strip() == "model name":
-                model = val.strip()
-            elif key.strip() == "flags":
-                flags = set(val.split())
-    except OSError:
-        pass
+    from llmscale.config import cpu_flags, cpu_model_name
+    from llmscale.serve.banner import cpu_kernels_path
+
+    flags = cpu_flags()
     simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
                         "amx_tile") if f in flags]
-    info = {"cpu": model, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version(),
-            "platform": platform.platform()}
+    info = {"cpu": cpu_model_name(), "cores": os.cpu_count(), "simd": simd, "kernels": cpu_kernels_path(),
+            "python": platform.python_version(), "platform": platform.platform()}
     if device == "cuda":
         import torch
 
@@ -356,6 +356,9 @@ def main() -> None:
     wl = build_workload(model_dir / "tokenizer.json", args.num_requests, args.seed)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="llmscale-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    info = machine(args.device)
+    console.print(f"machine: {info['cpu']}, {info['cores']} cores ({' '.join(info['simd'])}); "
+                  f"llmscale runs {info['kernels']}", markup=False)
     console.print(f"workload: {len(wl.prompts)} requests, {wl.prompt_tokens} prompt tokens, "
                   f"{wl.output_tokens} output tokens (seed {args.seed}); model {model_dir}; logs {log_dir}")
 
@@ -390,7 +393,7 @@ def main() -> None:
             "workload": {"num_requests": len(wl.prompts), "seed": args.seed, "prompt_len": PROMPT_LEN,
                          "output_len": OUTPUT_LEN, "prompt_tokens": wl.prompt_tokens,
                          "output_tokens": wl.output_tokens, "corpus": str(CORPUS.relative_to(ROOT))},
-            "machine": machine(args.device), "device": args.device, "threads": args.threads,
+            "machine": info, "device": args.device, "threads": args.threads,
             "results": [{**asdict(r), "output_tps": r.output_tps, "total_tps": r.total_tps} for r in results],
         }, indent=2))
         console.print(f"wrote {args.json}")

@@ -153,7 +153,8 @@ def vllm(spec: dict[str, Any]) -> dict[str, Any]:
             return shown
 
     t = time.perf_counter()
-    llm = LLM(model=spec["model_dir"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0)
+    llm = LLM(model=spec["model_dir"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
+              enable_prefix_caching=False)  # as llmscale runs: repeated prompts must not measure the cache
     emit("loaded", load_s=time.perf_counter() - t)
 
     def params(n: int) -> SamplingParams:
