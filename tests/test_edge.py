@@ -101,6 +101,24 @@ def _ask(url: str, where: str | None = None, max_tokens: int = 4, **headers: str
     return httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=120)
 
 
+def _wait_healthy(url: str, index: int, timeout_s: float) -> None:
+    """Until the gateway sees site `index` healthy; else fail saying whether its processes live
+    and what each answers to a /health sent straight to it, past the gateway's links."""
+    deadline = time.monotonic() + timeout_s
+    while (site := _status(url)["sites"][index])["state"] != "healthy":
+        if time.monotonic() > deadline:
+            alive = {pid: Path(f"/proc/{pid}").exists() for pid in site["pids"]}
+            direct = {}
+            for replica in site["urls"]:
+                try:
+                    direct[replica] = httpx.get(f"{replica}/health", timeout=5).status_code
+                except httpx.HTTPError as e:
+                    direct[replica] = repr(e)
+            raise AssertionError(f"{site['name']} not healthy after {timeout_s} s: {site['state']}; "
+                                 f"processes alive {alive}; /health straight to it: {direct}")
+        time.sleep(0.2)
+
+
 def _link(url: str, site: str, up: bool) -> None:
     httpx.post(f"{url}/edge/links", json={"site": site, "up": up}, timeout=10).raise_for_status()
 
@@ -167,10 +185,7 @@ def test_requests_a_cut_site_holds_unanswered_are_answered_elsewhere(gateway):
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
     assert all(r.json()["usage"]["completion_tokens"] == 1000 for r in answers)
     assert {r.headers["x-llmscale-site"] for r in answers} & {"edge-paris", "cloud-frankfurt"}
-    deadline = time.monotonic() + 20
-    while _status(url)["sites"][0]["state"] != "healthy":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    _wait_healthy(url, 0, timeout_s=20)
 
 
 def test_cut_site_fails_over_within_seconds_and_comes_back(gateway):
