@@ -126,8 +126,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                             engine_config.cache.block_size, engine_config.cache.enable_prefix_caching,
                             kv_cache_dtype=kv_format)
     if on_machine:
-        kv_dtype = engine_config.activation_dtype
-        num_blocks = kv_cache_blocks(engine_config.cache, model.config, kv_dtype, max_model_len)
+        num_blocks = kv_cache_blocks(engine_config.cache, model.config, engine_config.kv_dtype, max_model_len)
     else:
         num_blocks = None
         if args.kv_cache_memory is not None:  # else what the devices hold after the weights

@@ -37,9 +37,6 @@ THIS_MACHINE = "this-machine"
 # activations and the CUDA context take besides weights and KV (assumed; vLLM profiles it).
 GPU_MEMORY_UTILIZATION = 0.9
 ACTIVATION_RESERVE_BYTES = 2 * 2**30
-# --kv-cache-dtype other than auto: bytes per element, and the name a configuration shows.
-KV_BYTES = {"float32": 4.0, "bfloat16": 2.0, "fp8": 1.0}
-KV_SHORT = {"float32": "fp32", "bfloat16": "bf16", "fp8": "fp8"}
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,8 @@ class Deployment:
     block_size: int = 16
     enable_prefix_caching: bool = True
     kv_cache_bytes: float | None = None  # per replica; None: what the devices hold after weights
-    kv_cache_dtype: str = "auto"  # auto: 16 bits (fp32 where the device computes in fp32), or KV_BYTES's
+    # auto: 16 bits (fp32 where the device computes in fp32) | float32 | bfloat16 | fp8
+    kv_cache_dtype: str = "auto"
 
     @property
     def devices(self) -> int:
@@ -136,7 +134,7 @@ class Deployment:
 
     def describe(self) -> str:
         par = f" TP{self.tp}" + (f" PP{self.pp}" if self.pp > 1 else "")
-        kv = "" if self.kv_cache_dtype == "auto" else f" kv-{KV_SHORT[self.kv_cache_dtype]}"
+        kv = "" if self.kv_cache_dtype == "auto" else f" kv-{weight_format_of_dtype(self.kv_cache_dtype)}"
         return (f"{self.replicas} x {self.hardware.name} {self.weight_format}{kv}{par}, "
                 f"max_num_seqs {self.max_num_seqs}, {self.max_num_batched_tokens} tokens/step")
 
@@ -146,7 +144,7 @@ class Deployment:
     def kv_elem_bytes(self) -> float:
         """The cache's dtype: as asked, else fp32 where the device computes in fp32, else 16 bits."""
         if self.kv_cache_dtype != "auto":
-            return KV_BYTES[self.kv_cache_dtype]
+            return WEIGHT_BYTES[weight_format_of_dtype(self.kv_cache_dtype)]
         compute = COMPUTE_DTYPE[self.weight_format]
         return 4.0 if compute == "fp32" or not self.hardware.supports("bf16") else 2.0
 

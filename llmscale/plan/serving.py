@@ -24,7 +24,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,6 +57,10 @@ class ServingOverhead:
     def request_overhead(self) -> RequestOverhead:
         return RequestOverhead(self.request_s, self.busy_request_s)
 
+    def step_added(self, sampled: int) -> float:
+        """What serving adds to a step that samples this many rows."""
+        return self.step_s + self.per_token_s * sampled
+
 
 @dataclass(frozen=True)
 class FirstRun:
@@ -85,8 +89,7 @@ class Served:
         if not chunks:
             return 0.0
         sampled = sum(1 for c in chunks if c.samples)
-        seconds = self.engine.step_seconds(chunks) + self.overhead.step_s
-        seconds += self.overhead.per_token_s * sampled
+        seconds = self.engine.step_seconds(chunks) + self.overhead.step_added(sampled)
         tokens = sum(c.new for c in chunks)
         if tokens not in self.seen and any(c.new > 1 for c in chunks):
             self.seen.add(tokens)
@@ -198,15 +201,15 @@ def measure(serve_args: list[str], time_shape: Callable[[Sequence[Chunk]], float
 
     a = np.array([[1.0, float(b)] for b, _ in rows])
     step_s, per_token_s = (float(x) for x in nnls(a, np.array([excess for _, excess in rows])))
-    added = step_s + per_token_s  # what serving adds to a step that samples one row
+    steps = ServingOverhead(step_s, per_token_s, 0.0, 0.0)  # what serving adds to steps
 
     # Each lone request's TTFT less its own prefill step as served; the first is left out (its
     # kernels' first call at a new row count), the median of the rest kept.
-    lone = [ttft - engine_s - added for ttft, engine_s in zip(ttfts, lone_engine, strict=True)]
+    lone = [ttft - engine_s - steps.step_added(1) for ttft, engine_s in zip(ttfts, lone_engine, strict=True)]
     request_s = max(0.0, statistics.median(lone[1:]))
     # Beside a decoding stream a request waits, on average, half that stream's step, then
     # prefills in a step with it; what is left is its way in while the engine steps.
-    busy = [ttft - (decode_engine + added) / 2 - (engine_s + step_s + 2 * per_token_s)
+    busy = [ttft - (decode_engine + steps.step_added(1)) / 2 - (engine_s + steps.step_added(2))
             for ttft, engine_s in zip(busy_ttfts, busy_engine, strict=True)]
     busy_request_s = max(request_s, statistics.median(busy))
-    return ServingOverhead(step_s, per_token_s, request_s, busy_request_s)
+    return replace(steps, request_s=request_s, busy_request_s=busy_request_s)
