@@ -18,6 +18,7 @@ from llmscale.config import ConfigError, activation_dtype, cpu_flags, flags_at_i
 from llmscale.engine.fused_decode import (
     BF16_ACTIVATIONS_MAX_ROWS,
     DENSE_BF16,
+    PAIR_PANELS_BF16,
     PANELS_BF16,
     PANELS_SWIGLU_F32,
     FusedDecoder,
@@ -43,6 +44,7 @@ def test_the_build_follows_the_cpu_flags() -> None:
     """AVX-512 matmuls where the (possibly capped) flags have avx512f, AVX2 otherwise: under
     LLMSCALE_CPU_ISA=avx2 this file runs again on the AVX2 build (the test below)."""
     assert cpu.vector_bits() == (512 if "avx512f" in cpu_flags() else 256)
+    assert cpu.pair_panels_available() == ({"avx512f", "avx512_bf16"} <= cpu_flags())
     assert ("-mno-avx512f" in cpu.compile_flags(cpu_flags())) == ("avx512f" not in cpu_flags())
 
 
@@ -141,6 +143,23 @@ def test_panel_matmul(n: int, k: int, m: int) -> None:
     if n >= 16:
         gate_up = cpu.matmul_panels(x, cpu.pack_panels(half[:n // 16 * 16]), n // 16 * 16)
         assert torch.equal(swiglu, cpu.silu_and_mul(gate_up))
+
+
+@pytest.mark.skipif(not cpu.pair_panels_available(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("n,k", [(32, 2), (96, 64), (160, 576), (64, 1536), (32, 302)])
+@pytest.mark.parametrize("m", [*ROWS, 6, 12, 65, 130, 400])  # k-blocks up to 64 rows, row blocks past 384
+def test_bf16_pair_matmul_is_the_product_of_bf16_rounded_activations(n: int, k: int, m: int) -> None:
+    """Pair panels round the activations to bf16 (to nearest even) and sum the products of
+    each pair along k in fp32: torch's product of the same bf16 values, to fp32 precision; packed
+    for SwiGLU, bit for bit `silu_and_mul` of that product."""
+    torch.manual_seed(m)
+    x, w = torch.randn(m, k), torch.randn(n, k).bfloat16()
+    packed = cpu.pack_pair_panels(cpu.pack_panels(w))
+    assert packed.dtype == torch.bfloat16 and packed.shape == (n // cpu.PANEL, k // 2, 2 * cpu.PANEL)
+    product = cpu.matmul_pair_panels(x, packed, n)
+    torch.testing.assert_close(product, x.bfloat16().float() @ w.float().t(), rtol=1e-5, atol=1e-4)
+    fused = cpu.matmul_pair_panels(x, cpu.pack_pair_panels(cpu.pack_swiglu_panels(w)), n, swiglu=True)
+    assert torch.equal(fused, cpu.silu_and_mul(product))
 
 
 @pytest.mark.parametrize("n,k", [(49, 300), (96, 1536)])
@@ -337,9 +356,12 @@ def test_a_bf16_model_decodes_in_one_c_call_as_its_per_op_path_does(tiny_model) 
     runner = llm.llm_engine.runner
     fused_decoder = runner.fused
     assert fused_decoder is not None and runner.kv_dtype == torch.bfloat16
-    assert fused_decoder.max_rows == BF16_ACTIVATIONS_MAX_ROWS
-    # Weights packed in panels, and as stored for a few decodes: steps of 3 and of 9 take each.
-    assert [a[0].down.kind for a in fused_decoder._arrays] == [PANELS_BF16, DENSE_BF16]
+    # Weights packed in panels (multiplied in bf16 pairs where the CPU can: then at any batch),
+    # and as stored for a few decodes: steps of 3 and of 9 take each.
+    pairs = cpu.pair_panels_available()
+    assert fused_decoder.max_rows == (1 << 20 if pairs else BF16_ACTIVATIONS_MAX_ROWS)
+    assert [a[0].down.kind for a in fused_decoder._arrays] == [PAIR_PANELS_BF16 if pairs else PANELS_BF16,
+                                                               DENSE_BF16]
     base = ["The capital of France is", "Once upon a time, in a land far away, there lived", "1, 2, 3, 4,"]
     prompts = base + [f"Item {i} of the list is" for i in range(6)]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)

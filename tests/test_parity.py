@@ -140,12 +140,13 @@ def test_bf16_weights_compute_in_fp32_where_the_cpu_has_no_bf16(bf16_llama: Path
         assert g == hf_greedy(bf16_llama, p, NUM_TOKENS)
 
 
-def test_bf16_decodes_in_place_match_the_gathered_path(smollm_folder: Path, prompts: list[str]) -> None:
-    """Where the CPU multiplies bf16, activations and the KV cache are bf16 and decodes read the
-    cache in place (C kernel, fp32 sums). Against the gathered SDPA path on the same engine, over
-    prompts of very different lengths with chunked prefill: the same greedy tokens, except where
-    the two orders of summation meet a near-tie: a top-2 logprob gap of at most 0.125, a few steps
-    of bf16 at these logits (ties of 0 occur)."""
+def test_bf16_attention_in_c_matches_the_gathered_sdpa_path(smollm_folder: Path, prompts: list[str]) -> None:
+    """Where the CPU multiplies bf16, activations and the KV cache are bf16, and attention runs
+    the C kernels in fp32: rotary with the cache write, prefill attention (q, k and v widened),
+    decodes reading the cache in place. Against torch's path (bf16 rotary, SDPA over gathered
+    blocks) on the same engine, over prompts of very different lengths with chunked prefill: the
+    same greedy tokens, except where the two orders of summation meet a near-tie: a top-2
+    logprob gap of at most 0.125, a few steps of bf16 at these logits (ties of 0 occur)."""
     if activation_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32:
         pytest.skip("this CPU computes bf16 weights in fp32: the cache is fp32")
     if not cpu_kernels.available():
@@ -153,12 +154,12 @@ def test_bf16_decodes_in_place_match_the_gathered_path(smollm_folder: Path, prom
     ids = _encode(smollm_folder, prompts + [" ".join(prompts * 6)])
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
     runs = []
-    for in_place in (True, False):
+    for in_c in (True, False):
         llm = LLM(model=str(smollm_folder), dtype="bfloat16", kv_cache_memory="128MiB", max_model_len=1024,
                   max_num_batched_tokens=64)
         runner = llm.llm_engine.runner
-        assert runner.kv_dtype == torch.bfloat16 and runner.decode_in_place
-        runner.decode_in_place = in_place
+        assert runner.kv_dtype == torch.bfloat16 and runner.decode_in_place and runner.c_kernels
+        runner.decode_in_place = runner.c_kernels = in_c
         runner.fused = None  # both through the model's modules (the fused step: test_cpu_kernels)
         runs.append([o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params,
                                                         use_tqdm=False)])
@@ -168,10 +169,9 @@ def test_bf16_decodes_in_place_match_the_gathered_path(smollm_folder: Path, prom
 @pytest.mark.parametrize("dtype, kv_cache_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
 def test_kv_cache_in_another_dtype_parts_only_at_near_ties(dtype: str, kv_cache_dtype: str,
                                                           smollm_folder: Path, prompts: list[str]) -> None:
-    """`--kv-cache-dtype` stores K/V apart from the activations' dtype. fp32 activations over a
-    bf16 cache run every C path (the fused decode step, rotary with the cache write, the prefill
-    kernel over cached tokens, under chunked prefill); bf16 activations over an fp32 cache the
-    in-place decodes. Against the same model with its cache in the activations' dtype: the same
+    """`--kv-cache-dtype` stores K/V apart from the activations' dtype, and either mix runs every C
+    path: the fused decode step, rotary with the cache write, the prefill kernel over cached
+    tokens (under chunked prefill), the in-place decodes. Against the same model with its cache in the activations' dtype: the same
     greedy tokens but at near-ties (bf16 rounds K/V to 8 bits of mantissa), and twice (half) the
     blocks in the same memory."""
     if dtype == "bfloat16" and activation_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32:
@@ -187,8 +187,7 @@ def test_kv_cache_in_another_dtype_parts_only_at_near_ties(dtype: str, kv_cache_
                                    else DTYPES[kv])
         assert runner.model.layers[0].self_attn.k_cache.dtype == runner.kv_dtype
         if kv != "auto" and cpu_kernels.available():
-            assert runner.decode_in_place and runner.fused is not None
-            assert runner.c_kernels == (dtype == "float32")
+            assert runner.decode_in_place and runner.c_kernels and runner.fused is not None
         blocks.append(llm.llm_engine.num_blocks)
         runs.append([o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params,
                                                         use_tqdm=False)])

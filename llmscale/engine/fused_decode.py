@@ -30,7 +30,10 @@ from llmscale.model.linear_method import (
 )
 from llmscale.model.llama import LlamaForCausalLM
 
-DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16 = range(8)
+(DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16,
+ PAIR_PANELS_BF16, PAIR_PANELS_SWIGLU_BF16) = range(10)
+PAIR_PANELS = {PAIR_PANELS_BF16, PAIR_PANELS_SWIGLU_BF16}
+PACKED_BF16 = {PANELS_BF16, PANELS_SWIGLU_BF16, *PAIR_PANELS}
 # Decodes per step the fused path takes, by the weights' kind. Quantized: beyond these
 # dequantize + GEMM wins (llmscale.model.linear_method). Dense fp32: at 33-64 decodes the row-major
 # C matmuls and oneDNN's are close (see llmscale.model.linear_method), and one C call still saves the
@@ -39,14 +42,15 @@ DENSE_F32, DENSE_BF16, INT8, INT4, PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, P
 # what the per-op path would multiply with too, at any batch.
 MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64,  # DENSE_BF16: also bf16 weights with fp32 activations
             INT8: INT_C_KERNEL_MAX_ROWS[8], INT4: INT_C_KERNEL_MAX_ROWS[4],
-            **dict.fromkeys((PANELS_F32, PANELS_SWIGLU_F32, PANELS_BF16, PANELS_SWIGLU_BF16), 1 << 20)}
+            **dict.fromkeys((PANELS_F32, PANELS_SWIGLU_F32, *PACKED_BF16), 1 << 20)}
 # A bf16 model on a CPU with bf16 arithmetic: past this many decodes the per-op path's oneDNN
-# bf16 GEMMs catch up with the C kernels on bf16 weights (level at 96; BENCHMARKS.md, "bf16
-# decode steps").
+# bf16 GEMMs catch up with the C kernels on bf16 weights widened to fp32 (level at 96;
+# BENCHMARKS.md, "bf16 decode steps"). Pair panels, which multiply bf16 pairs, beat the per-op
+# path at every batch measured (1-256 decodes): a model whose linears all take them has no limit.
 BF16_ACTIVATIONS_MAX_ROWS = 64
 # bf16 weights packed in panels win past this many decodes; fewer read the weights as stored
-# (the row-major kernel), which is faster for one to four.
-BF16_ROW_MAJOR_MAX_ROWS = 4
+# (the row-major kernel), which is faster for one to three.
+BF16_ROW_MAJOR_MAX_ROWS = 3
 
 
 class _Linear(ctypes.Structure):
@@ -85,7 +89,9 @@ def _as_fp32(t: torch.Tensor, held: list[torch.Tensor]) -> int:
 def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -> _Linear | None:
     """The C descriptor of a (Column|Row)ParallelLinear from its method's kernel and operand,
     or None if it has no C kernel. With `pack_bf16`, bf16 weights that the per-op path reads as
-    stored are packed into panels for the step (the copy kept in `held`)."""
+    stored are packed into panels for the step (the copy kept in `held`): in pairs along k where
+    the CPU multiplies bf16 pairs (AVX-512 BF16) and the outputs fill pairs of panels, the
+    activations then rounded to bf16 as the per-op path's are; else widened as they load."""
     if layer.tp_size != 1:
         return None
     bias = layer.bias
@@ -102,9 +108,13 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -
         w = layer.weight
         swiglu = layer.feeds_swiglu and w.shape[0] % 16 == 0
         panels = cpu_kernels.pack_swiglu_panels(w) if swiglu else cpu_kernels.pack_panels(w)
+        kind = PANELS_SWIGLU_BF16 if swiglu else PANELS_BF16
+        pairs = w.shape[0] % (2 * cpu_kernels.PANEL) == 0 and w.shape[1] % 2 == 0
+        if pairs and cpu_kernels.pair_panels_available():
+            panels = cpu_kernels.pack_pair_panels(panels)
+            kind = PAIR_PANELS_SWIGLU_BF16 if swiglu else PAIR_PANELS_BF16
         held.append(panels)
-        desc = _Linear(kind=PANELS_SWIGLU_BF16 if swiglu else PANELS_BF16, n=w.shape[0], k=w.shape[1],
-                       w=panels.data_ptr())
+        desc = _Linear(kind=kind, n=w.shape[0], k=w.shape[1], w=panels.data_ptr())
     elif isinstance(method, DenseCLinear):
         w = layer.weight
         kind = DENSE_F32 if w.dtype == torch.float32 else DENSE_BF16
@@ -156,7 +166,7 @@ class FusedDecoder:
         self.held = held  # and the fp32 copies of a bf16 model's norms and biases, its panels
         self.packed_bytes = sum(t.nbytes for t in held if t.dim() == 3)  # the panels
         self.max_rows = min(MAX_ROWS[kind] for kind in _kinds(layers))
-        if model.activation_dtype == torch.bfloat16:
+        if model.activation_dtype == torch.bfloat16 and not _kinds(layers) <= PAIR_PANELS:
             self.max_rows = min(self.max_rows, BF16_ACTIVATIONS_MAX_ROWS)
         rotary = attn.rotary
         shape = dict(hidden=model.config.hidden_size, hq=attn.num_heads, hkv=attn.num_kv_heads,
@@ -186,7 +196,7 @@ class FusedDecoder:
         layers = _layers(model, held, pack_bf16)
         if layers is None:
             return None
-        packed = bool(_kinds(layers) & {PANELS_BF16, PANELS_SWIGLU_BF16})
+        packed = bool(_kinds(layers) & PACKED_BF16)
         return cls(model, block_size, layers, held, _layers(model, held, False) if packed else None)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

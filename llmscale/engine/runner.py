@@ -104,11 +104,12 @@ class ModelRunner:
             keep_freed_memory()
         # Attention runs llmscale's C kernels where they apply (see AttentionMetadata): decodes
         # read an fp32 or bf16 cache in place (their kernel reads blocks 4 rows at a time), and
-        # fp32 activations take the C rotary, cache write and prefill attention too.
+        # rotary, the cache write and prefill attention run in C too, in fp32 whatever the
+        # activations: torch's bf16 SDPA took 42% of a bf16 prefill step (BENCHMARKS.md).
         head_dim = model.layers[0].self_attn.head_dim
         self.decode_in_place = (device.type == "cpu" and kv_dtype in (torch.float32, torch.bfloat16)
                                 and head_dim % 16 == 0 and block_size % 4 == 0 and cpu_kernels.available())
-        self.c_kernels = self.decode_in_place and model.activation_dtype == torch.float32
+        self.c_kernels = self.decode_in_place
         # One block more than the pool hands out: a scratch block for padded rows (see cuda_graphs).
         self.scratch_block = num_blocks
         for layer in model.layers:

@@ -1,7 +1,9 @@
 /* CPU kernels for decode steps on x86 CPUs with AVX2 + FMA: skinny matmuls, norms, rotary,
  * attention over the paged cache, and a whole decode step over all layers. Where the compiler
  * targets AVX-512 (__AVX512F__: -march=native on such a CPU, unless LLMSCALE_CPU_ISA=avx2 adds
- * -mno-avx512f), the dense and panel matmuls take 16-lane versions; everything else is AVX2.
+ * -mno-avx512f), the dense and panel matmuls take 16-lane versions, and with AVX-512 BF16 too
+ * (__AVX512BF16__) bf16 weights in pair panels multiply bf16 activations two products a lane at
+ * a time; everything else is AVX2.
  *
  * Skinny matmuls y[m, n] = x[m, k] @ W[n, k]^T. A decode step multiplies a handful of activation rows by every weight of the model, so its
  * speed is the speed of streaming the weights from memory. torch's kernels for these shapes
@@ -259,6 +261,13 @@ static inline __m256 exp_ps(__m256 x) {
 #define PANEL_STORE_N(i)                                                                        \
     PANEL_ROW(i, _mm256_storeu_ps(y + i * ldy, a##i##0); _mm256_storeu_ps(y + i * ldy + 8, a##i##1);)
 
+/* What a panel holds, fixed at compile time in each tile: fp32 weights, bf16 weights widened
+ * as they load, or (PANEL_DOT_BF16, AVX-512 BF16 only) bf16 weights in pairs along k, multiplied
+ * with activations rounded to bf16 pairs by dot-product instructions: `pack_pair_panels`. */
+#define PANEL_F32 0
+#define PANEL_BF16 1
+#define PANEL_DOT_BF16 2
+
 #if defined(__AVX512F__)
 #define PANEL_PAIRS 1 /* the AVX-512 tile below: two panels at a time */
 #else
@@ -326,10 +335,21 @@ PANEL_TILE(panel_tile, N, PANEL_ROWS)
     PANEL_ROW(i, a##i##0 = _mm512_loadu_ps(in0 + i * PANEL); a##i##1 = _mm512_loadu_ps(in1 + i * PANEL);)
 #define PANEL_FMA_P(i)                                                                          \
     PANEL_ROW(i, const __m512 xb = _mm512_set1_ps(x[i * ldx + j]);                               \
-              a##i##0 = _mm512_fmadd_ps(xb, w0, a##i##0); a##i##1 = _mm512_fmadd_ps(xb, w1, a##i##1);)
+              a##i##0 = pair_fma(a##i##0, xb, w0, BF); a##i##1 = pair_fma(a##i##1, xb, w1, BF);)
 #define PANEL_STORE_P(i)                                                                        \
     PANEL_ROW(i, _mm512_storeu_ps(y0 + i * ld0, a##i##0); _mm512_storeu_ps(y1 + i * ld1, a##i##1);)
-#define PANEL_W_P(w, at) (BF ? load_bf16x16((const uint16_t *)(w) + (at)) : _mm512_loadu_ps((const float *)(w) + (at)))
+#define PANEL_W_P(w, at)                                                                        \
+    (BF == PANEL_BF16 ? load_bf16x16((const uint16_t *)(w) + (at)) : _mm512_loadu_ps((const float *)(w) + (at)))
+
+/* acc + x * w for 16 lanes; with PANEL_DOT_BF16, x holds two bf16 activations and each lane of w
+ * the two matching bf16 weights, and the pair's two products are added (VDPBF16PS). */
+static inline __attribute__((always_inline)) __m512 pair_fma(__m512 acc, __m512 x, __m512 w, const int BF) {
+#if defined(__AVX512BF16__)
+    if (BF == PANEL_DOT_BF16)
+        return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(x), (__m512bh)_mm512_castps_si512(w));
+#endif
+    return _mm512_fmadd_ps(x, w, acc);
+}
 
 static inline __attribute__((always_inline)) void panel_pair_tile(
     const float *x, int64_t ldx, int64_t k, const void *wp0, const void *wp1, float *y0, int64_t ld0,
@@ -375,7 +395,7 @@ static inline __attribute__((always_inline)) void panel_pair_step(
     const float *x, int64_t k, int rows, int64_t kb, int64_t kc, const void *panel, int64_t panel_bytes,
     float *part0, float *part1, float *yr, int64_t ldy, int64_t p, int swiglu, const int BF) {
     const float *in0 = kb ? part0 : NULL, *in1 = kb ? part1 : NULL;
-    const char *w0 = (const char *)panel + kb * PANEL * (BF ? 2 : 4), *w1 = w0 + panel_bytes;
+    const char *w0 = (const char *)panel + kb * PANEL * (BF == PANEL_BF16 ? 2 : 4), *w1 = w0 + panel_bytes;
     if (kb + kc < k)
         panel_pair_rows(x + kb, k, rows, kc, w0, w1, part0, PANEL, part1, PANEL, 0, in0, in1, BF);
     else if (swiglu)
@@ -384,6 +404,18 @@ static inline __attribute__((always_inline)) void panel_pair_step(
     else
         panel_pair_rows(x + kb, k, rows, kc, w0, w1, yr + p * PANEL, ldy, yr + (p + 1) * PANEL, ldy, 0, in0,
                         in1, BF);
+}
+
+/* `panel_pair_step` for the panels' kind `bf`, chosen once per (tile, pair), not per weight load. */
+static inline __attribute__((always_inline)) void panel_pair_kind(
+    int bf, const float *x, int64_t k, int rows, int64_t kb, int64_t kc, const void *panel, int64_t panel_bytes,
+    float *part0, float *part1, float *yr, int64_t ldy, int64_t p, int swiglu) {
+    if (bf == PANEL_DOT_BF16)
+        panel_pair_step(x, k, rows, kb, kc, panel, panel_bytes, part0, part1, yr, ldy, p, swiglu, PANEL_DOT_BF16);
+    else if (bf == PANEL_BF16)
+        panel_pair_step(x, k, rows, kb, kc, panel, panel_bytes, part0, part1, yr, ldy, p, swiglu, PANEL_BF16);
+    else
+        panel_pair_step(x, k, rows, kb, kc, panel, panel_bytes, part0, part1, yr, ldy, p, swiglu, PANEL_F32);
 }
 #endif
 
@@ -456,14 +488,18 @@ static inline __attribute__((always_inline)) void panel_single(int bf, const flo
                                                                 int64_t p, int swiglu) {
     for (int s = 0; s < rows; s += PANEL_ROWS) {
         const int r = rows - s < PANEL_ROWS ? rows - s : PANEL_ROWS;
-        if (bf) panel_step(x + s * k, k, r, kb, kc, panel, part + s * PANEL, yr + s * ldy, ldy, n, p, swiglu, 1);
-        else panel_step(x + s * k, k, r, kb, kc, panel, part + s * PANEL, yr + s * ldy, ldy, n, p, swiglu, 0);
+        if (bf == PANEL_BF16)
+            panel_step(x + s * k, k, r, kb, kc, panel, part + s * PANEL, yr + s * ldy, ldy, n, p, swiglu, PANEL_BF16);
+        else
+            panel_step(x + s * k, k, r, kb, kc, panel, part + s * PANEL, yr + s * ldy, ldy, n, p, swiglu, PANEL_F32);
     }
 }
 
+/* bf: the panels' kind (PANEL_F32, PANEL_BF16, PANEL_DOT_BF16). PANEL_DOT_BF16 runs only in
+ * pairs: n % 32 == 0, x and k count bf16 pairs, and each thread takes whole pairs. */
 static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, int64_t n, float *y,
                           int swiglu, int bf, int nthreads) {
-    const int64_t es = bf ? 2 : 4, panel_bytes = k * PANEL * es; /* a weight's bytes, a panel's */
+    const int64_t es = bf == PANEL_BF16 ? 2 : 4, panel_bytes = k * PANEL * es; /* a step's bytes, a panel's */
     const int64_t ldy = swiglu ? n / 2 : n;
     const int64_t panels = (n + PANEL - 1) / PANEL;
     const int prefetch = m <= PANEL_PREFETCH_MAX_ROWS;
@@ -475,7 +511,8 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t first = panels * t / nt, p1 = panels * (t + 1) / nt;
+        const int64_t unit = bf == PANEL_DOT_BF16 ? 2 : 1; /* panels a thread takes together */
+        const int64_t first = unit * (panels / unit * t / nt), p1 = unit * (panels / unit * (t + 1) / nt);
         float part[PANEL_BLOCK_ROWS * PANEL];
 #if PANEL_PAIRS
         float part1[PANEL_PREFETCH_MAX_ROWS * PANEL]; /* a pair's second panel's (k-blocks: m <= 64) */
@@ -503,9 +540,9 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                                 prefetch_lines(&pf, pf_end, per_product);
 #if PANEL_PAIRS
                                 if (two)
-                                    panel_pair_step(x + r * k, k, rows, kb, kn, panel, panel_bytes,
+                                    panel_pair_kind(bf, x + r * k, k, rows, kb, kn, panel, panel_bytes,
                                                     part + (r - i0) * PANEL, part1 + (r - i0) * PANEL,
-                                                    y + r * ldy, ldy, p, swiglu, bf);
+                                                    y + r * ldy, ldy, p, swiglu);
                                 else
 #endif
                                     panel_single(bf, x + r * k, k, rows, kb, kn, panel,
@@ -522,8 +559,8 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                             prefetch_lines(&pf, pf_end, per_product);
 #if PANEL_PAIRS
                             if (two)
-                                panel_pair_step(x + r * k, k, rows, 0, k, panel, panel_bytes, part, part1,
-                                                y + r * ldy, ldy, p, swiglu, bf);
+                                panel_pair_kind(bf, x + r * k, k, rows, 0, k, panel, panel_bytes, part, part1,
+                                                y + r * ldy, ldy, p, swiglu);
                             else
 #endif
                                 panel_single(bf, x + r * k, k, rows, 0, k, panel, part, y + r * ldy, ldy, n, p,
@@ -539,14 +576,34 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
 
 void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, float *y,
                        int swiglu, int nthreads) {
-    matmul_panels(x, m, k, wp, n, y, swiglu, 0, nthreads);
+    matmul_panels(x, m, k, wp, n, y, swiglu, PANEL_F32, nthreads);
 }
 
 /* The same panels holding bf16 weights (`pack_panels` of a bf16 weight), fp32 sums. */
 void matmul_panels_bf16(const float *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, float *y,
                         int swiglu, int nthreads) {
-    matmul_panels(x, m, k, wp, n, y, swiglu, 1, nthreads);
+    matmul_panels(x, m, k, wp, n, y, swiglu, PANEL_BF16, nthreads);
 }
+
+#if PANEL_PAIRS && defined(__AVX512BF16__)
+/* bf16 weights in pair panels (`pack_pair_panels`; n % 32 == 0, k even) times x rounded to bf16
+ * (to nearest even), fp32 sums: each VDPBF16PS adds two products per lane, twice an FMA's work.
+ * Built only where the CPU has AVX-512 BF16. */
+void matmul_pair_panels_bf16(const float *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, float *y,
+                             int swiglu, int nthreads) {
+    const int64_t len = m * k;
+    uint16_t *xb = malloc(len * sizeof(uint16_t));
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16)
+        _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    if (i < len) {
+        const __mmask16 rest = (__mmask16)((1u << (len - i)) - 1);
+        _mm256_mask_storeu_epi16(xb + i, rest, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(rest, x + i)));
+    }
+    matmul_panels((const float *)xb, m, k / 2, wp, n, y, swiglu, PANEL_DOT_BF16, nthreads);
+    free(xb);
+}
+#endif
 
 /* ---------------------------------------------------------------- activation quantization */
 
@@ -1152,10 +1209,10 @@ void shm_sum(const char *data, int64_t stride, int world, int64_t n, int bf, voi
 
 /* ---------------------------------------------------------------- a whole decode step */
 
-/* PANELS_SWIGLU_F32: a gate-up weight in `pack_swiglu_panels` order (n = 2 * intermediate),
- * whose product is the SwiGLU activation itself. */
+/* PANELS_SWIGLU_*: a gate-up weight in `pack_swiglu_panels` order (n = 2 * intermediate), whose
+ * product is the SwiGLU activation itself. PAIR_*: `pack_pair_panels` (AVX-512 BF16 builds). */
 enum { DENSE_F32 = 0, DENSE_BF16 = 1, INT8 = 2, INT4 = 3, PANELS_F32 = 4, PANELS_SWIGLU_F32 = 5, PANELS_BF16 = 6,
-       PANELS_SWIGLU_BF16 = 7 };
+       PANELS_SWIGLU_BF16 = 7, PAIR_PANELS_BF16 = 8, PAIR_PANELS_SWIGLU_BF16 = 9 };
 
 typedef struct {
     int32_t kind, pad;
@@ -1186,6 +1243,10 @@ static void linear_forward(const Linear *l, const float *x, int64_t m, float *y,
         case PANELS_SWIGLU_F32: matmul_panels_f32(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
         case PANELS_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
         case PANELS_SWIGLU_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
+#if PANEL_PAIRS && defined(__AVX512BF16__)
+        case PAIR_PANELS_BF16: matmul_pair_panels_bf16(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
+        case PAIR_PANELS_SWIGLU_BF16: matmul_pair_panels_bf16(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
+#endif
         case INT4: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
     }
     if (l->bias)
@@ -1219,7 +1280,8 @@ void decode_step(const Decoder *dec, const float *x, int64_t m, const int64_t *p
                                dec->block_size, tables, max_blocks, ctx, dec->scale, attn, nthreads);
         linear_forward(&L->o, attn, m, tmp, nthreads);
         rms_norm(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h);
-        if (L->gate_up.kind == PANELS_SWIGLU_F32 || L->gate_up.kind == PANELS_SWIGLU_BF16) {
+        const int32_t gk = L->gate_up.kind;
+        if (gk == PANELS_SWIGLU_F32 || gk == PANELS_SWIGLU_BF16 || gk == PAIR_PANELS_SWIGLU_BF16) {
             linear_forward(&L->gate_up, h, m, act, nthreads);
         } else {
             linear_forward(&L->gate_up, h, m, gate_up, nthreads);

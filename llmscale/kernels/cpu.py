@@ -59,6 +59,10 @@ _SIGNATURES = {
     "decode_step": [_P, _P, _I, _P, _P, _P, _I, _P, _P, ctypes.c_int],
     "vector_bits": [],
 }
+# Built only where the CPU has the instructions they need.
+_OPTIONAL_SIGNATURES = {
+    "matmul_pair_panels_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int, ctypes.c_int],  # AVX-512 BF16
+}
 
 
 def compile_flags(flags: frozenset[str]) -> list[str]:
@@ -97,7 +101,8 @@ def load(flags: frozenset[str]) -> ctypes.CDLL:
     # torch is imported above, so the OpenMP runtime the library needs is torch's own
     # (same soname): one thread pool, not two competing for the cores.
     lib = ctypes.CDLL(str(_build(compiler, flags)))
-    for name, argtypes in _SIGNATURES.items():
+    built = {name: argtypes for name, argtypes in _OPTIONAL_SIGNATURES.items() if hasattr(lib, name)}
+    for name, argtypes in {**_SIGNATURES, **built}.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
     lib.bind_threads.restype = ctypes.c_int
@@ -134,6 +139,12 @@ def vector_bits() -> int:
 
 def available() -> bool:
     return library() is not None
+
+
+def pair_panels_available() -> bool:
+    """Whether the kernels multiply bf16 pairs (AVX-512 BF16 here): `matmul_pair_panels`."""
+    lib = library()
+    return lib is not None and hasattr(lib, "matmul_pair_panels_bf16")
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -193,6 +204,24 @@ def pack_swiglu_panels(gate_up: torch.Tensor) -> torch.Tensor:
     two_i, k = gate_up.shape
     interleaved = gate_up.detach().view(2, two_i // 16, 8, k).transpose(0, 1).reshape(two_i, k)
     return pack_panels(interleaved)
+
+
+def pack_pair_panels(panels: torch.Tensor) -> torch.Tensor:
+    """bf16 panels of `pack_panels` or `pack_swiglu_panels`, [P, k, PANEL] with k even ->
+    [P, k / 2, 2 PANEL]: each step along k holds two, every output's two weights side by side,
+    the operand of `matmul_pair_panels`."""
+    p, k, _ = panels.shape
+    return panels.view(p, k // 2, 2, PANEL).transpose(2, 3).reshape(p, k // 2, 2 * PANEL).contiguous()
+
+
+def matmul_pair_panels(x: torch.Tensor, packed: torch.Tensor, n: int, swiglu: bool = False) -> torch.Tensor:
+    """x fp32 [m, k] contiguous, packed = pack_pair_panels(pack_panels(w)) for a bf16 w [n, k]
+    (n % 32 == 0; with `swiglu`, of pack_swiglu_panels(w)) -> fp32 [m, n] (or [m, n / 2]): x
+    rounded to bf16, products summed in fp32 two at a time. Needs `pair_panels_available()`."""
+    y = _out(x, n // 2 if swiglu else n)
+    library().matmul_pair_panels_bf16(x.data_ptr(), x.shape[0], 2 * packed.shape[1], packed.data_ptr(), n,
+                                      y.data_ptr(), int(swiglu), torch.get_num_threads())
+    return y
 
 
 def matmul_swiglu_panels(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

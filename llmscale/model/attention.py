@@ -51,8 +51,8 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], 0 or -inf
-    # With `c_kernels` (fp32 activations on CPU where llmscale's C kernels run), rotary and the
-    # cache write are one C call and prefills run the C attention kernel.
+    # With `c_kernels` (on CPU where llmscale's C kernels run), rotary and the cache write are
+    # one C call and prefills run the C attention kernel, both in fp32 (bf16 activations widen).
     c_kernels: bool = False
     # With `decode_in_place` (an fp32 or bf16 cache on CPU where the C kernels run), decodes
     # read the paged cache in place given their context lengths instead of a gather and a mask.
@@ -128,14 +128,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 lambda cache, table, name: _gather_tokens(cache, table, meta.workspaces, name))
             continue
         if meta.c_kernels:  # the C kernel reads K/V token-major, as they are in the batch and cache
-            kc, vc = k[s:s + n], v[s:s + n]
-            if chunk.context_len != n:  # the kernel reads fp32: a bf16 cache's tokens widen
+            # It reads fp32: bf16 activations and a bf16 cache's tokens widen as they go in.
+            kc, vc = k[s:s + n].float(), v[s:s + n].float()
+            if chunk.context_len != n:
                 length = chunk.context_len
                 kc = _gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:length].float()
                 vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:length].float()
             size = cpu_kernels.prefill_attention_workspace(kc.shape[0], num_kv_heads, head_dim)
             work = _workspace(meta.workspaces, "prefill_attention", size, kc)
-            out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n], kc, vc, scale, work)
+            out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n].float(), kc, vc, scale, work)
             continue
         qc = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if chunk.context_len == n:
