@@ -13,6 +13,7 @@ from llmscale.model.layers import ColumnParallelLinear, RowParallelLinear
 from llmscale.model.linear_method import (
     DenseCLinear,
     OneDNNPackedLinear,
+    PairPanelsLinear,
     PanelsLinear,
     QuantizedCLinear,
     QuantizedTorchLinear,
@@ -108,6 +109,31 @@ def test_swiglu_panels_yield_the_activation(rows: int) -> None:
     gate, up = F.linear(x, layer.weight).chunk(2, dim=-1)
     torch.testing.assert_close(layer(x), F.silu(gate) * up, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(silu_and_mul(F.linear(x, layer.weight)), F.silu(gate) * up)
+
+
+@pytest.mark.skipif(not cpu_kernels.pair_panels_available(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("feeds_swiglu", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4, 33, 200, 600])
+def test_bf16_pair_panels_compute_f_linear_in_fp32_sums(feeds_swiglu: bool, rows: int) -> None:
+    """bf16 weights and activations, prepacked: pair panels (the row-major kernel up to three
+    rows, torch's past 512), whose fp32 sums of bf16 products, rounded once to bf16, are what
+    torch's bf16 linear returns up to its own rounding; fp32 activations or no prepack keep the
+    other methods."""
+    layer = _dense(bias=not feeds_swiglu, feeds_swiglu=feeds_swiglu)
+    layer.to(torch.bfloat16)
+    assert type(choose_method(layer, torch.float32, prepack=True)) is DenseCLinear
+    assert type(choose_method(layer, torch.bfloat16, prepack=False)) is DenseCLinear
+    layer.method = choose_method(layer, torch.bfloat16, prepack=True)
+    assert type(layer.method) is PairPanelsLinear and layer.method.fuses_swiglu == feeds_swiglu
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    want = F.linear(x.float(), layer.weight.float(), None if feeds_swiglu else layer.bias.float())
+    if feeds_swiglu:
+        gate, up = want.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+    with torch.no_grad():
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.bfloat16().float(), atol=0.05, rtol=0.02)  # a few bf16 steps
 
 
 @pytest.mark.parametrize("c_kernels", [pytest.param(True, marks=needs_c), False])

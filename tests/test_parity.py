@@ -146,7 +146,8 @@ def test_bf16_attention_in_c_matches_the_gathered_sdpa_path(smollm_folder: Path,
     decodes reading the cache in place. Against torch's path (bf16 rotary, SDPA over gathered
     blocks) on the same engine, over prompts of very different lengths with chunked prefill: the
     same greedy tokens, except where the two orders of summation meet a near-tie: a top-2
-    logprob gap of at most 0.125, a few steps of bf16 at these logits (ties of 0 occur)."""
+    logprob gap of at most 0.25, two steps of bf16 at these logits (16-32; ties of 0 occur).
+    torch's path rounds q, k, the scores' inputs and the output to bf16 where C keeps fp32."""
     if activation_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32:
         pytest.skip("this CPU computes bf16 weights in fp32: the cache is fp32")
     if not cpu_kernels.available():
@@ -163,7 +164,7 @@ def test_bf16_attention_in_c_matches_the_gathered_sdpa_path(smollm_folder: Path,
         runner.fused = None  # both through the model's modules (the fused step: test_cpu_kernels)
         runs.append([o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params,
                                                         use_tqdm=False)])
-    assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in runs[1]], max_gap=0.125)
+    assert_parts_only_at_near_ties(runs[0], [o.token_ids for o in runs[1]], max_gap=0.25)
 
 
 @pytest.mark.parametrize("dtype, kv_cache_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
@@ -171,9 +172,9 @@ def test_kv_cache_in_another_dtype_parts_only_at_near_ties(dtype: str, kv_cache_
                                                           smollm_folder: Path, prompts: list[str]) -> None:
     """`--kv-cache-dtype` stores K/V apart from the activations' dtype, and either mix runs every C
     path: the fused decode step, rotary with the cache write, the prefill kernel over cached
-    tokens (under chunked prefill), the in-place decodes. Against the same model with its cache in the activations' dtype: the same
-    greedy tokens but at near-ties (bf16 rounds K/V to 8 bits of mantissa), and twice (half) the
-    blocks in the same memory."""
+    tokens (under chunked prefill), the in-place decodes. Against the same model with its cache
+    in the activations' dtype: the same greedy tokens but at near-ties (bf16 rounds K/V to 8 bits
+    of mantissa), and twice (half) the blocks in the same memory."""
     if dtype == "bfloat16" and activation_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32:
         pytest.skip("this CPU computes bf16 weights in fp32")
     ids = _encode(smollm_folder, prompts + [" ".join(prompts * 6)])

@@ -22,8 +22,10 @@ from llmscale.config import available_memory_bytes
 from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import layers as layers_mod
 from llmscale.model.linear_method import (
+    BF16_ROW_MAJOR_MAX_ROWS,
     INT_C_KERNEL_MAX_ROWS,
     DenseCLinear,
+    PairPanelsLinear,
     PanelsLinear,
     QuantizedCLinear,
     SwigluPanelsLinear,
@@ -48,9 +50,6 @@ MAX_ROWS = {DENSE_F32: 64, DENSE_BF16: 64,  # DENSE_BF16: also bf16 weights with
 # BENCHMARKS.md, "bf16 decode steps"). Pair panels, which multiply bf16 pairs, beat the per-op
 # path at every batch measured (1-256 decodes): a model whose linears all take them has no limit.
 BF16_ACTIVATIONS_MAX_ROWS = 64
-# bf16 weights packed in panels win past this many decodes; fewer read the weights as stored
-# (the row-major kernel), which is faster for one to three.
-BF16_ROW_MAJOR_MAX_ROWS = 3
 
 
 class _Linear(ctypes.Structure):
@@ -101,6 +100,10 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -
     if isinstance(method, SwigluPanelsLinear):  # its product is the SwiGLU activation
         w = layer.weight
         desc = _Linear(kind=PANELS_SWIGLU_F32, n=w.shape[0], k=w.shape[1], w=method.packed.data_ptr())
+    elif isinstance(method, PairPanelsLinear) and pack_bf16:
+        w = layer.weight
+        kind = PAIR_PANELS_SWIGLU_BF16 if method.fuses_swiglu else PAIR_PANELS_BF16
+        desc = _Linear(kind=kind, n=w.shape[0], k=w.shape[1], w=method.packed.data_ptr())
     elif isinstance(method, PanelsLinear):
         w = layer.weight
         desc = _Linear(kind=PANELS_F32, n=w.shape[0], k=w.shape[1], w=method.packed.data_ptr())
@@ -115,7 +118,7 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -
             kind = PAIR_PANELS_SWIGLU_BF16 if swiglu else PAIR_PANELS_BF16
         held.append(panels)
         desc = _Linear(kind=kind, n=w.shape[0], k=w.shape[1], w=panels.data_ptr())
-    elif isinstance(method, DenseCLinear):
+    elif isinstance(method, DenseCLinear | PairPanelsLinear):  # bf16 pairs: the few-rows copy
         w = layer.weight
         kind = DENSE_F32 if w.dtype == torch.float32 else DENSE_BF16
         desc = _Linear(kind=kind, n=w.shape[0], k=w.shape[1], w=w.data_ptr())

@@ -20,6 +20,7 @@ from llmscale.config import (
     parse_memory,
 )
 from llmscale.engine.runner import kv_bytes_per_block
+from llmscale.kernels import cpu as cpu_kernels
 from llmscale.model import layers
 from llmscale.model.loader import LayerLoad, load_model
 
@@ -58,8 +59,9 @@ def kv_cache_blocks(cache: CacheConfig, model_cfg: ModelConfig, kv_dtype: torch.
 def prepack_wanted(wanted: bool | None, model: torch.nn.Module, device: torch.device,
                    dtype: torch.dtype) -> bool:
     """Whether to copy the dense weights into a GEMM's packed layout: if asked, or by default
-    where it is cheap."""
-    if wanted is False or device.type != "cpu" or dtype != torch.float32:
+    where it is cheap. fp32 weights, and bf16 ones where the CPU multiplies bf16 pairs."""
+    bf16_pairs = dtype == torch.bfloat16 and cpu_kernels.pair_panels_available()
+    if wanted is False or device.type != "cpu" or not (dtype == torch.float32 or bf16_pairs):
         return False
     return wanted is True or layers.dense_linear_bytes(model) * 8 <= available_memory_bytes()
 

@@ -800,6 +800,48 @@ void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const
 /* ---------------------------------------------------------------- decode attention */
 
 /* softmax in place over p[0, len) */
+#if defined(__AVX512F__)
+/* `exp_ps` in 16 lanes: the same operations, so the same value per element. */
+static inline __m512 exp512_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* In place, exact: p = exp(p - max) / sum, 16 lanes at a time, a masked last vector. */
+static void softmax(float *p, int64_t len) {
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(p + t));
+    const __mmask16 rest = (__mmask16)((1u << (len - t)) - 1);
+    vmx = _mm512_mask_max_ps(vmx, rest, vmx, _mm512_maskz_loadu_ps(rest, p + t));
+    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= len; t += 16) {
+        const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_loadu_ps(p + t), vmx));
+        _mm512_storeu_ps(p + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (rest) {
+        const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, p + t), vmx));
+        _mm512_mask_storeu_ps(p + t, rest, e);
+        vsum = _mm512_mask_add_ps(vsum, rest, vsum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+    for (t = 0; t + 16 <= len; t += 16) _mm512_storeu_ps(p + t, _mm512_mul_ps(_mm512_loadu_ps(p + t), inv));
+    if (rest) _mm512_mask_storeu_ps(p + t, rest, _mm512_mul_ps(_mm512_maskz_loadu_ps(rest, p + t), inv));
+}
+#else
 static void softmax(float *p, int64_t len) {
     __m256 vmx = _mm256_set1_ps(-INFINITY);
     int64_t t = 0;
@@ -821,6 +863,7 @@ static void softmax(float *p, int64_t len) {
     for (t = 0; t + 8 <= len; t += 8) _mm256_storeu_ps(p + t, _mm256_mul_ps(_mm256_loadu_ps(p + t), inv));
     for (; t < len; t++) p[t] /= total;
 }
+#endif
 
 /* 8 cache elements from element `i` of `base`, as floats: the cache holds fp32, or bf16 (BF). */
 static inline __attribute__((always_inline)) __m256 load_cache(const char *base, int64_t i, const int BF) {
@@ -830,6 +873,90 @@ static inline __attribute__((always_inline)) __m256 load_cache(const char *base,
 /* Scores of up to 3 query heads (G) against 4 consecutive cache rows, over d: 12 independent
  * accumulators, each K vector loaded once for the G heads. q: G heads d floats apart; k: 4 rows
  * `row` elements apart; out p[g * stride + i] = scale * q_g . k_i. */
+#if defined(__AVX512F__)
+/* 16 cache elements from element `i` of `base`, as floats. */
+static inline __attribute__((always_inline)) __m512 load_cache16(const char *base, int64_t i, const int BF) {
+    return BF ? load_bf16x16((const uint16_t *)base + i) : _mm512_loadu_ps((const float *)base + i);
+}
+
+/* `qk_tile` in 16 lanes: half the loads and FMAs; each accumulator's halves are added before
+ * the 8-lane reduction. Its prefetches per step double, as its steps halve. */
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const char *k,
+                                                         int64_t row, int64_t d, float scale,
+                                                         float *p, int64_t stride, const int G,
+                                                         const int BF, const char *pf, int npf) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    for (int64_t j = 0; j < d; j += 16) {
+        for (int f = 0; f < 2 * npf; f++, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        const __m512 k0 = load_cache16(k, j, BF), k1 = load_cache16(k, row + j, BF);
+        const __m512 k2 = load_cache16(k, 2 * row + j, BF), k3 = load_cache16(k, 3 * row + j, BF);
+        __m512 qv = _mm512_loadu_ps(q + j);
+        a00 = _mm512_fmadd_ps(qv, k0, a00); a01 = _mm512_fmadd_ps(qv, k1, a01);
+        a02 = _mm512_fmadd_ps(qv, k2, a02); a03 = _mm512_fmadd_ps(qv, k3, a03);
+        if (G > 1) {
+            qv = _mm512_loadu_ps(q + d + j);
+            a10 = _mm512_fmadd_ps(qv, k0, a10); a11 = _mm512_fmadd_ps(qv, k1, a11);
+            a12 = _mm512_fmadd_ps(qv, k2, a12); a13 = _mm512_fmadd_ps(qv, k3, a13);
+        }
+        if (G > 2) {
+            qv = _mm512_loadu_ps(q + 2 * d + j);
+            a20 = _mm512_fmadd_ps(qv, k0, a20); a21 = _mm512_fmadd_ps(qv, k1, a21);
+            a22 = _mm512_fmadd_ps(qv, k2, a22); a23 = _mm512_fmadd_ps(qv, k3, a23);
+        }
+    }
+    const __m128 s = _mm_set1_ps(scale);
+#define HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
+#define QK_REDUCE(g)                                                                              \
+    {                                                                                           \
+        __m256 h_ = _mm256_hadd_ps(_mm256_hadd_ps(HALVES(a##g##0), HALVES(a##g##1)),             \
+                                   _mm256_hadd_ps(HALVES(a##g##2), HALVES(a##g##3)));            \
+        _mm_storeu_ps(p + g * stride, _mm_mul_ps(s, _mm_add_ps(_mm256_castps256_ps128(h_),      \
+                                                               _mm256_extractf128_ps(h_, 1)))); \
+    }
+    QK_REDUCE(0)
+    if (G > 1) QK_REDUCE(1)
+    if (G > 2) QK_REDUCE(2)
+#undef QK_REDUCE
+#undef HALVES
+}
+
+/* `pv_tile` in 16 lanes: NC 4 is 32 floats in two vectors, NC 2 is 16 in one. */
+static inline __attribute__((always_inline)) void pv_tile(const float *p, int64_t stride,
+                                                         const char *v, int64_t row, int64_t n,
+                                                         float *o, int64_t d, const int G,
+                                                         const int NC, const int BF, const char *pf,
+                                                         int npf) {
+    __m512 a00, a01, a10, a11, a20, a21;
+#define PV_LOAD(g) a##g##0 = _mm512_loadu_ps(o + g * d); if (NC > 2) a##g##1 = _mm512_loadu_ps(o + g * d + 16);
+#define PV_STORE(g) _mm512_storeu_ps(o + g * d, a##g##0); if (NC > 2) _mm512_storeu_ps(o + g * d + 16, a##g##1);
+#define PV_FMA(g)                                                                                 \
+    {                                                                                           \
+        const __m512 w_ = _mm512_set1_ps(p[g * stride + i]);                                     \
+        a##g##0 = _mm512_fmadd_ps(w_, v0, a##g##0);                                              \
+        if (NC > 2) a##g##1 = _mm512_fmadd_ps(w_, v1, a##g##1);                                  \
+    }
+    PV_LOAD(0)
+    if (G > 1) { PV_LOAD(1) }
+    if (G > 2) { PV_LOAD(2) }
+    for (int64_t i = 0; i < n; i++) {
+        for (int f = 0; f < npf; f++, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        const int64_t vr = i * row;
+        const __m512 v0 = load_cache16(v, vr, BF);
+        __m512 v1 = v0;
+        if (NC > 2) v1 = load_cache16(v, vr + 16, BF);
+        PV_FMA(0)
+        if (G > 1) PV_FMA(1)
+        if (G > 2) PV_FMA(2)
+    }
+    PV_STORE(0)
+    if (G > 1) { PV_STORE(1) }
+    if (G > 2) { PV_STORE(2) }
+#undef PV_LOAD
+#undef PV_STORE
+#undef PV_FMA
+}
+#else
 static inline __attribute__((always_inline)) void qk_tile(const float *q, const char *k,
                                                          int64_t row, int64_t d, float scale,
                                                          float *p, int64_t stride, const int G,
@@ -905,6 +1032,7 @@ static inline __attribute__((always_inline)) void pv_tile(const float *p, int64_
 #undef PV_STORE
 #undef PV_FMA
 }
+#endif
 
 static inline void prefetch_rows(const float *x, int64_t floats) {
     for (int64_t c = 0; c < floats; c += 16) _mm_prefetch((const char *)(x + c), _MM_HINT_T0);
@@ -1004,7 +1132,25 @@ void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, 
 
 /* ---------------------------------------------------------------- prefill attention */
 
-#define ATTN_QUERY_ROWS 48 /* query rows per task: a multiple of PANEL_ROWS */
+#define ATTN_QUERY_ROWS 48 /* query rows per task: a multiple of ATTN_TILE_ROWS */
+#define ATTN_TILE_ROWS PANEL_PAIR_ROWS /* the AVX-512 pair tile's 8 rows, or the AVX2 tile's 6 */
+
+/* m <= ATTN_TILE_ROWS rows of x (ldx floats apart) times the first k steps of `panels`
+ * neighbouring fp32 panels (`stride` floats apart) -> y, 16 outputs per panel (ldy apart):
+ * two panels at a time where the AVX-512 tile runs, the AVX2 tile for the rest. */
+static void attn_panels(const float *x, int64_t ldx, int m, int64_t k, const float *w, int64_t stride,
+                        int64_t panels, float *y, int64_t ldy) {
+    int64_t p = 0;
+#if PANEL_PAIRS
+    for (; p + 1 < panels; p += 2)
+        panel_pair_rows(x, ldx, m, k, w + p * stride, w + (p + 1) * stride, y + p * PANEL, ldy,
+                        y + (p + 1) * PANEL, ldy, 0, NULL, NULL, PANEL_F32);
+#endif
+    for (; p < panels; p++)
+        for (int r = 0; r < m; r += PANEL_ROWS)
+            panel_rows(x + r * ldx, ldx, m - r < PANEL_ROWS ? m - r : PANEL_ROWS, k, w + p * stride,
+                       y + r * ldy + p * PANEL, ldy, 0, NULL, PANEL_F32);
+}
 
 /* Floats of the workspace `prefill_attention` needs: packed K and V, then each thread's
  * query block and scores (the caller reuses it: fresh pages cost more than the copies). */
@@ -1051,22 +1197,19 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
             for (int64_t i = 0; i < rows; i++)
                 for (int64_t j = 0; j < d; j++) qb[i * d + j] = q[(r0 + i) * ldq + h * d + j] * scale;
             const float *kh_p = kp + kh * kv_size, *vh_p = vp + kh * kv_size;
-            /* A tile of PANEL_ROWS rows reads only the key panels its last row sees. */
-            for (int64_t i = 0; i < rows; i += PANEL_ROWS) {
-                const int m = rows - i < PANEL_ROWS ? (int)(rows - i) : PANEL_ROWS;
+            /* A tile of ATTN_TILE_ROWS rows reads only the key panels its last row sees. */
+            for (int64_t i = 0; i < rows; i += ATTN_TILE_ROWS) {
+                const int m = rows - i < ATTN_TILE_ROWS ? (int)(rows - i) : ATTN_TILE_ROWS;
                 const int64_t seen16 = (offset + r0 + i + m + PANEL - 1) / PANEL * PANEL;
-                for (int64_t p = 0; p < seen16 / PANEL; p++)
-                    panel_rows(qb + i * d, d, m, d, kh_p + p * d * PANEL, sc + i * keys16 + p * PANEL,
-                               keys16, 0, NULL, 0);
+                attn_panels(qb + i * d, d, m, d, kh_p, d * PANEL, seen16 / PANEL, sc + i * keys16, keys16);
                 for (int64_t r = i; r < i + m; r++) { /* row r sees keys [0, offset + r0 + r] */
                     float *s = sc + r * keys16;
                     const int64_t seen = offset + r0 + r + 1;
                     softmax(s, seen);
                     for (int64_t t = seen; t < seen16; t++) s[t] = 0.f;
                 }
-                for (int64_t p = 0; p < d / PANEL; p++)
-                    panel_rows(sc + i * keys16, keys16, m, seen16, vh_p + p * len16 * PANEL,
-                               out + (r0 + i) * hq * d + h * d + p * PANEL, hq * d, 0, NULL, 0);
+                attn_panels(sc + i * keys16, keys16, m, seen16, vh_p, len16 * PANEL, d / PANEL,
+                            out + (r0 + i) * hq * d + h * d, hq * d);
             }
         }
     }

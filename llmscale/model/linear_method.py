@@ -63,6 +63,14 @@ ONEDNN_MIN_ROWS = 96
 # [48, 576] x [576, 49152] 33 ms against 62 ms as `W @ x^T` (which also transposes the output).
 ONEDNN_MIN_OUT_FEATURES = 16384
 PREPACK_BATCH_HINT = 256  # oneDNN picks its blocking for this many rows; any count works
+# bf16 weights with bf16 activations on a CPU with AVX-512 BF16: pair panels beat oneDNN's bf16
+# GEMM (all decoder linears of SmolLM2-135M, 2 Zen 5 cores: 826 against 338-534 GFLOP/s at 32
+# rows, level at 2,048). The row-major C kernel, one pass over the weights, is faster up to
+# BF16_ROW_MAJOR_MAX_ROWS; past PAIR_PANELS_MAX_ROWS the method's conversions (bf16 activations
+# in, fp32 sums out, both through fp32 copies) cost more than the kernel saves: 0.67x oneDNN's
+# time at 64 rows, 0.98x at 512, 1.1-1.3x from 1,024 (BENCHMARKS.md, "bf16 decode steps").
+BF16_ROW_MAJOR_MAX_ROWS = 3
+PAIR_PANELS_MAX_ROWS = 512
 
 # Quantized weights. llmscale's C kernels read the weights once per 8 activation rows and are
 # compute-bound from ~8 rows: beyond these row counts dequantize + dense GEMM is faster.
@@ -212,6 +220,36 @@ class SwigluPanelsLinear(LinearMethod):
         return silu_and_mul(F.linear(x, w) if x.dim() != 2 else torch_cpu_linear(x, w, None))
 
 
+class PairPanelsLinear(LinearMethod):
+    """bf16 weights in pair panels (`cpu_kernels.pack_pair_panels`) for bf16 activations on a
+    CPU with AVX-512 BF16: VDPBF16PS on the activations' bf16 pairs, fp32 sums, from
+    `BF16_ROW_MAJOR_MAX_ROWS` to `PAIR_PANELS_MAX_ROWS` rows; the row-major C kernel on the stored
+    weight below, torch's (oneDNN's) bf16 linear above. A gate-up linear's panels (8 gate, 8 up
+    rows) yield silu(gate) * up."""
+
+    holds_copy = True
+
+    def __init__(self, layer: nn.Module, bias: torch.Tensor | None, packed: torch.Tensor,
+                 swiglu: bool) -> None:
+        super().__init__(layer, bias)
+        self.packed = packed  # [N / 16, K / 2, 32]
+        self.fuses_swiglu = swiglu
+        self.out_features = layer.weight.shape[0]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.weight
+        if x.dim() != 2 or _needs_grad(x) or x.shape[0] > PAIR_PANELS_MAX_ROWS:
+            y = F.linear(x, w, self.bias)
+            return silu_and_mul(y) if self.fuses_swiglu else y
+        xf = x.float().contiguous()
+        if x.shape[0] <= BF16_ROW_MAJOR_MAX_ROWS:
+            y = cpu_kernels.matmul_dense(xf, w)
+            y = cpu_kernels.silu_and_mul(y) if self.fuses_swiglu else y
+        else:
+            y = cpu_kernels.matmul_pair_panels(xf, self.packed, self.out_features, self.fuses_swiglu)
+        return _add(y.to(x.dtype), self.bias)
+
+
 class OneDNNPackedLinear(LinearMethod):
     """oneDNN's linear on a copy of fp32 weights in its blocked layout: every row count where
     the C kernels are not built (torch's ops where gradients are wanted)."""
@@ -290,7 +328,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def choose_method(layer: nn.Module, activation_dtype: torch.dtype, prepack: bool = False) -> LinearMethod:
     """The method of a loaded (Column|Row)ParallelLinear or VocabEmbedding's projection.
     `prepack`: copy fp32 weights into a GEMM's packed layout (the engine's choice, where memory
-    allows); a gate-up linear (`layer.feeds_swiglu`) gets the SwiGLU-fused panels."""
+    allows), and bf16 ones into pair panels where bf16 activations meet AVX-512 BF16; a gate-up
+    linear (`layer.feeds_swiglu`) gets the SwiGLU-fused panels."""
     bias = layer.matmul_bias
     quant = layer.quant
     if quant is not None:
@@ -307,6 +346,12 @@ def choose_method(layer: nn.Module, activation_dtype: torch.dtype, prepack: bool
         if _ONEDNN_LINEAR is not None:
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PREPACK_BATCH_HINT)
             return OneDNNPackedLinear(layer, bias, packed)
+    pairs = w.shape[0] % (2 * cpu_kernels.PANEL) == 0 and w.shape[1] % 2 == 0
+    if (prepack and w.dtype == activation_dtype == torch.bfloat16 and pairs
+            and cpu_kernels.pair_panels_available()):
+        swiglu = layer.feeds_swiglu and bias is None
+        panels = cpu_kernels.pack_swiglu_panels(w) if swiglu else cpu_kernels.pack_panels(w)
+        return PairPanelsLinear(layer, bias, cpu_kernels.pack_pair_panels(panels), swiglu)
     rows = c_kernel_rows(w, activation_dtype)
     return DenseCLinear(layer, bias, rows) if rows else TorchCPULinear(layer, bias)
 
