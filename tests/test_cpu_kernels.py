@@ -229,6 +229,28 @@ def test_rms_norm_with_and_without_residual(m: int) -> None:
     torch.testing.assert_close(out, F.rms_norm(x + r, (576,), w, 1e-5))
 
 
+@pytest.mark.parametrize("m", [1, 7, 300])  # 300: rows split over the threads
+def test_bf16_rms_norm_rounds_where_torch_rounds(m: int) -> None:
+    """bf16 rows: the residual sum bit for bit torch's bf16 add, and the output torch's bf16
+    RMSNorm (transformers' order of roundings) but for a last-bit step where the sum of squares,
+    added in another order, lands a value on the other side of a rounding boundary."""
+    from llmscale.model.layers import RMSNorm
+
+    torch.manual_seed(m)
+    norm = RMSNorm(576, 1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.randn(576).bfloat16()
+    x, r = (3 * torch.randn(m, 576)).bfloat16(), torch.randn(m, 576).bfloat16()
+    out, total = cpu.rms_norm(x, norm.weight, norm.eps, residual=r)
+    assert torch.equal(total, x + r)
+    with torch.no_grad():
+        want = norm.weight * (total.float() * torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True)
+                                                          + norm.eps)).bfloat16()
+    assert out.dtype == torch.bfloat16 and (out != want).float().mean() < 0.01
+    torch.testing.assert_close(out, want, rtol=2 ** -7, atol=0)  # one bf16 step
+    assert torch.equal(cpu.rms_norm(x, norm.weight, norm.eps)[0],
+                       cpu.rms_norm(x, norm.weight, norm.eps, residual=torch.zeros_like(x))[0])
+
+
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 1, 128), (8, 2, 48), (6, 3, 64)])
 @pytest.mark.parametrize("block_size", [16, 4])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])

@@ -797,6 +797,34 @@ void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const
     }
 }
 
+/* `rms_norm` on bf16 rows, rounding where torch's bf16 RMSNorm rounds (transformers' order):
+ * sum = bf16(x + residual), normalised in fp32, bf16(sum * r), then bf16(that * w). Each value
+ * is rounded to nearest even as `Tensor.to(torch.bfloat16)` rounds (finite values); only the
+ * sum of squares' order differs from torch's. k % 8 == 0. */
+void rms_norm_bf16(const uint16_t *x, const uint16_t *residual, int64_t m, int64_t k, const uint16_t *w,
+                   float eps, uint16_t *sum, uint16_t *out) {
+#pragma omp parallel for if (m >= ROWWISE_PARALLEL_MIN)
+    for (int64_t i = 0; i < m; i++) {
+        const uint16_t *src = x + i * k;
+        if (residual) {
+            for (int64_t j = 0; j < k; j += 8)
+                store_bf16(sum + i * k + j, _mm256_add_ps(load_bf16(src + j), load_bf16(residual + i * k + j)));
+            src = sum + i * k;
+        }
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t j = 0; j < k; j += 8) {
+            const __m256 v = load_bf16(src + j);
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        const __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum_ps(ss) / (float)k + eps));
+        uint16_t normed[8];
+        for (int64_t j = 0; j < k; j += 8) {
+            store_bf16(normed, _mm256_mul_ps(load_bf16(src + j), r));
+            store_bf16(out + i * k + j, _mm256_mul_ps(load_bf16(normed), load_bf16(w + j)));
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- decode attention */
 
 /* softmax in place over p[0, len) */

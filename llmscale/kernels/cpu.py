@@ -46,6 +46,7 @@ _SIGNATURES = {
     "dequant_int8": [_P, _P, _I, _I, _P, ctypes.c_int],
     "dequant_int4": [_P, _P, _P, _I, _I, _I, _P, ctypes.c_int],
     "rms_norm": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
+    "rms_norm_bf16": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
     "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int, _I, _P, _I, _P, ctypes.c_float, _P,
                                ctypes.c_int],
     "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int],
@@ -282,13 +283,15 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 [m, k] contiguous, k % 8 == 0. Returns (the normalised input, the input), where
-    the input is x + residual when a residual is given."""
+    """[m, k] contiguous, k % 8 == 0, x, weight and residual all fp32 or all bf16 (rounded where
+    torch's bf16 RMSNorm rounds). Returns (the normalised input, the input), where the input is
+    x + residual when a residual is given."""
     m, k = x.shape
     out = torch.empty_like(x)
     total = x if residual is None else torch.empty_like(x)
-    library().rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), m, k,
-                       weight.data_ptr(), eps, total.data_ptr(), out.data_ptr())
+    kernel = library().rms_norm_bf16 if x.dtype == torch.bfloat16 else library().rms_norm
+    kernel(x.data_ptr(), None if residual is None else residual.data_ptr(), m, k, weight.data_ptr(), eps,
+           total.data_ptr(), out.data_ptr())
     return out, total
 
 
