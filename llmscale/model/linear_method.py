@@ -67,10 +67,12 @@ PREPACK_BATCH_HINT = 256  # oneDNN picks its blocking for this many rows; any co
 # GEMM (all decoder linears of SmolLM2-135M, 2 Zen 5 cores: 826 against 338-534 GFLOP/s at 32
 # rows, level at 2,048). The row-major C kernel, one pass over the weights, is faster up to
 # BF16_ROW_MAJOR_MAX_ROWS; past PAIR_PANELS_MAX_ROWS the method's conversions (bf16 activations
-# in, fp32 sums out, both through fp32 copies) cost more than the kernel saves: 0.67x oneDNN's
-# time at 64 rows, 0.98x at 512, 1.1-1.3x from 1,024 (BENCHMARKS.md, "bf16 decode steps").
+# in, fp32 sums out, both through fp32 copies) cost what the kernel saves. The four linears of a
+# layer and SwiGLU against oneDNN's bf16 linear and torch's SwiGLU, three runs: 0.42-0.62x the
+# time at 8 rows, 0.67-0.84x at 64, 0.84-0.93x at 128, 1.09-1.11x at 256, 0.98-1.06x at 512,
+# level from 1,024 (BENCHMARKS.md, "AMD EPYC Zen 5").
 BF16_ROW_MAJOR_MAX_ROWS = 3
-PAIR_PANELS_MAX_ROWS = 512
+PAIR_PANELS_MAX_ROWS = 128
 
 # Quantized weights. llmscale's C kernels read the weights once per 8 activation rows and are
 # compute-bound from ~8 rows: beyond these row counts dequantize + dense GEMM is faster.
