@@ -105,7 +105,7 @@ def _wait_healthy(url: str, index: int, timeout_s: float) -> None:
     """Until the gateway sees site `index` healthy; else fail saying whether its processes live
     and what each answers to a /health sent straight to it, past the gateway's links."""
     deadline = time.monotonic() + timeout_s
-    while (site := _status(url)["sites"][index])["state"] != "healthy":
+    while (site := (status := _status(url))["sites"][index])["state"] != "healthy":
         if time.monotonic() > deadline:
             alive = {pid: Path(f"/proc/{pid}").exists() for pid in site["pids"]}
             direct = {}
@@ -114,8 +114,10 @@ def _wait_healthy(url: str, index: int, timeout_s: float) -> None:
                     direct[replica] = httpx.get(f"{replica}/health", timeout=5).status_code
                 except httpx.HTTPError as e:
                     direct[replica] = repr(e)
+            links = {link["from"]: link["down"] for link in status["links"] if link["to"] == site["name"]}
             raise AssertionError(f"{site['name']} not healthy after {timeout_s} s: {site['state']}; "
-                                 f"processes alive {alive}; /health straight to it: {direct}")
+                                 f"processes alive {alive}; /health straight to it: {direct}; "
+                                 f"links into it down: {links}; events: {status['events'][-8:]}")
         time.sleep(0.2)
 
 
@@ -205,6 +207,7 @@ def test_cut_site_fails_over_within_seconds_and_comes_back(gateway):
     assert refused.status_code == 503 and "FR" in refused.json()["error"]["message"]
     for site in ("edge-munich", "edge-paris"):
         httpx.post(f"{url}/edge/links", json={"site": site, "up": True}, timeout=10).raise_for_status()
+    _wait_healthy(url, 0, timeout_s=20)
     deadline = time.monotonic() + 20
     while _ask(url, MUNICH).headers["x-llmscale-site"] != "edge-munich":
         assert time.monotonic() < deadline
