@@ -112,8 +112,7 @@ def _linear(layer: torch.nn.Module, held: list[torch.Tensor], pack_bf16: bool) -
         swiglu = layer.feeds_swiglu and w.shape[0] % 16 == 0
         panels = cpu_kernels.pack_swiglu_panels(w) if swiglu else cpu_kernels.pack_panels(w)
         kind = PANELS_SWIGLU_BF16 if swiglu else PANELS_BF16
-        pairs = w.shape[0] % (2 * cpu_kernels.PANEL) == 0 and w.shape[1] % 2 == 0
-        if pairs and cpu_kernels.pair_panels_available():
+        if cpu_kernels.fits_pair_panels(w):
             panels = cpu_kernels.pack_pair_panels(panels)
             kind = PAIR_PANELS_SWIGLU_BF16 if swiglu else PAIR_PANELS_BF16
         held.append(panels)

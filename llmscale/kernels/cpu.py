@@ -148,11 +148,18 @@ def pair_panels_available() -> bool:
     return lib is not None and hasattr(lib, "matmul_pair_panels_bf16")
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can run on these CPU fp32 tensors (they are not differentiable)."""
+def fits_pair_panels(weight: torch.Tensor) -> bool:
+    """Whether `weight` [n, k] can be multiplied in pair panels here: bf16, whole pairs of panels
+    (n % 32 == 0), k even, and the kernel built for this CPU."""
+    n, k = weight.shape
+    return weight.dtype == torch.bfloat16 and n % (2 * PANEL) == 0 and k % 2 == 0 and pair_panels_available()
+
+
+def usable(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether the kernels can run on these CPU tensors of `dtypes` (they are not differentiable)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+    return all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors) and available()
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -129,8 +129,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         if meta.c_kernels:  # the C kernel reads K/V token-major, as they are in the batch and cache
             # It reads fp32: bf16 activations and a bf16 cache's tokens widen as they go in.
-            kc, vc = k[s:s + n].float(), v[s:s + n].float()
-            if chunk.context_len != n:
+            if chunk.context_len == n:
+                kc, vc = k[s:s + n].float(), v[s:s + n].float()
+            else:
                 length = chunk.context_len
                 kc = _gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:length].float()
                 vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:length].float()

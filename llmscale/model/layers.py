@@ -54,12 +54,8 @@ class RMSNorm(nn.Module):
 
     def _c_kernel_fits(self, x: torch.Tensor) -> bool:
         """fp32 rows and weight, or bf16 ones (the bf16 kernel rounds as the torch path below)."""
-        if x.dim() != 2 or x.shape[1] % 8 or x.dtype != self.weight.dtype:
-            return False
-        if x.dtype == torch.bfloat16:
-            return x.device.type == "cpu" and cpu_kernels.available() and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        return cpu_kernels.usable(x, self.weight)
+        return (x.dim() == 2 and x.shape[1] % 8 == 0 and x.dtype == self.weight.dtype
+                and cpu_kernels.usable(x, self.weight, dtypes=(torch.float32, torch.bfloat16)))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

@@ -348,9 +348,7 @@ def choose_method(layer: nn.Module, activation_dtype: torch.dtype, prepack: bool
         if _ONEDNN_LINEAR is not None:
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PREPACK_BATCH_HINT)
             return OneDNNPackedLinear(layer, bias, packed)
-    pairs = w.shape[0] % (2 * cpu_kernels.PANEL) == 0 and w.shape[1] % 2 == 0
-    if (prepack and w.dtype == activation_dtype == torch.bfloat16 and pairs
-            and cpu_kernels.pair_panels_available()):
+    if prepack and activation_dtype == torch.bfloat16 and cpu_kernels.fits_pair_panels(w):
         swiglu = layer.feeds_swiglu and bias is None
         panels = cpu_kernels.pack_swiglu_panels(w) if swiglu else cpu_kernels.pack_panels(w)
         return PairPanelsLinear(layer, bias, cpu_kernels.pack_pair_panels(panels), swiglu)
