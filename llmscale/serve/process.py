@@ -38,10 +38,11 @@ def free_port() -> int:
 
 
 def start_server(port: int, serve_args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
-    """`llmscale serve` on 127.0.0.1:`port` (its output to `log`, or dropped)."""
+    """`llmscale serve` on 127.0.0.1:`port` (its output appended to `log`, or dropped: a restarted
+    server, as a rollout restarts a site's, keeps what the one before it wrote)."""
     cmd = [sys.executable, "-m", "llmscale.cli", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
            *serve_args]
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
 
 
