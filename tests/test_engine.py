@@ -191,6 +191,78 @@ def test_async_engine_builds_its_engine_on_its_loop_thread(tiny_model, monkeypat
         AsyncLLMEngine.from_config(EngineConfig.from_kwargs(model=folder, kv_cache_memory="1KiB"))
 
 
+def test_callers_leaving_before_the_loop_takes_their_request_keep_it_running(tiny_model, monkeypatch
+                                                                             ) -> None:
+    """A client that disconnects while its request still waits in the inbox cancels that
+    request's `added` future. The loop then drops the request; it used to die setting a result
+    on the cancelled future, and the server kept answering 503 with no loop behind it."""
+    import threading
+
+    from llmscale.engine import async_engine
+
+    open_gate, held = threading.Event(), threading.Event()
+    open_gate.set()
+
+    class Gated(async_engine.LLMEngine):
+        def step(self, *args: object, **kwargs: object) -> object:
+            if not open_gate.is_set():
+                held.set()
+                open_gate.wait()
+            return super().step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(async_engine, "LLMEngine", Gated)
+    config = EngineConfig.from_kwargs(model=str(tiny_model("llama")), dtype="float32")
+    engine = AsyncLLMEngine.from_config(config)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def main() -> None:
+        running = asyncio.create_task(_collect(engine, "Hello", params))
+        while not engine.engine.requests:
+            await asyncio.sleep(0.005)
+        open_gate.clear()
+        await asyncio.to_thread(held.wait, 10)  # the loop waits inside a step, its inbox unread
+        leaving = [asyncio.create_task(_collect(engine, f"Bye {i}", params)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        for task in leaving:
+            task.cancel()
+        await asyncio.gather(*leaving, return_exceptions=True)
+        open_gate.set()
+        assert engine.is_running and engine.error is None
+        assert len(await asyncio.wait_for(running, 30)) == 24
+        assert len(await asyncio.wait_for(_collect(engine, "Again", params), 30)) == 24
+        assert not engine.engine.requests and engine.engine.kv.num_free_blocks == engine.engine.num_blocks
+
+    try:
+        asyncio.run(main())
+    finally:
+        open_gate.set()
+        engine.shutdown()
+
+
+def test_a_failing_step_stops_the_loop_and_tells_callers_and_the_server(tiny_model, monkeypatch) -> None:
+    from llmscale.engine import async_engine
+
+    class Failing(async_engine.LLMEngine):
+        def step(self, *args: object, **kwargs: object) -> object:
+            if self.stats["steps"] >= 2:
+                raise RuntimeError("out of luck")
+            return super().step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(async_engine, "LLMEngine", Failing)
+    died: list[BaseException] = []
+    config = EngineConfig.from_kwargs(model=str(tiny_model("llama")), dtype="float32")
+    engine = AsyncLLMEngine.from_config(config, on_death=died.append)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    try:
+        with pytest.raises(async_engine.EngineDeadError, match="out of luck"):
+            asyncio.run(asyncio.wait_for(_collect(engine, "Hello", params), 30))
+        assert [str(e) for e in died] == ["out of luck"] and not engine.is_running
+        with pytest.raises(async_engine.EngineDeadError, match="not running"):
+            asyncio.run(_collect(engine, "Hello", params))
+    finally:
+        engine.shutdown()
+
+
 async def _collect(engine: AsyncLLMEngine, prompt: str, params: SamplingParams) -> list[int]:
     last = None
     async for out in engine.generate(prompt, params):

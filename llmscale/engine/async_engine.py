@@ -112,6 +112,7 @@ class AsyncLLMEngine:
         self._streams[rid] = (loop, stream)
         self._submit("add", (rid, prompt, params, added))
         try:
+            # Leaving here before the loop took the request cancels `added`: the loop then drops it.
             await asyncio.wrap_future(added)  # raises the engine's validation error, if any
             while True:
                 item = await stream.get()
@@ -123,7 +124,9 @@ class AsyncLLMEngine:
                 if item.finished:
                     return
         finally:
-            if self._streams.pop(rid, None) is not None and added.done() and added.exception() is None:
+            # The inbox is FIFO, so this abort comes after the add; for a request the loop dropped
+            # or refused it finds nothing to abort.
+            if self._streams.pop(rid, None) is not None:
                 self._submit("abort", rid)
 
     def abort(self, request_id: str) -> None:
@@ -141,6 +144,8 @@ class AsyncLLMEngine:
                 return
             if kind == "add":
                 rid, prompt, params, fut = payload
+                if not fut.set_running_or_notify_cancel():
+                    continue  # its caller left before the request got here
                 try:
                     self.engine.add_request(rid, prompt, params)
                     fut.set_result(None)
@@ -158,24 +163,29 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
     def _loop(self) -> None:
-        while not self._stop:
-            self._wake.clear()
-            self._drain_inbox()
-            if not self.engine.has_unfinished_requests():
-                self._wake.wait(0.5)
-                continue
-            steps_before = self.engine.stats["steps"]
-            try:
-                outputs = self.engine.step()
-            except Exception as e:
-                log.exception("engine step failed")
-                self.error = e
-                for rid in list(self._streams):
-                    self._deliver(rid, EngineDeadError(f"engine step failed: {e}"))
-                if self._on_death is not None:
-                    self._on_death(e)
-                return
-            if self.engine.stats["steps"] == steps_before:
-                self._wake.wait(0.002)  # a batching policy is waiting for its batch to fill
-            for out in outputs:
-                self._deliver(out.request_id, out)
+        """Steps until shut down. Any error here leaves the engine in an unknown state, so the
+        loop stops, every waiting caller gets the error and `on_death` hears of it: a server
+        must not stay up answering 503 with a dead loop behind it."""
+        try:
+            while not self._stop:
+                self._iterate()
+        except Exception as e:
+            log.exception("engine loop failed")
+            self.error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"the engine failed: {e}"))
+            if self._on_death is not None:
+                self._on_death(e)
+
+    def _iterate(self) -> None:
+        self._wake.clear()
+        self._drain_inbox()
+        if not self.engine.has_unfinished_requests():
+            self._wake.wait(0.5)
+            return
+        steps_before = self.engine.stats["steps"]
+        outputs = self.engine.step()
+        if self.engine.stats["steps"] == steps_before:
+            self._wake.wait(0.002)  # a batching policy is waiting for its batch to fill
+        for out in outputs:
+            self._deliver(out.request_id, out)
