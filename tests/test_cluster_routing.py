@@ -92,6 +92,19 @@ def test_load_score_weights() -> None:
     assert load_score(ReplicaLoad(running=4), inflight=6) == load_score(ReplicaLoad(running=4, waiting=2))
 
 
+@given(st.integers(0, 20), st.integers(0, 20), st.floats(0.0, 1.0), st.integers(0, 40))
+def test_a_fresh_count_replaces_the_reports_and_keeps_its_split(waiting: int, running: int, kv_usage: float,
+                                                                 ongoing: int) -> None:
+    report = ReplicaLoad(waiting, running, kv_usage)
+    fresh = report.recounted(ongoing)
+    assert fresh.waiting + fresh.running == ongoing and fresh.kv_usage == kv_usage
+    assert fresh.running == min(running, ongoing)
+    # Requests finished since the report stop counting: an idle replica scores as idle.
+    assert load_score(report.recounted(0)) == load_score(ReplicaLoad(kv_usage=kv_usage))
+    if ongoing >= waiting + running:  # no fewer than the report: the excess waits, as arrivals do
+        assert load_score(fresh) == load_score(report, inflight=ongoing)
+
+
 # Prefix affinity.
 
 def test_shared_system_prompt_goes_to_one_replica() -> None:
@@ -271,7 +284,8 @@ class FakeReplica:
     max_ongoing_requests: int = 64
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
-        return 0
+        """Serve's probe: the requests the replica holds, as its report counts them."""
+        return int(self.routing_stats.get("waiting", 0) + self.routing_stats.get("running", 0))
 
 
 def fake_replicas(n: int) -> list[FakeReplica]:
@@ -354,6 +368,24 @@ def test_pow2_router_reads_routing_stats() -> None:
         router = await make_router(Pow2Router, replicas)
         for i in range(10):
             assert first_choice(await router.choose_replicas(replicas, pending(i, [1, 2]))) is replicas[1]
+
+    asyncio.run(run())
+
+
+def test_pow2_router_trusts_a_fresh_queue_count_over_a_stale_report() -> None:
+    """A report taken while a replica ran a request still shows it for up to a period after it
+    finished; Serve's queue-length count, fresher, says the replica is idle, so unrelated
+    requests sent one after another still use both replicas."""
+    async def run() -> None:
+        replicas = fake_replicas(2)
+        router = await make_router(Pow2Router, replicas)  # Serve's probe: both idle
+        replicas[0].routing_stats = {"waiting": 0, "running": 1, "kv_usage": 0.1}
+        chosen = Counter()
+        for i in range(20):
+            replica = first_choice(await router.choose_replicas(replicas, pending(i, [1, 2])))
+            router.on_request_completed(replica.replica_id, f"internal-{i}")
+            chosen[replica.replica_id] += 1
+        assert set(chosen) == {r.replica_id for r in replicas}, chosen
 
     asyncio.run(run())
 

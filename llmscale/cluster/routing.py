@@ -73,6 +73,13 @@ class ReplicaLoad:
             values[name] = default if value is None else type(default)(value)
         return cls(**values)
 
+    def recounted(self, ongoing: int) -> ReplicaLoad:
+        """This load with `ongoing` requests, a count fresher than the report, split as the report
+        splits them: up to its running count run, the rest wait. A report up to a period old
+        still shows requests finished since; a fresh count does not."""
+        running = min(self.running, ongoing)
+        return ReplicaLoad(waiting=ongoing - running, running=running, kv_usage=self.kv_usage)
+
 
 def load_score(load: ReplicaLoad, inflight: int = 0) -> float:
     """How long a new request would wait here, in units of one running request.
@@ -273,9 +280,16 @@ class LoadAwareRouter(RequestRouter):
         own = self.inflight.counts()
         scores = {}
         for r in replicas:
-            # Serve's queue-length cache is the replica's own count when it last answered.
-            inflight = max(own[r.replica_id], self.replica_queue_len_cache.get(r.replica_id) or 0)
-            scores[r.replica_id] = load_score(ReplicaLoad.from_stats(r.routing_stats), inflight)
+            load = ReplicaLoad.from_stats(r.routing_stats)
+            # Serve's queue-length cache: the replica's own count when it last answered (all
+            # routers' requests), kept since by this router's sends and completions. While it
+            # holds an entry (10 s) it is fresher than the report; past that, only this router's
+            # own requests are known for sure.
+            ongoing = self.replica_queue_len_cache.get(r.replica_id)
+            if ongoing is not None:
+                scores[r.replica_id] = load_score(load.recounted(max(ongoing, own[r.replica_id])))
+            else:
+                scores[r.replica_id] = load_score(load, own[r.replica_id])
         return scores
 
     def rank(self, scores: dict[ReplicaID, float],
