@@ -231,6 +231,12 @@ def test_callers_leaving_before_the_loop_takes_their_request_keep_it_running(tin
         assert len(await asyncio.wait_for(running, 30)) == 24
         assert len(await asyncio.wait_for(_collect(engine, "Again", params), 30)) == 24
         assert not engine.engine.requests and engine.engine.kv.num_free_blocks == engine.engine.num_blocks
+        # A second request under an id in use is refused and leaves the first one running.
+        first = engine.generate("Hello", params, request_id="same")
+        await first.__anext__()
+        with pytest.raises(ConfigError, match="already in use"):
+            await engine.generate("Bye", params, request_id="same").__anext__()
+        assert len([o async for o in first][-1].outputs[0].token_ids) == 24
 
     try:
         asyncio.run(main())
@@ -256,7 +262,9 @@ def test_a_failing_step_stops_the_loop_and_tells_callers_and_the_server(tiny_mod
     try:
         with pytest.raises(async_engine.EngineDeadError, match="out of luck"):
             asyncio.run(asyncio.wait_for(_collect(engine, "Hello", params), 30))
-        assert [str(e) for e in died] == ["out of luck"] and not engine.is_running
+        assert not engine.is_running
+        engine.shutdown()  # joins the loop's thread, which calls on_death after telling callers
+        assert [str(e) for e in died] == ["out of luck"]
         with pytest.raises(async_engine.EngineDeadError, match="not running"):
             asyncio.run(_collect(engine, "Hello", params))
     finally:

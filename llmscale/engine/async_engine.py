@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
-from llmscale.config import EngineConfig
+from llmscale.config import ConfigError, EngineConfig
 from llmscale.engine.llm_engine import EngineState, LLMEngine
 from llmscale.engine.outputs import RequestOutput
 from llmscale.engine.sampling_params import SamplingParams
@@ -106,6 +106,8 @@ class AsyncLLMEngine:
         if not self.is_running:
             raise EngineDeadError("engine loop is not running")
         rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._streams:  # refused before its abort could reach the request holding the id
+            raise ConfigError(f"request id {rid!r} is already in use")
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[Any] = asyncio.Queue()
         added: Future[None] = Future()
