@@ -191,6 +191,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
     for ax, (_, _, label) in zip(axes, METRICS, strict=True):
@@ -207,6 +208,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                         label="within 10%")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # labelled minor ticks overlap within one decade
+            axis.set_minor_formatter(NullFormatter())
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("measured")
         ax.set_ylabel("predicted")
