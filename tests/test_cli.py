@@ -58,12 +58,23 @@ def test_bad_arguments_give_one_line_errors(args: list[str], message: str, smoll
 
 
 def test_a_replica_that_cannot_start_is_a_one_line_error() -> None:
+    from llmscale.config import EngineConfig
+    from llmscale.engine.runner import kv_bytes_per_block
+    from llmscale.model.loader import read_model_config
+    from llmscale.model.lookup import resolve_model
+
     out = run_cli("cluster", "serve", "--port", str(free_port()), "--kv-cache-memory", "1MiB",
                   "--max-model-len", "512")
     assert out.returncode == 2
+    # The cache's dtype, and so how many blocks 1 MiB holds, follows this CPU (bf16 with AVX-512
+    # BF16, else fp32).
+    per_block = kv_bytes_per_block(read_model_config(resolve_model(None)), 16,
+                                   EngineConfig.from_kwargs(max_model_len=512).kv_dtype)
+    blocks = (1 << 20) // per_block
     assert out.stderr.splitlines()[-1] == (
-        "llmscale: error: a replica could not start: KV cache holds 32 tokens (2 blocks of 16), less "
-        "than one request of max_model_len 512; raise --kv-cache-memory or lower --max-model-len")
+        f"llmscale: error: a replica could not start: KV cache holds {16 * blocks} tokens ({blocks} "
+        f"block{'s' if blocks != 1 else ''} of 16), less than one request of max_model_len 512; "
+        "raise --kv-cache-memory or lower --max-model-len")
     assert "Traceback" not in out.stderr
 
 

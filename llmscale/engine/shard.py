@@ -50,8 +50,9 @@ def kv_cache_blocks(cache: CacheConfig, model_cfg: ModelConfig, kv_dtype: torch.
         num_blocks = parse_memory(cache.kv_cache_memory, available_memory_bytes()) // per_block
     if num_blocks * cache.block_size < max_model_len:
         raise ConfigError(
-            f"KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} blocks of "
-            f"{cache.block_size}), less than one request of max_model_len {max_model_len}; "
+            f"KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} "
+            f"block{'s' if num_blocks != 1 else ''} of {cache.block_size}), less than one request of "
+            f"max_model_len {max_model_len}; "
             f"raise --kv-cache-memory or lower --max-model-len")
     return num_blocks
 
