@@ -135,14 +135,18 @@ def run_shape(engine: Any, shape: Sequence[Chunk], prompts: PromptSource, tag: s
 
 def measure(engine: Any, shapes: Sequence[tuple[Chunk, ...]], repeats: int,
             advance: Callable[[], None] = lambda: None) -> list[Sample]:
+    """Each shape's median over `repeats` rounds, a round timing every shape once. A shared
+    host's memory bandwidth drifts within a minute by more than the targets allow (BENCHMARKS.md,
+    planner); timed in rounds, every shape sees the same moments, so the drift moves the whole
+    curve alike instead of giving each shape the speed of its own moment."""
     prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(0))
     run_shape(engine, shapes[0], prompts, "warm-up")  # allocator growth, first-call setup
-    samples = []
-    for k, shape in enumerate(shapes):
-        times = [run_shape(engine, shape, prompts, f"{k}-{r}") for r in range(repeats)]
-        samples.append(Sample(tuple(shape), statistics.median(times)))
-        advance()
-    return samples
+    times: list[list[float]] = [[] for _ in shapes]
+    for r in range(repeats):
+        for k, shape in enumerate(shapes):
+            times[k].append(run_shape(engine, shape, prompts, f"{k}-{r}"))
+            advance()
+    return [Sample(tuple(shape), statistics.median(t)) for shape, t in zip(shapes, times, strict=True)]
 
 
 FIRST_RUN_COUNTS = 12  # prefill chunks at token counts the engine has not run, each timed twice
@@ -384,7 +388,7 @@ def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 
         progress.advance(task)
         shapes = default_shapes(engine.max_model_len, engine.scheduler.config.max_num_batched_tokens,
                                 engine.scheduler.config.max_num_seqs)
-        task = progress.add_task("step shapes", total=len(shapes))
+        task = progress.add_task("step shapes", total=len(shapes) * repeats)
         samples = measure(engine, shapes, repeats, lambda: progress.advance(task))
         first_run = measure_first_run(engine, shapes, engine.scheduler.config.max_num_batched_tokens)
         geometry = geometry_of_engine(engine)
