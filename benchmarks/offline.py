@@ -54,6 +54,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from llmscale.console import stdout_console
+from llmscale.process_env import peer_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("peer_worker.py")
@@ -236,7 +237,7 @@ def run_peer(system: str, python: Path, wl: Workload, args: argparse.Namespace, 
         # A child inherits the affinity of the thread that starts it, and llmscale's run pinned
         # this one to a single core: every peer starts on all of them.
         proc = subprocess.Popen([str(python), str(WORKER), str(spec_path)], stdout=subprocess.PIPE,
-                                stderr=log, text=True, cwd=log_dir,
+                                stderr=log, text=True, cwd=log_dir, env=peer_environ(),
                                 preexec_fn=lambda: os.sched_setaffinity(0, ALL_CPUS))
         assert proc.stdout is not None
         try:

@@ -53,6 +53,7 @@ from llmscale.bench.load import INTERRUPTED, LoadPlan, MakeWorkload, run_sweep
 from llmscale.bench.metrics import Run, parse_slo, summarize
 from llmscale.config import ConfigError
 from llmscale.console import stdout_console
+from llmscale.process_env import peer_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("llmscale", "llmscale-q4", "vllm", "llamacpp")
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> None:
                                "env": srv.env, "settings": srv.settings, "version": srv.version}
             with open(log_path, "wb") as log:
                 # Its own session: Ctrl-C reaches only this script, which then stops the whole group.
-                proc = subprocess.Popen(srv.cmd, env={**os.environ, **srv.env}, stdout=log,
+                proc = subprocess.Popen(srv.cmd, env={**peer_environ(), **srv.env}, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
                 try:
                     task = progress.add_task(f"{system}: starting", total=None)

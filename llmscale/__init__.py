@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmscale import process_env
+
+process_env.apply()  # before torch's first large allocation, which may come from any import
+
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
