@@ -46,6 +46,10 @@ class BlockPool:
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)
+        # In address order: a freed sequence's blocks come back tail first, and the decode
+        # kernel reads a run of blocks faster ascending than descending (BENCHMARKS.md, "KV
+        # block order"). Which blocks are evicted is unchanged.
+        out.sort(key=lambda b: b.block_id)
         return out
 
     def _evict(self, block: KVBlock) -> None:
