@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmscale.bench.roofline import Chunk
-from llmscale.config import EngineConfig, SchedulerConfig
+from llmscale.config import ConfigError, EngineConfig, SchedulerConfig
+from llmscale.engine.block_pool import BlockPool
 from llmscale.engine.llm_engine import LLMEngine
 from llmscale.engine.sampling_params import SamplingParams
-from llmscale.plan.calibrate import Sample, fit, fit_curve, nnls
+from llmscale.plan.calibrate import Sample, age, fit, fit_curve, nnls
 from llmscale.plan.simulator import RequestOverhead, SimEngine, SimWorkload, make_router, simulate
 from llmscale.plan.step_model import Coefficients, CurveModel, Geometry, StepTimeModel
 
@@ -257,3 +258,19 @@ def test_a_fresh_server_pays_each_prefill_token_count_once() -> None:
     assert served.step_seconds(mixed) == pytest.approx(0.010)
     assert served.step_seconds(decodes) == pytest.approx(0.010)
     assert served.step_seconds([Chunk(0, 200, True)]) == pytest.approx(0.010 + 0.002 + 0.002)
+
+
+def test_an_aged_pool_hands_out_broken_runs_and_holds_every_block_free() -> None:
+    pool = BlockPool(400)
+    age(pool, random.Random(0))
+    assert sorted(pool.free_blocks) == list(range(400))  # every block back, none held
+    assert all(b.ref_cnt == 0 for b in pool.blocks)
+    runs = [b.block_id for b in pool.allocate(20)]
+    assert runs == sorted(runs)  # one allocation in address order
+    assert runs != list(range(runs[0], runs[0] + 20))  # but no longer one run, as a fresh pool's
+    assert [b.block_id for b in BlockPool(400).allocate(20)] == list(range(20))
+
+
+def test_a_pool_too_small_to_age_is_a_one_line_error() -> None:
+    with pytest.raises(ConfigError, match="too few to age"):
+        age(BlockPool(20), random.Random(0))

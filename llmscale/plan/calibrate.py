@@ -28,6 +28,7 @@ import numpy as np
 from llmscale.bench.profile import PromptSource, corpus_tokens, cost_model_of, place_running
 from llmscale.bench.roofline import Chunk
 from llmscale.config import ConfigError
+from llmscale.engine.block_pool import BlockPool, KVBlock
 from llmscale.plan.serving import FirstRun, Served, ServingOverhead
 from llmscale.plan.step_model import (
     Coefficients,
@@ -364,7 +365,39 @@ def calibration_engine(model: str | None, dtype: str, device: str | None, max_le
                                       kv_cache_memory=blocks * per_block, block_size=block_size,
                                       max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                       enable_prefix_caching=False)
-    return LLMEngine(config, stream_text=True, online=True)
+    engine = LLMEngine(config, stream_text=True, online=True)
+    age(engine.kv.pool, random.Random(0))
+    return engine
+
+
+AGED_IN_FLIGHT = 24  # requests holding blocks at once while the calibration pool is aged
+AGED_TURNS = 2  # times every block of the pool is handed out before the pool counts as aged
+
+
+def age(pool: BlockPool, rng: random.Random, in_flight: int = AGED_IN_FLIGHT,
+        turns: int = AGED_TURNS) -> None:
+    """Leave `pool`'s free list as a server's is once requests came and went long enough to
+    hand out every block `turns` times: each request takes its prompt's blocks at once, then a
+    block at a time as it decodes beside the others, and gives them back when it ends. A fresh
+    pool hands each request neighbouring blocks; a served one hands out runs broken wherever
+    other requests grew, which the decode kernel reads slower (BENCHMARKS.md, "KV block
+    order"): the calibration's steps are timed on blocks as a server holds them."""
+    live: list[tuple[list[KVBlock], int]] = []  # blocks held, blocks still to grow
+    handed_out = 0
+    while handed_out < turns * pool.num_blocks or live:
+        while handed_out < turns * pool.num_blocks and len(live) < in_flight:
+            prompt, grow = rng.randint(4, 25), rng.randint(0, 6)  # 64-400 prompt, <= 96 new tokens
+            if prompt + grow > pool.num_free_blocks:
+                raise ConfigError(f"the calibration KV cache holds {pool.num_blocks} blocks: too few to age")
+            live.append((pool.allocate(prompt), grow))
+            handed_out += prompt + grow
+        i = rng.randrange(len(live))  # one of them grows a block, or ends
+        blocks, grow = live[i]
+        if grow:
+            live[i] = (blocks + pool.allocate(1), grow - 1)
+        else:
+            pool.free(blocks[::-1])  # tail first, as the KV cache manager frees
+            live.pop(i)
 
 
 def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 5,
