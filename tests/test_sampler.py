@@ -178,6 +178,19 @@ def test_min_tokens_blocks_eos_and_stop_tokens() -> None:
         assert tokens[:4] == [2, 1, 3, 1] and tokens[4] in (0, 3)
 
 
+def test_min_tokens_with_nothing_to_forbid_keeps_the_one_argmax_path() -> None:
+    """`bench serve` sends min_tokens with ignore_eos: no token to mask, so no float32 copy of
+    the logits (the scratch buffer) is made for it; a stop token to forbid still gets one."""
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]]).expand(3, 4)
+    sampler = Sampler(seed=0)
+    rows = [row(output=[], eos=(1,), temperature=0, min_tokens=4, ignore_eos=True) for _ in range(3)]
+    assert [r.token_id for r in sampler(logits, rows)] == [1, 1, 1]
+    assert sampler._workspace is None
+    rows[0] = row(output=[], eos=(1,), temperature=0, min_tokens=4, ignore_eos=True, stop_token_ids=[1])
+    assert [r.token_id for r in sampler(logits, rows)] == [2, 1, 1]
+    assert sampler._workspace is not None
+
+
 # ----- greedy, seeds, distributions -------------------------------------------------------------
 
 

@@ -149,7 +149,10 @@ class Sampler:
         greedy = [p.greedy for p in params]
         penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0
                      or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
-        min_tok = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
+        # Rows short of min_tokens with a token to forbid: under ignore_eos and without stop
+        # tokens there is none, and such rows keep the one-argmax path.
+        min_tok = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens
+                   and (r.params.stop_token_ids or not r.params.ignore_eos)]
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
 
         if all(greedy) and not penalized and not min_tok:
