@@ -152,7 +152,7 @@ class Sampler:
         # Rows short of min_tokens with a token to forbid: under ignore_eos and without stop
         # tokens there is none, and such rows keep the one-argmax path.
         min_tok = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens
-                   and (r.params.stop_token_ids or not r.params.ignore_eos)]
+                   and _ending_tokens(r)]
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
 
         if all(greedy) and not penalized and not min_tok:
@@ -277,16 +277,18 @@ def _per_row(rows: list[SamplingRow], idx: list[int], name: str, off: float,
     return out
 
 
+def _ending_tokens(row: SamplingRow) -> list[int]:
+    """The tokens that would end this row's request: its stop tokens, and EOS unless it is
+    ignored (as in vLLM: under ignore_eos EOS ends nothing)."""
+    stops = list(row.params.stop_token_ids or ())
+    return stops if row.params.ignore_eos else stops + list(row.eos_token_ids)
+
+
 def _mask_stop_tokens(x: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> None:
-    """Forbid every token that would end a request still short of its min_tokens. EOS is left
-    alone under ignore_eos, as in vLLM: there it ends nothing."""
+    """Forbid every token that would end a request still short of its min_tokens."""
     pairs = []
     for i in idx:
-        params = rows[i].params
-        stops = list(params.stop_token_ids or ())
-        if not params.ignore_eos:
-            stops += rows[i].eos_token_ids
-        pairs += [(i, t) for t in stops if t < x.shape[1]]
+        pairs += [(i, t) for t in _ending_tokens(rows[i]) if t < x.shape[1]]
     if pairs:
         row_ids, tokens = zip(*pairs, strict=True)
         x[_index(list(row_ids), x.device), _index(list(tokens), x.device)] = float("-inf")
