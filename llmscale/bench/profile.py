@@ -82,7 +82,8 @@ def register(subparsers: Any) -> None:
                    help="instead: time a grid of step shapes and fit the planner's performance model; "
                         "--out is then the calibration file (default: results/profile/calib.json) and a "
                         "PNG of the fit goes beside it")
-    p.add_argument("--repeats", type=int, default=5, help="calibration: timed runs per step shape (median)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="calibration: rounds over the step shapes, each timing every shape once (median)")
     p.set_defaults(func=cmd_profile)
 
 
