@@ -150,7 +150,8 @@ def test_calibrate_then_simulate_this_machine(tiny_model, tmp_path: Path) -> Non
     knots = doc["curve_knots"]
     assert len(knots) >= 2 and knots == sorted(set(knots))
     assert len(doc["curve_coefficients"]) == len(curve_terms([Chunk(0, 2, True)], knots))
-    assert set(doc["serving"]) == {"step_s", "per_token_s", "request_s", "busy_request_s"}
+    assert set(doc["serving"]) == {"step_s", "per_token_s", "first_token_s", "finished_s", "request_s",
+                                   "busy_request_s"}
     assert set(doc["first_run"]) == {"step_s", "per_token_s"} and min(doc["first_run"].values()) >= 0
     assert all(v >= 0 for v in doc["serving"].values())
     assert doc["serving"]["busy_request_s"] >= doc["serving"]["request_s"]

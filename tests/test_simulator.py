@@ -242,6 +242,64 @@ def test_curve_fit_recovers_a_known_curve() -> None:
         assert model.step_seconds(list(shape)) == pytest.approx(truth.step_seconds(list(shape)), rel=1e-6)
 
 
+def test_the_servers_handoff_slows_the_next_step_unless_the_engine_idles() -> None:
+    """A step that gives a request its first token or finishes it hands the server work that runs
+    beside the next step; an engine idle meanwhile feels only what is left of it."""
+    from llmscale.plan.simulator import Handoff
+
+    engine = SimEngine(SchedulerConfig(max_num_batched_tokens=256), 64, 16, False, 256, FixedStep(),
+                       handoff=Handoff(0.002, 0.003))
+
+    def step() -> float:
+        launched = engine.launch()
+        engine.now = launched.ends_s
+        engine.end_step()
+        return launched.seconds
+
+    engine.add_request("a", list(range(10, 18)), max_tokens=2)
+    assert step() == pytest.approx(0.010)  # the prefill, which gives the first token
+    assert step() == pytest.approx(0.012)  # beside the first token's handoff; it finishes the request
+    engine.now += 0.001  # idle for a third of the finish's handoff
+    engine.add_request("b", list(range(20, 28)), max_tokens=2)
+    assert step() == pytest.approx(0.012)
+
+
+def test_served_terms_recover_the_costs_the_simulator_charges() -> None:
+    """The serving calibration's fit over a served load's logged steps recovers the step terms and
+    the handoff that produced them, here a simulated server's with known costs."""
+    from llmscale.plan.serving import LoggedStep, Served, ServingOverhead, served_terms
+
+    truth = ServingOverhead(0.0003, 0.00006, 0.0012, 0.0008, request_s=0.0, busy_request_s=0.0)
+    # 0.4 ms per decode, 2 us per context token read, 10 ns per prefill pair, 4 ms a step.
+    curve = CurveModel((1, 4096), (0.0004, 0.0, 2e-6, 0.0, 0.0, 1e-8, 0.004, 0.004))
+    engine = SimEngine(SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=32), 2000, 16, False, 2048,
+                       Served(curve, truth), handoff=truth.handoff())
+    rng = random.Random(0)
+    logged = []
+    for i in range(400):
+        if rng.random() < 0.2:
+            prompt = [rng.randrange(10, 5000) for _ in range(rng.randint(20, 300))]
+            engine.add_request(str(i), prompt, max_tokens=rng.randint(4, 60))
+        if not engine.has_unfinished_requests():
+            continue
+        launched = engine.launch()
+        chunks = tuple(Chunk(*shape) for shape in launched.batch.shapes())
+        engine.now = launched.ends_s
+        engine.end_step()
+        logged.append(LoggedStep(launched.ends_s, launched.seconds, chunks))
+    fitted = served_terms(logged, curve.step_seconds)
+    for name in ("step_s", "per_token_s", "first_token_s", "finished_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
+
+
+def test_served_terms_need_enough_steps() -> None:
+    from llmscale.plan.serving import LoggedStep, served_terms
+
+    steps = [LoggedStep.parse(f"[{0.01 * (k + 1)}, 0.01, [[40, 1, true]]]") for k in range(10)]
+    with pytest.raises(ConfigError, match="too few to fit"):
+        served_terms(steps, FixedStep().step_seconds)
+
+
 def test_a_fresh_server_pays_each_prefill_token_count_once() -> None:
     """`Served` adds `FirstRun` to the first step of each token count that holds a prefill chunk
     (oneDNN builds its primitives per row count), never to decode-only steps (the fused C step),
@@ -249,7 +307,7 @@ def test_a_fresh_server_pays_each_prefill_token_count_once() -> None:
     from llmscale.plan.serving import FirstRun, Served, ServingOverhead
 
     flat = CurveModel((1, 4096), (0.0,) * 6 + (0.01, 0.01))  # 10 ms a step whatever it holds
-    served = Served(flat, ServingOverhead(0.0, 0.0, 0.0, 0.0), FirstRun(0.002, 1e-5))
+    served = Served(flat, ServingOverhead(0.0, 0.0, 0.0, 0.0, 0.0, 0.0), FirstRun(0.002, 1e-5))
     prefill = [Chunk(0, 100, True)]
     mixed = [Chunk(40, 1, True)] * 3 + [Chunk(0, 97, True)]  # 100 tokens too: the same GEMM rows
     decodes = [Chunk(40, 1, True)] * 100

@@ -42,7 +42,7 @@ from llmscale.plan.step_model import (
     linear_terms,
 )
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -427,13 +427,13 @@ def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 
         geometry = geometry_of_engine(engine)
         physical = fit(samples, geometry, peaks.memory_bytes, peaks.matmul_flops)
         curve, curve_errors = fit_curve(samples)
-        task = progress.add_task("served", total=len(serving.BATCHES) + 1)
+        task = progress.add_task("served", total=serving.MEASURE_STAGES)
         serve_args = ["--dtype", dtype] + (["--model", model] if model else []) + \
             (["--device", device] if device else [])
         prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(1))
 
         def time_shape(shape: Sequence[Chunk]) -> float:  # this engine stays idle while the server runs
-            return statistics.median(run_shape(engine, shape, prompts, f"served-{r}") for r in range(3))
+            return run_shape(engine, shape, prompts, "served")
 
         overhead = serving.measure(serve_args, time_shape, engine.tokenizer, lambda: progress.advance(task))
     calibration = Calibration(
@@ -496,9 +496,11 @@ def print_fit(calibration: Calibration, console: Any) -> None:
         f"({c.linear_flops / calibration.peak_flops:.0%} of the GEMM peak)")
     served = calibration.serving_overhead()
     console.print(
-        f"serving over HTTP adds {served.step_s * 1e3:.1f} ms per step, "
-        f"{served.per_token_s * 1e3:.2f} ms per streamed token, and {served.request_s * 1e3:.1f} ms "
-        f"per request ({served.busy_request_s * 1e3:.1f} ms while the engine steps)")
+        f"serving over HTTP adds {served.step_s * 1e3:.2f} ms per step, "
+        f"{served.per_token_s * 1e3:.3f} ms per streamed token, {served.first_token_s * 1e3:.2f} ms to the "
+        f"step after a request's first token and {served.finished_s * 1e3:.2f} ms to the step after its "
+        f"last, and {served.request_s * 1e3:.1f} ms per request on its way in "
+        f"({served.busy_request_s * 1e3:.1f} ms while the engine steps)")
     first = FirstRun(**calibration.first_run)
     console.print(
         f"a prefill step at a token count the engine has not run yet takes {first.step_s * 1e3:.1f} ms + "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from llmscale.config import ConfigError, ModelConfig, SchedulerConfig
 from llmscale.plan.calibrate import Calibration
 from llmscale.plan.hardware import Hardware
-from llmscale.plan.simulator import SimEngine
+from llmscale.plan.simulator import NO_HANDOFF, Handoff, SimEngine
 from llmscale.plan.step_model import (
     COMPUTE_DTYPE,
     WEIGHT_BYTES,
@@ -191,6 +191,14 @@ class Deployment:
             return calibration.served(engine)
         return StepTimeModel(self.coefficients(), self.geometry(model))
 
+    def handoff(self, calibration: Calibration | None) -> Handoff:
+        """What the server's work on a step's outputs adds to the next step: measured on this
+        machine, whose cores run both; nothing on catalogue hardware, whose model runs on the
+        accelerator while the host's cores serve."""
+        if self.hardware.name == THIS_MACHINE and calibration is not None:
+            return calibration.serving_overhead().handoff()
+        return NO_HANDOFF
+
     def kv_blocks(self, model: ModelSpec, max_model_len: int) -> int:
         """KV blocks of one replica; a one-line error when the weights or one request do not fit."""
         g = self.geometry(model)
@@ -223,8 +231,9 @@ class Deployment:
         step_model = self.step_model(model, calibration)
         blocks = num_blocks or self.kv_blocks(model, max_model_len)
         sched = scheduler or self.scheduler_config()
+        handoff = self.handoff(calibration)
         return lambda: SimEngine(sched, blocks, self.block_size, self.enable_prefix_caching, max_model_len,
-                                 step_model, stages=self.pp)
+                                 step_model, stages=self.pp, handoff=handoff)
 
 
 def weight_format_of_dtype(dtype: str) -> str:

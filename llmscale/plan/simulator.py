@@ -6,6 +6,8 @@ every scheduled request, append a token to each request that reached the end of 
 tokens, finish it at its length), except that no model runs: the step lasts what the
 performance model says, and the token appended is a stand-in (a function of the prompt and
 the position, so identical prompts still share blocks, as greedy decoding would make them).
+A step is slowed by what is left of the server's work on the outputs of the step before
+(`Handoff`: first tokens, finished requests), which on a few cores runs beside it.
 Batching, chunked prefill, preemption and prefix caching therefore decide exactly as in
 the engine. With pipeline parallelism it keeps micro-batches in flight as the engine does: up
 to one per stage, each the scheduler's share of the running requests, and each passing the
@@ -60,6 +62,22 @@ NO_REQUEST_OVERHEAD = RequestOverhead()
 CATALOGUE_REQUEST_OVERHEAD = RequestOverhead.fixed(0.002)
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """The server's work on a step's outputs that runs beside the engine's next step: a request's
+    first token opens its stream, a finished one sends its last events and closes it. On a few
+    cores that work slows the step it overlaps; an engine that idles meanwhile does not feel it."""
+
+    first_token_s: float = 0.0
+    finished_s: float = 0.0
+
+    def seconds(self, first_tokens: int, finished: int) -> float:
+        return self.first_token_s * first_tokens + self.finished_s * finished
+
+
+NO_HANDOFF = Handoff()
+
+
 @dataclass
 class SimStep:
     batch: ScheduledBatch
@@ -80,10 +98,12 @@ class SimEngine:
 
     def __init__(self, scheduler_config: SchedulerConfig, num_blocks: int, block_size: int,
                  enable_prefix_caching: bool, max_model_len: int, step_model: StepModel,
-                 stages: int = 1) -> None:
+                 stages: int = 1, handoff: Handoff = NO_HANDOFF) -> None:
         self.now = 0.0
         self.max_model_len = max_model_len
         self.step_model = step_model
+        self.handoff = handoff
+        self.handoff_until = 0.0  # when the server is done with the outputs handed to it so far
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = make_scheduler(scheduler_config, self.kv, clock=lambda: self.now)
         self.stand_in_seeds: dict[str, int] = {}  # request id -> what its stand-in tokens hash
@@ -126,6 +146,8 @@ class SimEngine:
         step = SimStep(batch, self.step_model.step_seconds(chunks) if chunks else 0.0, self.now)
         if not batch:
             return step
+        step.seconds += max(0.0, self.handoff_until - self.now)  # what of the server's work overlaps it
+        self.handoff_until = self.now
         per_stage = step.seconds / self.stages
         for k in range(self.stages):
             step.ends_s = self.stage_free[k] = max(step.ends_s, self.stage_free[k]) + per_stage
@@ -143,15 +165,19 @@ class SimEngine:
         ordered = ([r for r, n in step.batch.scheduled if n == 1]
                    + [r for r, n in step.batch.scheduled if n > 1])
         emitted = []
+        first_tokens = 0
         for req in ordered:
             if req.num_computed_tokens != req.num_tokens:
                 continue
             req.append_token(hash((self.stand_in_seeds[req.request_id], req.num_tokens)) % STAND_IN_VOCAB)
+            first_tokens += len(req.output_token_ids) == 1
             done = len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len
             if done:
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
                 del self.stand_in_seeds[req.request_id]
             emitted.append(Emitted(req.group_id, done))
+        finished = sum(e.finished for e in emitted)
+        self.handoff_until = max(self.handoff_until, self.now) + self.handoff.seconds(first_tokens, finished)
         return emitted
 
     def step(self) -> tuple[SimStep, list[Emitted]]:
