@@ -143,18 +143,21 @@ def drift(calib: Path, first: Path) -> float:
 
 def served_step_ratio(steps: Path, calib: Path) -> float:
     """How long a sweep's server steps took (its `--log-steps` file) against what the calibrated
-    model says steps of those very shapes take as served: the model's own error, apart from
-    the simulator's scheduling, the arrivals and the host drifting before the sweep."""
-    from llmscale.bench.roofline import Chunk
+    model says steps of those very shapes take as served, each with what is left of the server's
+    handoff of the step before's outputs: the model's own error, apart from the simulator's
+    scheduling, the arrivals and the host drifting before the sweep."""
     from llmscale.plan.calibrate import Calibration
+    from llmscale.plan.serving import LoggedStep, handed_over
 
     calibration = Calibration.read(calib)
     model = calibration.served(calibration.curve())  # a fresh server's: this sweep's was one
-    measured = predicted = 0.0
-    for line in steps.read_text().splitlines():
-        _, seconds, chunks = json.loads(line)
-        measured += seconds
-        predicted += model.step_seconds([Chunk(*c) for c in chunks])
+    handoff = calibration.serving_overhead().handoff()
+    logged = [LoggedStep.parse(line) for line in steps.read_text().splitlines()]
+    measured = sum(step.seconds for step in logged)
+    predicted = sum(model.step_seconds(step.chunks) for step in logged)
+    for before, step in zip(logged, logged[1:], strict=False):
+        idle = step.ended_s - step.seconds - before.ended_s
+        predicted += max(0.0, handoff.seconds(*handed_over(before, step)) - idle)
     return measured / predicted
 
 

@@ -200,14 +200,22 @@ class LoggedStep:
         return cls(float(ended), float(seconds), tuple(Chunk(*c) for c in chunks))
 
 
+def handed_over(before: LoggedStep, step: LoggedStep) -> tuple[int, int]:
+    """The first tokens and finished requests a logged step handed the server, as read from the
+    step after it: each of its chunks that sampled after a prefill gave a first token; the rows
+    it sampled that do not decode in the next step finished (a preempted request would count as
+    finished: rare, and the scheduler's doing)."""
+    sampled = sum(1 for c in before.chunks if c.samples)
+    first_tokens = sum(1 for c in before.chunks if c.samples and c.new > 1)
+    return first_tokens, max(0, sampled - sum(1 for c in step.chunks if c.new == 1))
+
+
 def served_terms(steps: Sequence[LoggedStep], engine_seconds: Callable[[Sequence[Chunk]], float]
                  ) -> ServingOverhead:
     """Fit the step terms of `ServingOverhead` to a served load's steps: each decode-only step
     that began as the one before ended, less what the engine alone takes for its shape
     (`engine_seconds`, called once per such step, in order), against [1, tokens streamed, first
-    tokens and finished requests of the step before]. The step before gave its first token to
-    each of its chunks that sampled after a prefill; the rows it sampled that do not decode now
-    finished (a preempted request would count as finished: rare, and the scheduler's doing)."""
+    tokens and finished requests of the step before (`handed_over`)]."""
     from llmscale.plan.calibrate import nnls
 
     rows, excess = [], []
@@ -215,9 +223,7 @@ def served_terms(steps: Sequence[LoggedStep], engine_seconds: Callable[[Sequence
         if step.ended_s - step.seconds - before.ended_s > BACK_TO_BACK_S or \
                 any(c.new > 1 for c in step.chunks):
             continue
-        sampled_before = sum(1 for c in before.chunks if c.samples)
-        first_tokens = sum(1 for c in before.chunks if c.samples and c.new > 1)
-        finished = max(0, sampled_before - len(step.chunks))
+        first_tokens, finished = handed_over(before, step)
         streamed = sum(1 for c in step.chunks if c.samples)
         rows.append([1.0, float(streamed), float(first_tokens), float(finished)])
         excess.append(step.seconds - engine_seconds(step.chunks))
