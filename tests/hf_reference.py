@@ -46,3 +46,19 @@ def hf_last_logits(folder: Path, prompt_ids: list[int], device: str = "cpu",
 def hf_all_logits(folder: Path, prompt_ids: list[int]) -> torch.Tensor:
     """[len(prompt), vocab]: row i is the distribution of token i + 1."""
     return hf_model(folder)(torch.tensor([prompt_ids])).logits[0].float()
+
+
+def assert_greedy_matches_hf(folder: Path, prompt_ids: list[int], got: list[int],
+                             max_gap: float = 1e-4) -> None:
+    """`got` equals transformers' greedy tokens, or parts from them where transformers' own top
+    two logits lie within `max_gap`: fp32 sums in another order (chunked prefill, paged
+    attention) may flip such a near-tie, while wrong K/V parts at a confident token."""
+    from .divergence import first_divergence
+
+    want = hf_greedy(folder, prompt_ids, len(got))
+    i = first_divergence(got, want)
+    if i is None:
+        return
+    top = hf_all_logits(folder, prompt_ids + want[:i])[-1].topk(2).values
+    gap = float(top[0] - top[1])
+    assert gap <= max_gap, f"parted from transformers at token {i}; its top two logits there: {gap:.3g} apart"

@@ -12,14 +12,14 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llmscale import LLM, SamplingParams
 from llmscale.config import EngineConfig
 from llmscale.engine.llm_engine import LLMEngine
 
-from .hf_reference import hf_greedy
+from .hf_reference import assert_greedy_matches_hf, hf_greedy
 
 VOCAB = 49152  # the tiny models' (SmolLM2's) vocabulary
 
@@ -109,15 +109,29 @@ def workloads(draw: st.DrawFn) -> dict:
     )
 
 
+# A prompt whose fifth greedy token is a near-tie in transformers (top two logits 3e-6 apart),
+# which the engine's fp32 sums over chunks of 8 flip.
+NEAR_TIE_PROMPT = [
+    43067, 27197, 12519, 39608, 23922, 8521, 38340, 27007, 17921, 38958, 41979, 4678, 22329, 30590,
+    31958, 23857, 30233, 31001, 39991, 22008, 47618, 8051, 9749, 44559, 16725, 33543, 24978, 36379,
+    19075, 32692, 47249, 20147, 9807, 18521, 27872, 40041, 23366, 37487, 3577, 26526, 22907, 8225,
+    32812, 37990, 11690, 38116, 33127, 6909, 6667]
+NEAR_TIE = dict(prompts=[NEAR_TIE_PROMPT], arrivals=[0], block_size=4, num_gpu_blocks_override=48,
+                max_num_batched_tokens=8)
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(workload=workloads())
+@example(workload=NEAR_TIE)
 def test_prefix_caching_on_equals_off_equals_transformers(tiny_model, workload: dict) -> None:
     folder = tiny_model("qwen2")
+    workload = dict(workload)
     prompts, arrivals = workload.pop("prompts"), workload.pop("arrivals")
     args = dict(max_model_len=MAX_MODEL_LEN, **workload)
     cached, engine = _run(folder, prompts, arrivals, 8, enable_prefix_caching=True, **args)
     uncached, _ = _run(folder, prompts, arrivals, 8, enable_prefix_caching=False, **args)
     assert cached == uncached
-    # transformers on a sample: the request that reused the most cached tokens.
+    # transformers on a sample, the request that reused the most cached tokens, up to near-ties
+    # (random weights make them: NEAR_TIE).
     sample = max(range(len(prompts)), key=lambda i: (len(prompts[i]), -i))
-    assert cached[str(sample)] == hf_greedy(folder, prompts[sample], 8)
+    assert_greedy_matches_hf(folder, prompts[sample], cached[str(sample)])
