@@ -156,8 +156,7 @@ def served_step_ratio(steps: Path, calib: Path) -> float:
     measured = sum(step.seconds for step in logged)
     predicted = sum(model.step_seconds(step.chunks) for step in logged)
     for before, step in zip(logged, logged[1:], strict=False):
-        idle = step.ended_s - step.seconds - before.ended_s
-        predicted += max(0.0, handoff.seconds(*handed_over(before, step)) - idle)
+        predicted += max(0.0, handoff.seconds(*handed_over(before, step)) - step.idle_before(before))
     return measured / predicted
 
 

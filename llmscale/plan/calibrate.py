@@ -432,10 +432,10 @@ def calibrate(model: str | None, dtype: str, device: str | None, repeats: int = 
             (["--device", device] if device else [])
         prompts = PromptSource(corpus_tokens(engine.tokenizer), random.Random(1))
 
-        def time_shape(shape: Sequence[Chunk]) -> float:  # this engine stays idle while the server runs
+        def run_once(shape: Sequence[Chunk]) -> float:  # this engine stays idle while the server runs
             return run_shape(engine, shape, prompts, "served")
 
-        overhead = serving.measure(serve_args, time_shape, engine.tokenizer, lambda: progress.advance(task))
+        overhead = serving.measure(serve_args, run_once, engine.tokenizer, lambda: progress.advance(task))
     calibration = Calibration(
         coefficients=physical.coefficients, model=model_name, dtype=engine_dtype, weight_format=weight_format,
         cpu=cpu, threads=torch.get_num_threads(),

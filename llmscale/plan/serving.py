@@ -159,7 +159,8 @@ async def _warm_up(url: str, model: str, tokenizer: Tokenizer) -> None:
     import httpx
 
     async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
-        await _stream(client, url, model, prompt_text(tokenizer, 0))
+        if not await _stream(client, url, model, prompt_text(tokenizer, 0)):
+            raise ConfigError("the calibration server streamed no tokens")
 
 
 async def _lone_ttfts(url: str, model: str, tokenizer: Tokenizer, first: int, busy: bool) -> list[float]:
@@ -199,6 +200,10 @@ class LoggedStep:
         ended, seconds, chunks = json.loads(line)
         return cls(float(ended), float(seconds), tuple(Chunk(*c) for c in chunks))
 
+    def idle_before(self, before: LoggedStep) -> float:
+        """How long the engine idled between `before`'s end and this step's start."""
+        return self.ended_s - self.seconds - before.ended_s
+
 
 def handed_over(before: LoggedStep, step: LoggedStep) -> tuple[int, int]:
     """The first tokens and finished requests a logged step handed the server, as read from the
@@ -220,8 +225,7 @@ def served_terms(steps: Sequence[LoggedStep], engine_seconds: Callable[[Sequence
 
     rows, excess = [], []
     for before, step in zip(steps, steps[1:], strict=False):
-        if step.ended_s - step.seconds - before.ended_s > BACK_TO_BACK_S or \
-                any(c.new > 1 for c in step.chunks):
+        if step.idle_before(before) > BACK_TO_BACK_S or any(c.new > 1 for c in step.chunks):
             continue
         first_tokens, finished = handed_over(before, step)
         streamed = sum(1 for c in step.chunks if c.samples)
@@ -288,12 +292,14 @@ def measure(serve_args: list[str], run_shape: Callable[[Sequence[Chunk]], float]
                            for i in range(LONE_REQUESTS)]
             busy_ttfts = asyncio.run(_lone_ttfts(url, model, tokenizer, busy_first, busy=True))
             advance()
-            logged = len(log.read_text().splitlines())
+            load_start = log.stat().st_size  # the load's steps are the lines from here
             target = Target(url, model)
             for i, (share, requests) in enumerate(zip(LOAD_SHARES, loads, strict=True)):
                 asyncio.run(_load(target, requests, share / per_request_s, LOAD_SEED + i))
                 advance()
-            steps = [LoggedStep.parse(line) for line in log.read_text().splitlines()[logged:]]
+            with log.open("rb") as lines:
+                lines.seek(load_start)
+                steps = [LoggedStep.parse(line.decode()) for line in lines]
         finally:
             stop_server(proc)
     served = served_terms(steps, run_shape)
