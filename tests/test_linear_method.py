@@ -116,7 +116,7 @@ def test_swiglu_panels_yield_the_activation(rows: int) -> None:
 @pytest.mark.parametrize("rows", [1, 3, 4, 33, 200, 600])
 def test_bf16_pair_panels_compute_f_linear_in_fp32_sums(feeds_swiglu: bool, rows: int) -> None:
     """bf16 weights and activations, prepacked: pair panels (the row-major kernel up to three
-    rows, torch's past 128), whose fp32 sums of bf16 products, rounded once to bf16, are what
+    rows), whose fp32 sums of bf16 products, rounded once to bf16, are what
     torch's bf16 linear returns up to its own rounding; fp32 activations or no prepack keep the
     other methods."""
     layer = _dense(bias=not feeds_swiglu, feeds_swiglu=feeds_swiglu)

@@ -495,12 +495,31 @@ static inline __attribute__((always_inline)) void panel_single(int bf, const flo
     }
 }
 
+#if PANEL_PAIRS && defined(__AVX512BF16__)
+/* rows x cols fp32 (lds floats apart) -> bf16 (ldd apart), rounded to nearest even; cols % 8 == 0. */
+static void store_rows_bf16(const float *src, int64_t lds, int64_t rows, int64_t cols, uint16_t *dst,
+                            int64_t ldd) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *s = src + i * lds;
+        uint16_t *d = dst + i * ldd;
+        int64_t c = 0;
+        for (; c + 16 <= cols; c += 16)
+            _mm256_storeu_si256((__m256i *)(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
+        if (c < cols)
+            _mm_storeu_si128((__m128i *)(d + c), (__m128i)_mm256_cvtneps_pbh(_mm256_loadu_ps(s + c)));
+    }
+}
+#endif
+
 /* bf: the panels' kind (PANEL_F32, PANEL_BF16, PANEL_DOT_BF16). PANEL_DOT_BF16 runs only in
- * pairs: n % 32 == 0, x and k count bf16 pairs, and each thread takes whole pairs. */
-static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, int64_t n, float *y,
-                          int swiglu, int bf, int nthreads) {
+ * pairs: n % 32 == 0, x and k count bf16 pairs, and each thread takes whole pairs. y is fp32,
+ * or with `ybf16` (PANEL_DOT_BF16 only) bf16: each group's sums for a block of rows wait in an
+ * fp32 scratch that stays in L2 and are rounded into y as the group ends, so no fp32 copy of
+ * the whole product is written and read back. */
+static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, int64_t n, void *y,
+                          int swiglu, int bf, int ybf16, int nthreads) {
     const int64_t es = bf == PANEL_BF16 ? 2 : 4, panel_bytes = k * PANEL * es; /* a step's bytes, a panel's */
-    const int64_t ldy = swiglu ? n / 2 : n;
+    const int64_t ldy = swiglu ? n / 2 : n, per_panel = swiglu ? PANEL / 2 : PANEL;
     const int64_t panels = (n + PANEL - 1) / PANEL;
     const int prefetch = m <= PANEL_PREFETCH_MAX_ROWS;
     const int64_t group = prefetch ? PANEL_GROUP_PREFETCHED : PANEL_GROUP;
@@ -517,11 +536,15 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
 #if PANEL_PAIRS
         float part1[PANEL_PREFETCH_MAX_ROWS * PANEL]; /* a pair's second panel's (k-blocks: m <= 64) */
 #endif
+        /* Where the sums of row i0 + r and panel base + p go: y itself, or the group's scratch. */
+        const int64_t ldo = ybf16 ? group * per_panel : ldy;
+        float *scratch = ybf16 ? malloc(PANEL_BLOCK_ROWS * ldo * sizeof(float)) : NULL;
         for (int64_t i0 = 0; i0 < m; i0 += PANEL_BLOCK_ROWS) {
             const int64_t i1 = i0 + PANEL_BLOCK_ROWS < m ? i0 + PANEL_BLOCK_ROWS : m;
             const int64_t tiles = (i1 - i0 + tile - 1) / tile;
+            float *out = ybf16 ? scratch : (float *)y + i0 * ldy; /* row i0's */
             for (int64_t g = first; g < p1; g += group) {
-                const int64_t g1 = g + group < p1 ? g + group : p1;
+                const int64_t g1 = g + group < p1 ? g + group : p1, base = ybf16 ? g : 0;
                 const int64_t g2 = g1 + group < p1 ? g1 + group : p1;
                 /* The next group's panels in lines of 64 bytes, spread over this group's products. */
                 const int64_t lines = prefetch ? (g2 - g1) * panel_bytes / 64 : 0;
@@ -542,11 +565,11 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                                 if (two)
                                     panel_pair_kind(bf, x + r * k, k, rows, kb, kn, panel, panel_bytes,
                                                     part + (r - i0) * PANEL, part1 + (r - i0) * PANEL,
-                                                    y + r * ldy, ldy, p, swiglu);
+                                                    out + (r - i0) * ldo, ldo, p - base, swiglu);
                                 else
 #endif
                                     panel_single(bf, x + r * k, k, rows, kb, kn, panel,
-                                                 part + (r - i0) * PANEL, y + r * ldy, ldy, n, p, swiglu);
+                                                 part + (r - i0) * PANEL, out + (r - i0) * ldo, ldo, n, p, swiglu);
                             }
                         p += two ? 2 : 1;
                     }
@@ -560,47 +583,59 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
 #if PANEL_PAIRS
                             if (two)
                                 panel_pair_kind(bf, x + r * k, k, rows, 0, k, panel, panel_bytes, part, part1,
-                                                y + r * ldy, ldy, p, swiglu);
+                                                out + (r - i0) * ldo, ldo, p - base, swiglu);
                             else
 #endif
-                                panel_single(bf, x + r * k, k, rows, 0, k, panel, part, y + r * ldy, ldy, n, p,
+                                panel_single(bf, x + r * k, k, rows, 0, k, panel, part, out + (r - i0) * ldo, ldo, n, p,
                                              swiglu);
                             p += two ? 2 : 1;
                         }
                     }
                 }
+#if PANEL_PAIRS && defined(__AVX512BF16__)
+                if (ybf16)
+                    store_rows_bf16(scratch, ldo, i1 - i0, (g1 - g) * per_panel,
+                                    (uint16_t *)y + i0 * ldy + g * per_panel, ldy);
+#endif
             }
         }
+        free(scratch);
     }
 }
 
 void matmul_panels_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, float *y,
                        int swiglu, int nthreads) {
-    matmul_panels(x, m, k, wp, n, y, swiglu, PANEL_F32, nthreads);
+    matmul_panels(x, m, k, wp, n, y, swiglu, PANEL_F32, 0, nthreads);
 }
 
 /* The same panels holding bf16 weights (`pack_panels` of a bf16 weight), fp32 sums. */
 void matmul_panels_bf16(const float *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, float *y,
                         int swiglu, int nthreads) {
-    matmul_panels(x, m, k, wp, n, y, swiglu, PANEL_BF16, nthreads);
+    matmul_panels(x, m, k, wp, n, y, swiglu, PANEL_BF16, 0, nthreads);
 }
 
 #if PANEL_PAIRS && defined(__AVX512BF16__)
-/* bf16 weights in pair panels (`pack_pair_panels`; n % 32 == 0, k even) times x rounded to bf16
- * (to nearest even), fp32 sums: each VDPBF16PS adds two products per lane, twice an FMA's work.
- * Built only where the CPU has AVX-512 BF16. */
-void matmul_pair_panels_bf16(const float *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, float *y,
-                             int swiglu, int nthreads) {
+/* bf16 weights in pair panels (`pack_pair_panels`; n % 32 == 0, k even) times x, fp32 sums: each
+ * VDPBF16PS adds two products per lane, twice an FMA's work. x is bf16 (`xbf16`: its pairs are
+ * the operand as stored) or fp32, rounded to bf16 (to nearest even) first; y is fp32, or bf16
+ * with `ybf16`, rounded the same way. Built only where the CPU has AVX-512 BF16. */
+void matmul_pair_panels_bf16(const void *x, int xbf16, int64_t m, int64_t k, const uint16_t *wp, int64_t n,
+                             void *y, int ybf16, int swiglu, int nthreads) {
+    if (xbf16) {
+        matmul_panels(x, m, k / 2, wp, n, y, swiglu, PANEL_DOT_BF16, ybf16, nthreads);
+        return;
+    }
+    const float *xf = x;
     const int64_t len = m * k;
     uint16_t *xb = malloc(len * sizeof(uint16_t));
     int64_t i = 0;
     for (; i + 16 <= len; i += 16)
-        _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+        _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xf + i)));
     if (i < len) {
         const __mmask16 rest = (__mmask16)((1u << (len - i)) - 1);
-        _mm256_mask_storeu_epi16(xb + i, rest, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(rest, x + i)));
+        _mm256_mask_storeu_epi16(xb + i, rest, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(rest, xf + i)));
     }
-    matmul_panels((const float *)xb, m, k / 2, wp, n, y, swiglu, PANEL_DOT_BF16, nthreads);
+    matmul_panels((const float *)xb, m, k / 2, wp, n, y, swiglu, PANEL_DOT_BF16, ybf16, nthreads);
     free(xb);
 }
 #endif
@@ -1415,8 +1450,8 @@ static void linear_forward(const Linear *l, const float *x, int64_t m, float *y,
         case PANELS_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
         case PANELS_SWIGLU_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
 #if PANEL_PAIRS && defined(__AVX512BF16__)
-        case PAIR_PANELS_BF16: matmul_pair_panels_bf16(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
-        case PAIR_PANELS_SWIGLU_BF16: matmul_pair_panels_bf16(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
+        case PAIR_PANELS_BF16: matmul_pair_panels_bf16(x, 0, m, l->k, l->w, l->n, y, 0, 0, nthreads); break;
+        case PAIR_PANELS_SWIGLU_BF16: matmul_pair_panels_bf16(x, 0, m, l->k, l->w, l->n, y, 0, 1, nthreads); break;
 #endif
         case INT4: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
     }

@@ -62,7 +62,8 @@ _SIGNATURES = {
 }
 # Built only where the CPU has the instructions they need.
 _OPTIONAL_SIGNATURES = {
-    "matmul_pair_panels_bf16": [_P, _I, _I, _P, _I, _P, ctypes.c_int, ctypes.c_int],  # AVX-512 BF16
+    "matmul_pair_panels_bf16": [_P, ctypes.c_int, _I, _I, _P, _I, _P, ctypes.c_int, ctypes.c_int,
+                                ctypes.c_int],  # AVX-512 BF16
 }
 
 
@@ -222,13 +223,17 @@ def pack_pair_panels(panels: torch.Tensor) -> torch.Tensor:
     return panels.view(p, k // 2, 2, PANEL).transpose(2, 3).reshape(p, k // 2, 2 * PANEL).contiguous()
 
 
-def matmul_pair_panels(x: torch.Tensor, packed: torch.Tensor, n: int, swiglu: bool = False) -> torch.Tensor:
-    """x fp32 [m, k] contiguous, packed = pack_pair_panels(pack_panels(w)) for a bf16 w [n, k]
-    (n % 32 == 0; with `swiglu`, of pack_swiglu_panels(w)) -> fp32 [m, n] (or [m, n / 2]): x
-    rounded to bf16, products summed in fp32 two at a time. Needs `pair_panels_available()`."""
-    y = _out(x, n // 2 if swiglu else n)
-    library().matmul_pair_panels_bf16(x.data_ptr(), x.shape[0], 2 * packed.shape[1], packed.data_ptr(), n,
-                                      y.data_ptr(), int(swiglu), torch.get_num_threads())
+def matmul_pair_panels(x: torch.Tensor, packed: torch.Tensor, n: int, swiglu: bool = False,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x fp32 or bf16 [m, k] contiguous, packed = pack_pair_panels(pack_panels(w)) for a bf16
+    w [n, k] (n % 32 == 0; with `swiglu`, of pack_swiglu_panels(w)) -> [m, n] (or [m, n / 2]) in
+    `out_dtype` (fp32 or bf16): x rounded to bf16, products summed in fp32 two at a time, the sums
+    rounded to bf16 for a bf16 output as `.to(torch.bfloat16)` rounds them. Needs
+    `pair_panels_available()`."""
+    y = torch.empty(x.shape[0], n // 2 if swiglu else n, dtype=out_dtype)
+    library().matmul_pair_panels_bf16(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0],
+                                      2 * packed.shape[1], packed.data_ptr(), n, y.data_ptr(),
+                                      int(out_dtype == torch.bfloat16), int(swiglu), torch.get_num_threads())
     return y
 
 

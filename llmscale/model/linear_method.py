@@ -63,16 +63,12 @@ ONEDNN_MIN_ROWS = 96
 # [48, 576] x [576, 49152] 33 ms against 62 ms as `W @ x^T` (which also transposes the output).
 ONEDNN_MIN_OUT_FEATURES = 16384
 PREPACK_BATCH_HINT = 256  # oneDNN picks its blocking for this many rows; any count works
-# bf16 weights with bf16 activations on a CPU with AVX-512 BF16: pair panels beat oneDNN's bf16
-# GEMM (all decoder linears of SmolLM2-135M, 2 Zen 5 cores: 826 against 338-534 GFLOP/s at 32
-# rows, level at 2,048). The row-major C kernel, one pass over the weights, is faster up to
-# BF16_ROW_MAJOR_MAX_ROWS; past PAIR_PANELS_MAX_ROWS the method's conversions (bf16 activations
-# in, fp32 sums out, both through fp32 copies) cost what the kernel saves. The four linears of a
-# layer and SwiGLU against oneDNN's bf16 linear and torch's SwiGLU, three runs: 0.42-0.62x the
-# time at 8 rows, 0.67-0.84x at 64, 0.84-0.93x at 128, 1.09-1.11x at 256, 0.98-1.06x at 512,
-# level from 1,024 (BENCHMARKS.md, "AMD EPYC Zen 5").
+# bf16 weights with bf16 activations on a CPU with AVX-512 BF16: pair panels, bf16 in and out,
+# beat oneDNN's bf16 GEMM at every row count (the four linears of a layer with SwiGLU against
+# oneDNN's bf16 linear and torch's SwiGLU, 2 Zen 5 cores: 0.85x the time at 128 rows, 0.91-0.94x
+# at 256-1,024, 0.78x at 2,048; BENCHMARKS.md, "AMD EPYC Zen 5"). The row-major C kernel, one
+# pass over the weights, is faster up to BF16_ROW_MAJOR_MAX_ROWS.
 BF16_ROW_MAJOR_MAX_ROWS = 3
-PAIR_PANELS_MAX_ROWS = 128
 
 # Quantized weights. llmscale's C kernels read the weights once per 8 activation rows and are
 # compute-bound from ~8 rows: beyond these row counts dequantize + dense GEMM is faster.
@@ -224,10 +220,9 @@ class SwigluPanelsLinear(LinearMethod):
 
 class PairPanelsLinear(LinearMethod):
     """bf16 weights in pair panels (`cpu_kernels.pack_pair_panels`) for bf16 activations on a
-    CPU with AVX-512 BF16: VDPBF16PS on the activations' bf16 pairs, fp32 sums, from
-    `BF16_ROW_MAJOR_MAX_ROWS` to `PAIR_PANELS_MAX_ROWS` rows; the row-major C kernel on the stored
-    weight below, torch's (oneDNN's) bf16 linear above. A gate-up linear's panels (8 gate, 8 up
-    rows) yield silu(gate) * up."""
+    CPU with AVX-512 BF16: VDPBF16PS on the activations' bf16 pairs as stored, fp32 sums rounded
+    to bf16 as they are stored, past `BF16_ROW_MAJOR_MAX_ROWS` rows; the row-major C kernel on the
+    stored weight up to it. A gate-up linear's panels (8 gate, 8 up rows) yield silu(gate) * up."""
 
     holds_copy = True
 
@@ -240,15 +235,16 @@ class PairPanelsLinear(LinearMethod):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         w = self.layer.weight
-        if x.dim() != 2 or _needs_grad(x) or x.shape[0] > PAIR_PANELS_MAX_ROWS:
+        if x.dim() != 2 or _needs_grad(x):
             y = F.linear(x, w, self.bias)
             return silu_and_mul(y) if self.fuses_swiglu else y
-        xf = x.float().contiguous()
         if x.shape[0] <= BF16_ROW_MAJOR_MAX_ROWS:
-            y = cpu_kernels.matmul_dense(xf, w)
+            y = cpu_kernels.matmul_dense(x.float().contiguous(), w)
             y = cpu_kernels.silu_and_mul(y) if self.fuses_swiglu else y
-        else:
-            y = cpu_kernels.matmul_pair_panels(xf, self.packed, self.out_features, self.fuses_swiglu)
+        else:  # bf16 in and out as stored; anything else through fp32
+            xs = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
+            n, swiglu = self.out_features, self.fuses_swiglu
+            y = cpu_kernels.matmul_pair_panels(xs, self.packed, n, swiglu, out_dtype=xs.dtype)
         return _add(y.to(x.dtype), self.bias)
 
 
