@@ -307,6 +307,15 @@ def test_prefill_attention_matches_sdpa(hq: int, hkv: int, d: int, n: int, conte
     ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          attn_mask=mask, enable_gqa=True)  # [Hq, n, D]
     torch.testing.assert_close(out, ref.transpose(0, 1), rtol=1e-4, atol=1e-5)
+    if cpu.pair_panels_available() and d % 32 == 0:
+        # bf16 products: q * scale, K, the probabilities and V rounded to bf16, fp32 sums.
+        dots = cpu.prefill_attention(q, k, v, d ** -0.5, bf16_dots=True)
+        rounded = [t.bfloat16().float().transpose(0, 1) for t in (q * d ** -0.5, k, v)]
+        qr, kr, vr = rounded[0], *(t.repeat_interleave(hq // hkv, dim=0) for t in rounded[1:])
+        probs = torch.softmax((qr @ kr.transpose(1, 2)).masked_fill(~mask, -torch.inf), dim=-1)
+        want = (probs.bfloat16().float() @ vr).transpose(0, 1)
+        # A probability at a rounding boundary may round the other way: one bf16 step of it.
+        torch.testing.assert_close(dots, want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.fixture(scope="module")

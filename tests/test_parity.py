@@ -142,7 +142,8 @@ def test_bf16_weights_compute_in_fp32_where_the_cpu_has_no_bf16(bf16_llama: Path
 
 def test_bf16_attention_in_c_matches_the_gathered_sdpa_path(smollm_folder: Path, prompts: list[str]) -> None:
     """Where the CPU multiplies bf16, activations and the KV cache are bf16, and attention runs
-    the C kernels in fp32: rotary with the cache write, prefill attention (q, k and v widened),
+    the C kernels in fp32: rotary with the cache write, prefill attention (q, k and v widened;
+    with AVX-512 BF16, bf16 products summed in fp32, as torch's bf16 attention rounds them),
     decodes reading the cache in place. Against torch's path (bf16 rotary, SDPA over gathered
     blocks) on the same engine, over prompts of very different lengths with chunked prefill: the
     same greedy tokens, except where the two orders of summation meet a near-tie: a top-2
@@ -160,6 +161,7 @@ def test_bf16_attention_in_c_matches_the_gathered_sdpa_path(smollm_folder: Path,
                   max_num_batched_tokens=64)
         runner = llm.llm_engine.runner
         assert runner.kv_dtype == torch.bfloat16 and runner.decode_in_place and runner.c_kernels
+        assert runner.attention_bf16_dots == cpu_kernels.pair_panels_available()
         runner.decode_in_place = runner.c_kernels = in_c
         runner.fused = None  # both through the model's modules (the fused step: test_cpu_kernels)
         runs.append([o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params,

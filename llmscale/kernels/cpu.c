@@ -27,6 +27,7 @@
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #define MAX_ROWS 8
@@ -1215,12 +1216,109 @@ static void attn_panels(const float *x, int64_t ldx, int m, int64_t k, const flo
                        y + r * ldy + p * PANEL, ldy, 0, NULL, PANEL_F32);
 }
 
+#if PANEL_PAIRS && defined(__AVX512BF16__)
+/* `attn_panels` on bf16 pair panels (`panels` even): x holds bf16 pairs, ldx and k count pairs,
+ * `stride` counts bf16 values. */
+static void attn_pair_panels(const float *x, int64_t ldx, int m, int64_t k, const uint16_t *w, int64_t stride,
+                             int64_t panels, float *y, int64_t ldy) {
+    for (int64_t p = 0; p < panels; p += 2)
+        panel_pair_rows(x, ldx, m, k, w + p * stride, w + (p + 1) * stride, y + p * PANEL, ldy,
+                        y + (p + 1) * PANEL, ldy, 0, NULL, NULL, PANEL_DOT_BF16);
+}
+
+/* p[0, len) fp32 -> bf16 at the start of the same row (len % 16 == 0): each vector is loaded
+ * before its half-width result is stored, which never reaches values not yet loaded. */
+static void round_row_bf16(float *p, int64_t len) {
+    for (int64_t t = 0; t < len; t += 16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + t)));
+}
+#define ATTN_PAIRS 1
+#else
+#define ATTN_PAIRS 0
+#endif
+
+/* Keys rounded up to a whole pair of panels. */
+static inline int64_t round32(int64_t len) { return (len + 2 * PANEL - 1) / (2 * PANEL) * (2 * PANEL); }
+
 /* Floats of the workspace `prefill_attention` needs: packed K and V, then each thread's
  * query block and scores (the caller reuses it: fresh pages cost more than the copies). */
 int64_t prefill_attention_workspace(int64_t len, int64_t hkv, int64_t d, int nthreads) {
-    const int64_t len16 = (len + PANEL - 1) / PANEL * PANEL;
-    return 2 * hkv * len16 * d + (int64_t)nthreads * ATTN_QUERY_ROWS * (d + len16);
+    const int64_t len32 = round32(len);
+    return 2 * hkv * len32 * d + (int64_t)nthreads * ATTN_QUERY_ROWS * (d + len32);
 }
+
+#if ATTN_PAIRS
+/* `prefill_attention` with bf16 products (VDPBF16PS), for bf16 activations: q * scale, K, the
+ * softmax's probabilities and V rounded to bf16 (to nearest even), every sum in fp32, as torch's
+ * bf16 flash attention rounds them. K is packed per KV head into pair panels of 16 keys
+ * ([len/16][d/2][32]: each key's two neighbouring dims side by side) and V into pair panels of
+ * 16 output dims ([d/16][len/2][32]: two neighbouring keys side by side), keys zero-padded to
+ * whole pairs of panels; d % 32 == 0. */
+static void prefill_attention_pairs(const float *q, int64_t ldq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
+                                    const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t len,
+                                    float scale, float *out, float *work, int nthreads) {
+    const int64_t group = hq / hkv, len32 = round32(len), offset = len - n, kv_size = len32 * d;
+    uint16_t *kp = (uint16_t *)work, *vp = kp + hkv * kv_size;
+    const int64_t blocks = (n + ATTN_QUERY_ROWS - 1) / ATTN_QUERY_ROWS, tasks = hq * blocks;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t h = 0; h < hkv; h++)
+            for (int64_t t = 0; t < len32; t += 2) { /* two keys: a V pair; keys past len are zeros */
+                for (int e = 0; e < 2; e++) {
+                    const int64_t key = t + e;
+                    uint16_t *kd = kp + h * kv_size + (key / PANEL) * d * PANEL + (key % PANEL) * 2;
+                    float row[d];
+                    for (int64_t j = 0; j < d; j++) row[j] = key < len ? k[key * ldk + h * d + j] : 0.f;
+                    round_row_bf16(row, d);
+                    for (int64_t j = 0; j < d / 2; j++) memcpy(kd + j * 2 * PANEL, (uint16_t *)row + 2 * j, 4);
+                }
+                float vrow[2][d];
+                for (int e = 0; e < 2; e++) {
+                    for (int64_t j = 0; j < d; j++) vrow[e][j] = t + e < len ? v[(t + e) * ldv + h * d + j] : 0.f;
+                    round_row_bf16(vrow[e], d);
+                }
+                uint16_t *vd = vp + h * kv_size + (t / 2) * 2 * PANEL;
+                for (int64_t j = 0; j < d; j++) {
+                    uint16_t *dst = vd + (j / PANEL) * len32 * PANEL + (j % PANEL) * 2;
+                    dst[0] = ((uint16_t *)vrow[0])[j];
+                    dst[1] = ((uint16_t *)vrow[1])[j];
+                }
+            }
+        float *qb = (float *)(vp + hkv * kv_size) + omp_get_thread_num() * ATTN_QUERY_ROWS * (d + len32);
+        float *sc = qb + ATTN_QUERY_ROWS * d;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t blk = blocks - 1 - task / hq, h = task % hq, kh = h / group;
+            const int64_t r0 = blk * ATTN_QUERY_ROWS;
+            const int64_t rows = n - r0 < ATTN_QUERY_ROWS ? n - r0 : ATTN_QUERY_ROWS;
+            const int64_t keys = offset + r0 + rows, keys32 = round32(keys);
+            for (int64_t i = 0; i < rows; i++) { /* row i's bf16 pairs: d / 2 floats */
+                float row[d];
+                for (int64_t j = 0; j < d; j++) row[j] = q[(r0 + i) * ldq + h * d + j] * scale;
+                round_row_bf16(row, d);
+                memcpy(qb + i * d / 2, row, d * sizeof(uint16_t));
+            }
+            const uint16_t *kh_p = kp + kh * kv_size, *vh_p = vp + kh * kv_size;
+            for (int64_t i = 0; i < rows; i += ATTN_TILE_ROWS) {
+                const int m = rows - i < ATTN_TILE_ROWS ? (int)(rows - i) : ATTN_TILE_ROWS;
+                const int64_t seen32 = round32(offset + r0 + i + m);
+                attn_pair_panels(qb + i * d / 2, d / 2, m, d / 2, kh_p, d * PANEL, seen32 / PANEL, sc + i * keys32,
+                                 keys32);
+                for (int64_t r = i; r < i + m; r++) { /* row r sees keys [0, offset + r0 + r] */
+                    float *s = sc + r * keys32;
+                    const int64_t seen = offset + r0 + r + 1;
+                    softmax(s, seen);
+                    for (int64_t t = seen; t < seen32; t++) s[t] = 0.f;
+                    round_row_bf16(s, seen32);
+                }
+                attn_pair_panels(sc + i * keys32, keys32, m, seen32 / 2, vh_p, len32 * PANEL, d / PANEL,
+                                 out + (r0 + i) * hq * d + h * d, hq * d);
+            }
+        }
+    }
+}
+#endif
 
 /* Causal attention of one prompt chunk, on the panel micro-kernel: q [n, hq, d] against
  * k, v [len, hkv, d] (len >= n: the chunk's own keys last, after `len - n` of earlier
@@ -1232,7 +1330,13 @@ int64_t prefill_attention_workspace(int64_t len, int64_t hkv, int64_t d, int nth
  * then S V. Tasks with more keys go first. */
 void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
                        const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t len,
-                       float scale, float *out, float *work, int nthreads) {
+                       float scale, float *out, float *work, int bf16_dots, int nthreads) {
+#if ATTN_PAIRS
+    if (bf16_dots && d % (2 * PANEL) == 0) {
+        prefill_attention_pairs(q, ldq, n, hq, hkv, d, k, ldk, v, ldv, len, scale, out, work, nthreads);
+        return;
+    }
+#endif
     const int64_t group = hq / hkv, len16 = (len + PANEL - 1) / PANEL * PANEL, offset = len - n;
     const int64_t kv_size = len16 * d;
     float *kp = work, *vp = kp + hkv * kv_size;

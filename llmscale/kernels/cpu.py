@@ -49,7 +49,8 @@ _SIGNATURES = {
     "rms_norm_bf16": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
     "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int, _I, _P, _I, _P, ctypes.c_float, _P,
                                ctypes.c_int],
-    "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int],
+    "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int,
+                          ctypes.c_int],
     "prefill_attention_workspace": [_I, _I, _I, ctypes.c_int],
     "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int],
     "silu_and_mul": [_P, _I, _I, _P],
@@ -329,10 +330,13 @@ def prefill_attention_workspace(length: int, num_kv_heads: int, head_dim: int) -
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      work: torch.Tensor | None = None) -> torch.Tensor:
+                      work: torch.Tensor | None = None, bf16_dots: bool = False) -> torch.Tensor:
     """Causal attention of a prompt chunk: q [n, hq, d] against k, v [len, hkv, d] (len >= n,
     the chunk's own keys last), fp32, each head's values contiguous -> [n, hq, d]. `work`: fp32
-    scratch of at least `prefill_attention_workspace` floats, which the caller may reuse."""
+    scratch of at least `prefill_attention_workspace` floats, which the caller may reuse.
+    `bf16_dots` (for bf16 activations, where `pair_panels_available()` and d % 32 == 0): q * scale,
+    K, the probabilities and V rounded to bf16 and multiplied two products a lane, fp32 sums, as
+    torch's bf16 attention rounds them; else fp32 throughout."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     assert all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v)), "heads must be contiguous"
@@ -341,7 +345,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     out = torch.empty((n, hq, d), dtype=torch.float32)
     library().prefill_attention(q.data_ptr(), q.stride(0), n, hq, hkv, d, k.data_ptr(), k.stride(0),
                                 v.data_ptr(), v.stride(0), length, scale, out.data_ptr(), work.data_ptr(),
-                                torch.get_num_threads())
+                                int(bf16_dots), torch.get_num_threads())
     return out
 
 

@@ -54,6 +54,9 @@ class AttentionMetadata:
     # With `c_kernels` (on CPU where llmscale's C kernels run), rotary and the cache write are
     # one C call and prefills run the C attention kernel, both in fp32 (bf16 activations widen).
     c_kernels: bool = False
+    # ... and with `attention_bf16_dots` (bf16 activations, AVX-512 BF16), prefill attention's
+    # products take bf16 values, as torch's bf16 attention does (`cpu_kernels.prefill_attention`).
+    attention_bf16_dots: bool = False
     # With `decode_in_place` (an fp32 or bf16 cache on CPU where the C kernels run), decodes
     # read the paged cache in place given their context lengths instead of a gather and a mask.
     decode_in_place: bool = False
@@ -137,7 +140,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:length].float()
             size = cpu_kernels.prefill_attention_workspace(kc.shape[0], num_kv_heads, head_dim)
             work = _workspace(meta.workspaces, "prefill_attention", size, kc)
-            out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n].float(), kc, vc, scale, work)
+            out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n].float(), kc, vc, scale, work,
+                                                         meta.attention_bf16_dots)
             continue
         qc = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if chunk.context_len == n:
