@@ -91,9 +91,11 @@ class ServingOverhead:
 
 @dataclass(frozen=True)
 class FirstRun:
-    """What a step whose token count the process has not run before costs on top: oneDNN builds
-    its GEMM primitives per row count on first use, so a fresh server's first prefill chunk of
-    each length pays it once. Decode-only steps run the fused C step, which builds nothing."""
+    """What a step whose token count the process has not run before costs on top: where a
+    linear runs oneDNN (e.g. prefill chunks of bf16 weights on a CPU without AVX-512 BF16), oneDNN
+    builds its GEMM primitives per row count on first use, so a fresh server's first prefill
+    chunk of each length pays it once. The C kernels build nothing, so where they run every
+    linear this measures near zero. Decode-only steps run the fused C step."""
 
     step_s: float = 0.0
     per_token_s: float = 0.0
