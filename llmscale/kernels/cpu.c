@@ -545,7 +545,10 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
             const int64_t tiles = (i1 - i0 + tile - 1) / tile;
             float *out = ybf16 ? scratch : (float *)y + i0 * ldy; /* row i0's */
             for (int64_t g = first; g < p1; g += group) {
-                const int64_t g1 = g + group < p1 ? g + group : p1, base = ybf16 ? g : 0;
+                const int64_t g1 = g + group < p1 ? g + group : p1;
+#if PANEL_PAIRS
+                const int64_t base = ybf16 ? g : 0; /* the scratch's first panel */
+#endif
                 const int64_t g2 = g1 + group < p1 ? g1 + group : p1;
                 /* The next group's panels in lines of 64 bytes, spread over this group's products. */
                 const int64_t lines = prefetch ? (g2 - g1) * panel_bytes / 64 : 0;
@@ -1240,6 +1243,18 @@ static void round_row_bf16(float *p, int64_t len) {
 /* Keys rounded up to a whole pair of panels. */
 static inline int64_t round32(int64_t len) { return (len + 2 * PANEL - 1) / (2 * PANEL) * (2 * PANEL); }
 
+/* A task of `prefill_attention`: query head h (of KV head kh) over rows [r0, r0 + rows), the
+ * blocks of rows that see more keys first. */
+typedef struct {
+    int64_t h, kh, r0, rows;
+} AttnTask;
+
+static inline AttnTask attn_task(int64_t task, int64_t n, int64_t hq, int64_t group) {
+    const int64_t blocks = (n + ATTN_QUERY_ROWS - 1) / ATTN_QUERY_ROWS, h = task % hq;
+    const int64_t r0 = (blocks - 1 - task / hq) * ATTN_QUERY_ROWS;
+    return (AttnTask){h, h / group, r0, n - r0 < ATTN_QUERY_ROWS ? n - r0 : ATTN_QUERY_ROWS};
+}
+
 /* Floats of the workspace `prefill_attention` needs: packed K and V, then each thread's
  * query block and scores (the caller reuses it: fresh pages cost more than the copies). */
 int64_t prefill_attention_workspace(int64_t len, int64_t hkv, int64_t d, int nthreads) {
@@ -1289,10 +1304,8 @@ static void prefill_attention_pairs(const float *q, int64_t ldq, int64_t n, int6
         float *sc = qb + ATTN_QUERY_ROWS * d;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t blk = blocks - 1 - task / hq, h = task % hq, kh = h / group;
-            const int64_t r0 = blk * ATTN_QUERY_ROWS;
-            const int64_t rows = n - r0 < ATTN_QUERY_ROWS ? n - r0 : ATTN_QUERY_ROWS;
-            const int64_t keys = offset + r0 + rows, keys32 = round32(keys);
+            const AttnTask a = attn_task(task, n, hq, group);
+            const int64_t h = a.h, kh = a.kh, r0 = a.r0, rows = a.rows, keys32 = round32(offset + r0 + rows);
             for (int64_t i = 0; i < rows; i++) { /* row i's bf16 pairs: d / 2 floats */
                 float row[d];
                 for (int64_t j = 0; j < d; j++) row[j] = q[(r0 + i) * ldq + h * d + j] * scale;
@@ -1357,10 +1370,9 @@ void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64
         float *sc = qb + ATTN_QUERY_ROWS * d;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t blk = blocks - 1 - task / hq, h = task % hq, kh = h / group;
-            const int64_t r0 = blk * ATTN_QUERY_ROWS;
-            const int64_t rows = n - r0 < ATTN_QUERY_ROWS ? n - r0 : ATTN_QUERY_ROWS;
-            const int64_t keys = offset + r0 + rows, keys16 = (keys + PANEL - 1) / PANEL * PANEL;
+            const AttnTask a = attn_task(task, n, hq, group);
+            const int64_t h = a.h, kh = a.kh, r0 = a.r0, rows = a.rows;
+            const int64_t keys16 = (offset + r0 + rows + PANEL - 1) / PANEL * PANEL;
             for (int64_t i = 0; i < rows; i++)
                 for (int64_t j = 0; j < d; j++) qb[i * d + j] = q[(r0 + i) * ldq + h * d + j] * scale;
             const float *kh_p = kp + kh * kv_size, *vh_p = vp + kh * kv_size;
