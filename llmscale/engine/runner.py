@@ -111,8 +111,8 @@ class ModelRunner:
                                 and head_dim % 16 == 0 and block_size % 4 == 0 and cpu_kernels.available())
         self.c_kernels = self.decode_in_place
         # bf16 activations on a CPU with AVX-512 BF16: prefill attention multiplies bf16 values two
-        # products a lane, as torch's bf16 attention rounds them: one prompt's attention in 0.67-0.79x
-        # the time of fp32's from 128 to 2,048 tokens (2 Zen 5 cores, BENCHMARKS.md).
+        # products a lane, as torch's bf16 attention rounds them, in about two thirds of the time
+        # of fp32 products (BENCHMARKS.md, "Prefill off oneDNN").
         self.attention_bf16_dots = (self.c_kernels and model.activation_dtype == torch.bfloat16
                                     and head_dim % 32 == 0 and cpu_kernels.pair_panels_available())
         # One block more than the pool hands out: a scratch block for padded rows (see cuda_graphs).

@@ -64,10 +64,8 @@ ONEDNN_MIN_ROWS = 96
 ONEDNN_MIN_OUT_FEATURES = 16384
 PREPACK_BATCH_HINT = 256  # oneDNN picks its blocking for this many rows; any count works
 # bf16 weights with bf16 activations on a CPU with AVX-512 BF16: pair panels, bf16 in and out,
-# beat oneDNN's bf16 GEMM at every row count (the four linears of a layer with SwiGLU against
-# oneDNN's bf16 linear and torch's SwiGLU, 2 Zen 5 cores: 0.85x the time at 128 rows, 0.91-0.94x
-# at 256-1,024, 0.78x at 2,048; BENCHMARKS.md, "AMD EPYC Zen 5"). The row-major C kernel, one
-# pass over the weights, is faster up to BF16_ROW_MAJOR_MAX_ROWS.
+# beat oneDNN's bf16 GEMM at every row count (BENCHMARKS.md, "Prefill off oneDNN"). The
+# row-major C kernel, one pass over the weights, is faster up to BF16_ROW_MAJOR_MAX_ROWS.
 BF16_ROW_MAJOR_MAX_ROWS = 3
 
 # Quantized weights. llmscale's C kernels read the weights once per 8 activation rows and are
