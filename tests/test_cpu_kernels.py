@@ -158,13 +158,13 @@ def test_bf16_pair_matmul_is_the_product_of_bf16_rounded_activations(n: int, k: 
     assert packed.dtype == torch.bfloat16 and packed.shape == (n // cpu.PANEL, k // 2, 2 * cpu.PANEL)
     product = cpu.matmul_pair_panels(x, packed, n)
     torch.testing.assert_close(product, x.bfloat16().float() @ w.float().t(), rtol=1e-5, atol=1e-4)
-    fused = cpu.matmul_pair_panels(x, cpu.pack_pair_panels(cpu.pack_swiglu_panels(w)), n, swiglu=True)
+    swiglu_packed = cpu.pack_pair_panels(cpu.pack_swiglu_panels(w))
+    fused = cpu.matmul_pair_panels(x, swiglu_packed, n, swiglu=True)
     assert torch.equal(fused, cpu.silu_and_mul(product))
     # bf16 in and out: the same sums, rounded as torch rounds them, for fp32 and bf16 activations.
     for xs in (x, x.bfloat16()):
         rounded = cpu.matmul_pair_panels(xs, packed, n, out_dtype=torch.bfloat16)
         assert torch.equal(rounded, product.bfloat16())
-    swiglu_packed = cpu.pack_pair_panels(cpu.pack_swiglu_panels(w))
     fused_bf16 = cpu.matmul_pair_panels(x.bfloat16(), swiglu_packed, n, swiglu=True, out_dtype=torch.bfloat16)
     assert torch.equal(fused_bf16, fused.bfloat16())
 

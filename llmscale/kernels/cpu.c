@@ -497,7 +497,9 @@ static inline __attribute__((always_inline)) void panel_single(int bf, const flo
 }
 
 #if PANEL_PAIRS && defined(__AVX512BF16__)
-/* rows x cols fp32 (lds floats apart) -> bf16 (ldd apart), rounded to nearest even; cols % 8 == 0. */
+/* rows x cols fp32 (lds floats apart) -> bf16 (ldd apart), rounded to nearest even; cols % 8 == 0.
+ * In place too (dst at src): each vector is loaded before its half-width result is stored, which
+ * never reaches values not yet loaded. */
 static void store_rows_bf16(const float *src, int64_t lds, int64_t rows, int64_t cols, uint16_t *dst,
                             int64_t ldd) {
     for (int64_t i = 0; i < rows; i++) {
@@ -1229,12 +1231,8 @@ static void attn_pair_panels(const float *x, int64_t ldx, int m, int64_t k, cons
                         y + (p + 1) * PANEL, ldy, 0, NULL, NULL, PANEL_DOT_BF16);
 }
 
-/* p[0, len) fp32 -> bf16 at the start of the same row (len % 16 == 0): each vector is loaded
- * before its half-width result is stored, which never reaches values not yet loaded. */
-static void round_row_bf16(float *p, int64_t len) {
-    for (int64_t t = 0; t < len; t += 16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)p + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + t)));
-}
+/* p[0, len) fp32 -> bf16 at the start of the same row (len % 8 == 0). */
+static inline void round_row_bf16(float *p, int64_t len) { store_rows_bf16(p, len, 1, len, (uint16_t *)p, len); }
 #define ATTN_PAIRS 1
 #else
 #define ATTN_PAIRS 0

@@ -18,9 +18,9 @@ models here, and a catalogue entry's peaks times its efficiencies predict a mach
 For the model it was measured on, the calibration also keeps `CurveModel`: the engine picks
 kernels by row count (`model/linear_method.py`'s bands, the panel GEMMs' prefetch up to 64 rows,
 their row tiles), so its linears' time is a curve with steps that no two-parameter roofline
-follows. The curve is piecewise
-linear over the step's token count, with a knot at every measured count; attention is split
-by phase (a decode reads its context, a prefill chunk computes its causal pairs).
+follows. The curve is piecewise linear over the step's token count, with a knot at every
+measured count; attention is split by phase (a decode reads its context, a prefill chunk
+computes its causal pairs).
 """
 
 from __future__ import annotations
