@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmscale import LLM, SamplingParams, config
 from llmscale.compress.quantize import quantize_model
@@ -225,6 +227,24 @@ def test_dequantize_kernels_match_torch(group: int) -> None:
     torch.testing.assert_close(out, dequantize_int4(codes, s4, z4)[8:20])
 
 
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5), width=st.integers(1, 70), seed=st.integers(0, 2 ** 16),
+       specials=st.lists(st.sampled_from([float("nan"), float("inf"), float("-inf"), 2.0]), max_size=4))
+def test_argmax_is_torchs(rows: int, width: int, seed: int, specials: list[float]) -> None:
+    """The first of equal values wins, and a NaN beats every number, as in torch.argmax: values
+    drawn from a few integers tie often, and the specials land anywhere, tails included."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (rows, width), generator=g).float()
+    for value in specials:
+        x.view(-1)[torch.randint(0, rows * width, (1,), generator=g)] = value
+    assert torch.equal(cpu.argmax(x), x.argmax(dim=-1))
+
+
+def test_argmax_of_vocabulary_wide_logits() -> None:
+    x = torch.randn(36, 49152)
+    assert torch.equal(cpu.argmax(x), x.argmax(dim=-1))
+
+
 @pytest.mark.parametrize("m", [1, 5])
 def test_rms_norm_with_and_without_residual(m: int) -> None:
     x, r, w = torch.randn(m, 576), torch.randn(m, 576), torch.randn(576)
@@ -316,6 +336,11 @@ def test_prefill_attention_matches_sdpa(hq: int, hkv: int, d: int, n: int, conte
         want = (probs.bfloat16().float() @ vr).transpose(0, 1)
         # A probability at a rounding boundary may round the other way: one bf16 step of it.
         torch.testing.assert_close(dots, want, rtol=1e-3, atol=1e-3)
+        # bf16 K and V, read in place from a packed bf16 qkv: the same values, rounded alike.
+        qkv16 = qkv.bfloat16()
+        k16 = qkv16[:, hq * d:(hq + hkv) * d].view(length, hkv, d)
+        v16 = qkv16[:, (hq + hkv) * d:].view(length, hkv, d)
+        assert torch.equal(cpu.prefill_attention(q, k16, v16, d ** -0.5, bf16_dots=True), dots)
 
 
 @pytest.fixture(scope="module")
@@ -382,6 +407,21 @@ def test_rotary_writes_a_bf16_cache_rounded_as_torch_rounds() -> None:
         assert torch.equal(full.to(torch.bfloat16), half) and full.abs().sum() > 0
     for a, b in zip(outs[torch.float32], outs[torch.bfloat16], strict=True):
         assert torch.equal(a, b)  # q and k come back in fp32 either way
+
+
+def test_rotary_reads_a_bf16_qkv_as_its_fp32_widening() -> None:
+    gen = torch.Generator().manual_seed(1)
+    t, hq, hkv, d = 130, 4, 2, 32  # 130 rows: split over the threads
+    qkv = (torch.randn(t, (hq + 2 * hkv) * d, generator=gen) * 3).bfloat16()
+    angles = torch.randn(256, d, generator=gen)
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    positions, slots = torch.randperm(256, generator=gen)[:t], torch.randperm(16 * 16, generator=gen)[:t]
+    results = []
+    for x in (qkv, qkv.float()):
+        caches = [torch.zeros(16, 16, hkv, d, dtype=torch.bfloat16) for _ in range(2)]
+        results.append([*cpu.rope_and_cache(x, hq, hkv, cos, sin, positions, slots, *caches), *caches])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(activation_dtype(torch.bfloat16, torch.device("cpu")) != torch.bfloat16,

@@ -19,8 +19,10 @@ from llmscale.engine.sampler import (
     apply_top_k_top_p_min_p,
 )
 from llmscale.engine.sampling_params import SamplingParams
+from llmscale.kernels import cpu as cpu_kernels
 
 NEG_INF = float("-inf")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="the C kernels do not build here")
 
 
 def row(output: list[int] | None = None, prompt: list[int] | None = None, eos: tuple[int, ...] = (),
@@ -194,16 +196,18 @@ def test_min_tokens_with_nothing_to_forbid_keeps_the_one_argmax_path() -> None:
 # ----- greedy, seeds, distributions -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_is_argmax(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype,cpu_argmax", [(torch.float32, False), (torch.bfloat16, False),
+                                              pytest.param(torch.float32, True, marks=needs_kernels)])
+def test_greedy_is_argmax(dtype: torch.dtype, cpu_argmax: bool) -> None:
     torch.manual_seed(4)
     logits = (torch.randn(16, 1000) * 3).to(dtype)
     before = logits.clone()
     rows = [row(temperature=0.0, top_k=5, top_p=0.5, seed=i) for i in range(16)]
-    assert [r.token_id for r in Sampler()(logits, rows)] == logits.float().argmax(-1).tolist()
+    sampler = Sampler(cpu_argmax=cpu_argmax)
+    assert [r.token_id for r in sampler(logits, rows)] == logits.float().argmax(-1).tolist()
     # Mixed with sampled rows (the general path), greedy rows still take the argmax.
     mixed = rows[:8] + [row(temperature=1.0) for _ in range(8)]
-    assert [r.token_id for r in Sampler()(logits, mixed)][:8] == logits[:8].float().argmax(-1).tolist()
+    assert [r.token_id for r in sampler(logits, mixed)][:8] == logits[:8].float().argmax(-1).tolist()
     assert torch.equal(logits, before)  # the caller's logits are never written
 
 

@@ -8,8 +8,10 @@ The layer descriptors point at the model's own tensors and KV caches, so they ar
 
 A bf16 model (the default on CPUs with bf16 arithmetic) runs it too: its bf16 weights are read
 as they are, its norms and biases are copied to fp32 once, its bf16 KV cache is read in place
-and written rounded to nearest even, and the activations stay fp32 between the layers, where
-the per-op path rounds them to bf16 after every op (so the two agree up to near-ties).
+and written rounded to nearest even, and the residual stream and the projections' outputs stay
+fp32, where the per-op path rounds them to bf16 after every op (so the two agree up to
+near-ties). A linear that multiplies bf16 pairs gets its input in bf16, rounded by the op that
+makes it as the linear would round it.
 """
 
 from __future__ import annotations

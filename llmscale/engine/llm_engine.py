@@ -125,7 +125,8 @@ class LLMEngine:
             self.pipeline = PipelineDriver(self.runner, link, parallel.pipeline_parallel_size)
             self.scheduler.micro_batches = parallel.pipeline_parallel_size
         phases.lap("kv_cache")
-        self.sampler = Sampler(seed=config.seed)
+        self.sampler = Sampler(seed=config.seed,
+                               cpu_argmax=self.device.type == "cpu" and cpu_kernels.available())
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -24,6 +24,7 @@ import torch
 
 from llmscale.engine.sampling_params import SamplingParams
 from llmscale.engine.transfer import to_device
+from llmscale.kernels import cpu as cpu_kernels
 
 # Mass within this of top_p counts as reaching it: float32 sums of probabilities are off by a few
 # ulps, which would otherwise decide ties like probs [0.5, 0.3, 0.2] with top_p=0.8 at random.
@@ -115,9 +116,16 @@ def _truncate(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor, width: int
     return vals, idx, done
 
 
+def _torch_argmax(x: torch.Tensor) -> torch.Tensor:
+    return x.argmax(dim=-1)
+
+
 class Sampler:
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, cpu_argmax: bool = False) -> None:
+        """`cpu_argmax`: greedy rows take the C kernels' argmax, for fp32 logits on the CPU
+        (torch's reduces a row at a time)."""
         self.seed = seed
+        self._argmax = cpu_kernels.argmax if cpu_argmax else _torch_argmax
         self._generators: dict[torch.device, torch.Generator] = {}
         self._workspace: torch.Tensor | None = None
 
@@ -157,7 +165,7 @@ class Sampler:
 
         if all(greedy) and not penalized and not min_tok:
             # The common serving case: one argmax, exact in any float dtype.
-            return self._results(logits, logits.argmax(dim=-1), rows, want_lp)
+            return self._results(logits, self._argmax(logits), rows, want_lp)
 
         # float32, contiguous and ours: everything below writes in place.
         x = self._scratch(*logits.shape, logits.device).copy_(logits)
@@ -170,7 +178,7 @@ class Sampler:
         if len(random_idx) == len(rows):
             token_ids = self._sample(x, rows)
         else:
-            token_ids = x.argmax(dim=-1)
+            token_ids = self._argmax(x)
             if random_idx:
                 ri = _index(random_idx, x.device)
                 token_ids[ri] = self._sample(x[ri], [rows[i] for i in random_idx])

@@ -57,6 +57,15 @@ static inline void store_bf16(uint16_t *p, __m256 v) {
     _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
+/* Element i of an fp32 array, or (bf) of a bf16 one widened. */
+static inline float element(const void *p, int bf, int64_t i) {
+    if (!bf) return ((const float *)p)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* The output rows [n0, n1) that thread t of nt owns, in whole tiles. */
 static void thread_rows(int64_t n, int t, int nt, int64_t *n0, int64_t *n1) {
     int64_t tiles = (n + ROW_TILE - 1) / ROW_TILE;
@@ -812,9 +821,11 @@ void dequant_int4(const uint8_t *w, const float *s, const float *z, int64_t n, i
 /* ---------------------------------------------------------------- RMSNorm */
 
 /* out = x * rsqrt(mean(x^2) + eps) * w per row of x [m, k]; with `residual`, x + residual is
- * normalised and also written to `sum` (the decoder's residual stream). k % 8 == 0. */
-void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *w,
-              float eps, float *sum, float *out) {
+ * normalised and also written to `sum` (the decoder's residual stream). `out` is fp32, or with
+ * `out_bf16` bf16 rounded to nearest even: the operand of a linear that multiplies bf16 pairs,
+ * which would round it so itself. k % 8 == 0. */
+static void rms_norm_rows(const float *x, const float *residual, int64_t m, int64_t k, const float *w,
+                          float eps, float *sum, void *out, int out_bf16) {
 #pragma omp parallel for if (m >= ROWWISE_PARALLEL_MIN)
     for (int64_t i = 0; i < m; i++) {
         const float *xr = x + i * k;
@@ -832,10 +843,16 @@ void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const
         }
         __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum_ps(ss) / (float)k + eps));
         for (int64_t j = 0; j < k; j += 8) {
-            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + j), r);
-            _mm256_storeu_ps(out + i * k + j, _mm256_mul_ps(v, _mm256_loadu_ps(w + j)));
+            const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(src + j), r), _mm256_loadu_ps(w + j));
+            if (out_bf16) store_bf16((uint16_t *)out + i * k + j, v);
+            else _mm256_storeu_ps((float *)out + i * k + j, v);
         }
     }
+}
+
+void rms_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *w,
+              float eps, float *sum, float *out) {
+    rms_norm_rows(x, residual, m, k, w, eps, sum, out, 0);
 }
 
 /* `rms_norm` on bf16 rows, rounding where torch's bf16 RMSNorm rounds (transformers' order):
@@ -1118,7 +1135,7 @@ static inline void prefetch_rows(const float *x, int64_t floats) {
 static inline __attribute__((always_inline)) void paged_decode(
     const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d, const char *kc, const char *vc,
     int64_t block_size, const int64_t *tables, int64_t max_blocks, const int64_t *ctx, float scale,
-    float *out, int nthreads, const int BF) {
+    float *out, uint16_t *out_bf16, int nthreads, const int BF) {
     const int64_t group = hq / hkv, row = hkv * d, block_elems = block_size * row;
     const int64_t block_bytes = block_elems * (BF ? 2 : 4), block_lines = block_bytes / 64;
     const int64_t head_tiles = hkv * ((group + 2) / 3); /* (kv head, up to 3 query heads) */
@@ -1184,19 +1201,29 @@ static inline __attribute__((always_inline)) void paged_decode(
                     }
                 }
         }
+        if (out_bf16) /* rounded as a linear multiplying bf16 pairs would round it */
+            for (int64_t j = 0; j < hq * d; j += 8) store_bf16(out_bf16 + s * hq * d + j, _mm256_loadu_ps(os + j));
         free(p);
     }
 }
 
-/* The entry point: `bf` says the cache holds bf16 (else fp32); each case gets its own copy of
- * the kernel, the element type fixed. */
+/* `bf` says the cache holds bf16 (else fp32); each case gets its own copy of the kernel, the
+ * element type fixed. With `out_bf16`, each sequence's output is also rounded to bf16 there. */
+static void paged_decode_rows(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d, const void *kc,
+                              const void *vc, int bf, int64_t block_size, const int64_t *tables,
+                              int64_t max_blocks, const int64_t *ctx, float scale, float *out, uint16_t *out_bf16,
+                              int nthreads) {
+    const char *k = kc, *v = vc;
+    if (bf) paged_decode(q, b, hq, hkv, d, k, v, block_size, tables, max_blocks, ctx, scale, out, out_bf16, nthreads, 1);
+    else paged_decode(q, b, hq, hkv, d, k, v, block_size, tables, max_blocks, ctx, scale, out, out_bf16, nthreads, 0);
+}
+
+/* The entry point. */
 void paged_decode_attention(const float *q, int64_t b, int64_t hq, int64_t hkv, int64_t d,
                             const void *kc, const void *vc, int bf, int64_t block_size,
                             const int64_t *tables, int64_t max_blocks, const int64_t *ctx,
                             float scale, float *out, int nthreads) {
-    const char *k = kc, *v = vc;
-    if (bf) paged_decode(q, b, hq, hkv, d, k, v, block_size, tables, max_blocks, ctx, scale, out, nthreads, 1);
-    else paged_decode(q, b, hq, hkv, d, k, v, block_size, tables, max_blocks, ctx, scale, out, nthreads, 0);
+    paged_decode_rows(q, b, hq, hkv, d, kc, vc, bf, block_size, tables, max_blocks, ctx, scale, out, NULL, nthreads);
 }
 
 /* ---------------------------------------------------------------- prefill attention */
@@ -1268,8 +1295,8 @@ int64_t prefill_attention_workspace(int64_t len, int64_t hkv, int64_t d, int nth
  * 16 output dims ([d/16][len/2][32]: two neighbouring keys side by side), keys zero-padded to
  * whole pairs of panels; d % 32 == 0. */
 static void prefill_attention_pairs(const float *q, int64_t ldq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
-                                    const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t len,
-                                    float scale, float *out, float *work, int nthreads) {
+                                    const void *k, int64_t ldk, int k_bf16, const void *v, int64_t ldv, int v_bf16,
+                                    int64_t len, float scale, float *out, float *work, int nthreads) {
     const int64_t group = hq / hkv, len32 = round32(len), offset = len - n, kv_size = len32 * d;
     uint16_t *kp = (uint16_t *)work, *vp = kp + hkv * kv_size;
     const int64_t blocks = (n + ATTN_QUERY_ROWS - 1) / ATTN_QUERY_ROWS, tasks = hq * blocks;
@@ -1282,13 +1309,14 @@ static void prefill_attention_pairs(const float *q, int64_t ldq, int64_t n, int6
                     const int64_t key = t + e;
                     uint16_t *kd = kp + h * kv_size + (key / PANEL) * d * PANEL + (key % PANEL) * 2;
                     float row[d];
-                    for (int64_t j = 0; j < d; j++) row[j] = key < len ? k[key * ldk + h * d + j] : 0.f;
+                    for (int64_t j = 0; j < d; j++) row[j] = key < len ? element(k, k_bf16, key * ldk + h * d + j) : 0.f;
                     round_row_bf16(row, d);
                     for (int64_t j = 0; j < d / 2; j++) memcpy(kd + j * 2 * PANEL, (uint16_t *)row + 2 * j, 4);
                 }
                 float vrow[2][d];
                 for (int e = 0; e < 2; e++) {
-                    for (int64_t j = 0; j < d; j++) vrow[e][j] = t + e < len ? v[(t + e) * ldv + h * d + j] : 0.f;
+                    for (int64_t j = 0; j < d; j++)
+                        vrow[e][j] = t + e < len ? element(v, v_bf16, (t + e) * ldv + h * d + j) : 0.f;
                     round_row_bf16(vrow[e], d);
                 }
                 uint16_t *vd = vp + h * kv_size + (t / 2) * 2 * PANEL;
@@ -1340,14 +1368,16 @@ static void prefill_attention_pairs(const float *q, int64_t ldq, int64_t n, int6
  * query rows: its scores S = (q * scale) K^T over the keys it sees, an exact softmax per row,
  * then S V. Tasks with more keys go first. */
 void prefill_attention(const float *q, int64_t ldq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
-                       const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t len,
-                       float scale, float *out, float *work, int bf16_dots, int nthreads) {
+                       const void *kx, int64_t ldk, int k_bf16, const void *vx, int64_t ldv, int v_bf16,
+                       int64_t len, float scale, float *out, float *work, int bf16_dots, int nthreads) {
 #if ATTN_PAIRS
     if (bf16_dots && d % (2 * PANEL) == 0) {
-        prefill_attention_pairs(q, ldq, n, hq, hkv, d, k, ldk, v, ldv, len, scale, out, work, nthreads);
+        prefill_attention_pairs(q, ldq, n, hq, hkv, d, kx, ldk, k_bf16, vx, ldv, v_bf16, len, scale, out, work,
+                                nthreads);
         return;
     }
 #endif
+    const float *k = kx, *v = vx; /* fp32 here: k_bf16 and v_bf16 are for bf16 products only */
     const int64_t group = hq / hkv, len16 = (len + PANEL - 1) / PANEL * PANEL, offset = len - n;
     const int64_t kv_size = len16 * d;
     float *kp = work, *vp = kp + hkv * kv_size;
@@ -1405,34 +1435,53 @@ static inline void rope_head(const float *x, const float *cs, const float *sn, i
     }
 }
 
-/* qkv [t, (hq + 2 hkv) d] (q heads, k heads, v heads) -> q_out [t, hq, d] and k_out
- * [t, hkv, d] rotated; k_out and v also written to the caches [slots, hkv, d] at `slots`.
- * cos/sin [positions, d] full-width tables. d % 16 == 0. */
-void rope_and_cache(const float *qkv, int64_t t, int64_t hq, int64_t hkv, int64_t d,
+/* Token i's row of qkv (fp32): its q and k heads rotated into q_out and k_out, k and v written
+ * to the caches at element offset `at` (bf: the cache holds bf16). */
+static void rope_token(const float *row, int64_t i, int64_t hq, int64_t hkv, int64_t d, const float *cs,
+                       const float *sn, int64_t at, void *k_cache, void *v_cache, float *q_out, float *k_out,
+                       int bf) {
+    for (int64_t h = 0; h < hq; h++) rope_head(row + h * d, cs, sn, d, q_out + (i * hq + h) * d);
+    for (int64_t h = 0; h < hkv; h++) {
+        float *ko = k_out + (i * hkv + h) * d;
+        const float *vi = row + (hq + hkv + h) * d;
+        rope_head(row + (hq + h) * d, cs, sn, d, ko);
+        for (int64_t j = 0; j < d; j += 8) {
+            const int64_t e = at + h * d + j;
+            if (bf) {
+                store_bf16((uint16_t *)k_cache + e, _mm256_loadu_ps(ko + j));
+                store_bf16((uint16_t *)v_cache + e, _mm256_loadu_ps(vi + j));
+            } else {
+                _mm256_storeu_ps((float *)k_cache + e, _mm256_loadu_ps(ko + j));
+                _mm256_storeu_ps((float *)v_cache + e, _mm256_loadu_ps(vi + j));
+            }
+        }
+    }
+}
+
+/* qkv [t, (hq + 2 hkv) d] (q heads, k heads, v heads; fp32, or bf16 with `qkv_bf16`: each row
+ * widened as it is read) -> q_out [t, hq, d] and k_out [t, hkv, d] rotated, fp32; k_out and v
+ * also written to the caches [slots, hkv, d] at `slots`. cos/sin [positions, d] full-width
+ * tables. d % 16 == 0. */
+void rope_and_cache(const void *qkv, int qkv_bf16, int64_t t, int64_t hq, int64_t hkv, int64_t d,
                     const float *cos, const float *sin, const int64_t *positions,
                     const int64_t *slots, void *k_cache, void *v_cache, float *q_out,
                     float *k_out, int bf) {
     const int64_t width = (hq + 2 * hkv) * d;
-#pragma omp parallel for if (t >= ROWWISE_PARALLEL_MIN)
-    for (int64_t i = 0; i < t; i++) {
-        const float *row = qkv + i * width, *cs = cos + positions[i] * d, *sn = sin + positions[i] * d;
-        for (int64_t h = 0; h < hq; h++) rope_head(row + h * d, cs, sn, d, q_out + (i * hq + h) * d);
-        const int64_t at = slots[i] * hkv * d; /* element offset of the token's K (and V) row */
-        for (int64_t h = 0; h < hkv; h++) {
-            float *ko = k_out + (i * hkv + h) * d;
-            const float *vi = row + (hq + hkv + h) * d;
-            rope_head(row + (hq + h) * d, cs, sn, d, ko);
-            for (int64_t j = 0; j < d; j += 8) {
-                const int64_t e = at + h * d + j;
-                if (bf) { /* the cache holds bf16 */
-                    store_bf16((uint16_t *)k_cache + e, _mm256_loadu_ps(ko + j));
-                    store_bf16((uint16_t *)v_cache + e, _mm256_loadu_ps(vi + j));
-                } else {
-                    _mm256_storeu_ps((float *)k_cache + e, _mm256_loadu_ps(ko + j));
-                    _mm256_storeu_ps((float *)v_cache + e, _mm256_loadu_ps(vi + j));
-                }
+#pragma omp parallel if (t >= ROWWISE_PARALLEL_MIN)
+    {
+        float *wide = qkv_bf16 ? malloc(width * sizeof(float)) : NULL;
+#pragma omp for
+        for (int64_t i = 0; i < t; i++) {
+            const float *row = (const float *)qkv + i * width;
+            if (qkv_bf16) {
+                for (int64_t j = 0; j < width; j += 8)
+                    _mm256_storeu_ps(wide + j, load_bf16((const uint16_t *)qkv + i * width + j));
+                row = wide;
             }
+            rope_token(row, i, hq, hkv, d, cos + positions[i] * d, sin + positions[i] * d, slots[i] * hkv * d,
+                       k_cache, v_cache, q_out, k_out, bf);
         }
+        free(wide);
     }
 }
 
@@ -1445,6 +1494,50 @@ void silu_and_mul(const float *gate_up, int64_t m, int64_t i, float *out) {
         const float *g = gate_up + r * 2 * i, *u = g + i;
         for (int64_t j = 0; j < i; j += 8)
             _mm256_storeu_ps(out + r * i + j, swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
+    }
+}
+
+/* ---------------------------------------------------------------- greedy sampling */
+
+/* out[i] = the index of row i's largest value, the first of equal ones, or of its first NaN:
+ * torch.argmax's answer. x [m, n] fp32, rows in parallel. Each lane keeps the first index of
+ * its strictly larger values, so ties between lanes go to the smaller index. */
+void argmax_rows(const float *x, int64_t m, int64_t n, int64_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (m > 1)
+    for (int64_t i = 0; i < m; i++) {
+        const float *r = x + i * n;
+        int64_t arg = 0, j = 0;
+        float top = r[0];
+        int nan = top != top;
+        if (n >= 8) {
+            __m256 best = _mm256_loadu_ps(r), unordered = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
+            __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = at;
+            const __m256i eight = _mm256_set1_epi32(8);
+            for (j = 8; j + 8 <= n; j += 8) {
+                const __m256 v = _mm256_loadu_ps(r + j), gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+                idx = _mm256_add_epi32(idx, eight);
+                unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                best = _mm256_blendv_ps(best, v, gt);
+                at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(idx), gt));
+            }
+            float bv[8];
+            int32_t bi[8];
+            _mm256_storeu_ps(bv, best);
+            _mm256_storeu_si256((__m256i *)bi, at);
+            nan = _mm256_movemask_ps(unordered) != 0;
+            top = bv[0], arg = bi[0];
+            for (int l = 1; l < 8; l++)
+                if (bv[l] > top || (bv[l] == top && bi[l] < arg)) top = bv[l], arg = bi[l];
+        } else {
+            j = 1;
+        }
+        for (; j < n; j++) { /* the tail, past every index above */
+            nan |= r[j] != r[j];
+            if (r[j] > top) top = r[j], arg = j;
+        }
+        if (nan)
+            for (arg = 0; r[arg] == r[arg]; arg++) {}
+        out[i] = arg;
     }
 }
 
@@ -1554,7 +1647,13 @@ typedef struct {
     const Layer *layers;
 } Decoder;
 
-static void linear_forward(const Linear *l, const float *x, int64_t m, float *y, int nthreads) {
+/* Whether `l` multiplies bf16 pairs: it takes x in bf16 (its operand as stored, no rounding
+ * pass of its own) and can give a bf16 y. */
+static int takes_bf16(const Linear *l) { return l->kind == PAIR_PANELS_BF16 || l->kind == PAIR_PANELS_SWIGLU_BF16; }
+
+/* y = x W^T (+ bias): x and y fp32, or bf16 where `takes_bf16(l)` and `xbf16` / `ybf16` say so
+ * (a bias needs an fp32 y). */
+static void linear_forward(const Linear *l, const void *x, int xbf16, int64_t m, void *y, int ybf16, int nthreads) {
     switch (l->kind) {
         case DENSE_F32: matmul_f32(x, m, l->k, l->w, l->n, y, nthreads); break;
         case DENSE_BF16: matmul_bf16(x, m, l->k, l->w, l->n, y, nthreads); break;
@@ -1564,51 +1663,62 @@ static void linear_forward(const Linear *l, const float *x, int64_t m, float *y,
         case PANELS_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 0, nthreads); break;
         case PANELS_SWIGLU_BF16: matmul_panels_bf16(x, m, l->k, l->w, l->n, y, 1, nthreads); break;
 #if PANEL_PAIRS && defined(__AVX512BF16__)
-        case PAIR_PANELS_BF16: matmul_pair_panels_bf16(x, 0, m, l->k, l->w, l->n, y, 0, 0, nthreads); break;
-        case PAIR_PANELS_SWIGLU_BF16: matmul_pair_panels_bf16(x, 0, m, l->k, l->w, l->n, y, 0, 1, nthreads); break;
+        case PAIR_PANELS_BF16: matmul_pair_panels_bf16(x, xbf16, m, l->k, l->w, l->n, y, ybf16, 0, nthreads); break;
+        case PAIR_PANELS_SWIGLU_BF16:
+            matmul_pair_panels_bf16(x, xbf16, m, l->k, l->w, l->n, y, ybf16, 1, nthreads);
+            break;
 #endif
         case INT4: matmul_int4(x, m, l->k, l->group, l->w, l->s, l->z, l->n, y, nthreads); break;
     }
     if (l->bias)
         for (int64_t i = 0; i < m; i++)
-            for (int64_t j = 0; j < l->n; j++) y[i * l->n + j] += l->bias[j];
+            for (int64_t j = 0; j < l->n; j++) ((float *)y)[i * l->n + j] += l->bias[j];
 }
 
 /* Every decoder layer for m single-token decodes, then the final norm: x [m, hidden] (the
  * token embeddings) -> out [m, hidden]. The same math as the model's modules, without a
- * return to Python between them. */
+ * return to Python between them. The residual stream and the projections' outputs stay fp32;
+ * a linear that multiplies bf16 pairs gets its input in bf16 from the op that makes it (norm,
+ * attention, SwiGLU), rounded as the linear would round it itself. */
 void decode_step(const Decoder *dec, const float *x, int64_t m, const int64_t *positions,
                  const int64_t *slots, const int64_t *tables, int64_t max_blocks,
                  const int64_t *ctx, float *out, int nthreads) {
     const int64_t hs = dec->hidden, qd = dec->hq * dec->d, kvd = dec->hkv * dec->d;
+    /* h and act hold fp32 or bf16, as their linear takes them. */
     float *residual = malloc(m * hs * sizeof(float)), *h = malloc(m * hs * sizeof(float));
     float *tmp = malloc(m * hs * sizeof(float)), *qkv = malloc(m * (qd + 2 * kvd) * sizeof(float));
     float *q = malloc(m * qd * sizeof(float)), *k = malloc(m * kvd * sizeof(float));
     float *attn = malloc(m * qd * sizeof(float)), *gate_up = malloc(m * 2 * dec->inter * sizeof(float));
     float *act = malloc(m * dec->inter * sizeof(float));
+    uint16_t *attn_bf16 = malloc(m * qd * sizeof(uint16_t));
     for (int64_t i = 0; i < m * hs; i++) residual[i] = x[i];
     for (int64_t l = 0; l < dec->num_layers; l++) {
         const Layer *L = dec->layers + l;
-        if (l == 0)
-            rms_norm(residual, NULL, m, hs, L->input_norm, dec->eps, NULL, h);
-        else /* residual += previous layer's output, then normalise */
-            rms_norm(tmp, residual, m, hs, L->input_norm, dec->eps, residual, h);
-        linear_forward(&L->qkv, h, m, qkv, nthreads);
-        rope_and_cache(qkv, m, dec->hq, dec->hkv, dec->d, dec->cos, dec->sin, positions, slots,
-                       L->k_cache, L->v_cache, q, k, (int)dec->kv_bf16);
-        paged_decode_attention(q, m, dec->hq, dec->hkv, dec->d, L->k_cache, L->v_cache, (int)dec->kv_bf16,
-                               dec->block_size, tables, max_blocks, ctx, dec->scale, attn, nthreads);
-        linear_forward(&L->o, attn, m, tmp, nthreads);
-        rms_norm(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h);
         const int32_t gk = L->gate_up.kind;
-        if (gk == PANELS_SWIGLU_F32 || gk == PANELS_SWIGLU_BF16 || gk == PAIR_PANELS_SWIGLU_BF16) {
-            linear_forward(&L->gate_up, h, m, act, nthreads);
+        const int swiglu = gk == PANELS_SWIGLU_F32 || gk == PANELS_SWIGLU_BF16 || gk == PAIR_PANELS_SWIGLU_BF16;
+        const int qkv_b = takes_bf16(&L->qkv), o_b = takes_bf16(&L->o), gate_up_b = takes_bf16(&L->gate_up);
+        const int act_b = swiglu && gate_up_b && takes_bf16(&L->down); /* SwiGLU gives bf16 itself */
+        if (l == 0)
+            rms_norm_rows(residual, NULL, m, hs, L->input_norm, dec->eps, NULL, h, qkv_b);
+        else /* residual += previous layer's output, then normalise */
+            rms_norm_rows(tmp, residual, m, hs, L->input_norm, dec->eps, residual, h, qkv_b);
+        linear_forward(&L->qkv, h, qkv_b, m, qkv, 0, nthreads);
+        rope_and_cache(qkv, 0, m, dec->hq, dec->hkv, dec->d, dec->cos, dec->sin, positions, slots,
+                       L->k_cache, L->v_cache, q, k, (int)dec->kv_bf16);
+        paged_decode_rows(q, m, dec->hq, dec->hkv, dec->d, L->k_cache, L->v_cache, (int)dec->kv_bf16,
+                          dec->block_size, tables, max_blocks, ctx, dec->scale, attn, o_b ? attn_bf16 : NULL,
+                          nthreads);
+        linear_forward(&L->o, o_b ? (void *)attn_bf16 : attn, o_b, m, tmp, 0, nthreads);
+        rms_norm_rows(tmp, residual, m, hs, L->post_norm, dec->eps, residual, h, gate_up_b);
+        if (swiglu) {
+            linear_forward(&L->gate_up, h, gate_up_b, m, act, act_b, nthreads);
         } else {
-            linear_forward(&L->gate_up, h, m, gate_up, nthreads);
+            linear_forward(&L->gate_up, h, gate_up_b, m, gate_up, 0, nthreads);
             silu_and_mul(gate_up, m, dec->inter, act);
         }
-        linear_forward(&L->down, act, m, tmp, nthreads);
+        linear_forward(&L->down, act, act_b, m, tmp, 0, nthreads);
     }
     rms_norm(tmp, residual, m, hs, dec->final_norm, dec->eps, residual, out);
     free(residual); free(h); free(tmp); free(qkv); free(q); free(k); free(attn); free(gate_up); free(act);
+    free(attn_bf16);
 }

@@ -49,11 +49,12 @@ _SIGNATURES = {
     "rms_norm_bf16": [_P, _P, _I, _I, _P, ctypes.c_float, _P, _P],
     "paged_decode_attention": [_P, _I, _I, _I, _I, _P, _P, ctypes.c_int, _I, _P, _I, _P, ctypes.c_float, _P,
                                ctypes.c_int],
-    "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, _P, _I, _I, ctypes.c_float, _P, _P, ctypes.c_int,
-                          ctypes.c_int],
+    "prefill_attention": [_P, _I, _I, _I, _I, _I, _P, _I, ctypes.c_int, _P, _I, ctypes.c_int, _I,
+                          ctypes.c_float, _P, _P, ctypes.c_int, ctypes.c_int],
     "prefill_attention_workspace": [_I, _I, _I, ctypes.c_int],
-    "rope_and_cache": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    "rope_and_cache": [_P, ctypes.c_int, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int],
     "silu_and_mul": [_P, _I, _I, _P],
+    "argmax_rows": [_P, _I, _I, _P, ctypes.c_int],
     "shm_wait": [_P, _I, ctypes.c_int, ctypes.c_int, _I, _I],
     "shm_publish": [_P, ctypes.c_int, _I],
     "shm_sum": [_P, _I, ctypes.c_int, _I, ctypes.c_int, _P],
@@ -336,34 +337,48 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     scratch of at least `prefill_attention_workspace` floats, which the caller may reuse.
     `bf16_dots` (for bf16 activations, where `pair_panels_available()` and d % 32 == 0): q * scale,
     K, the probabilities and V rounded to bf16 and multiplied two products a lane, fp32 sums, as
-    torch's bf16 attention rounds them; else fp32 throughout."""
+    torch's bf16 attention rounds them; k and v may then be bf16, read as they are. Else fp32
+    throughout."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     assert all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v)), "heads must be contiguous"
+    assert q.dtype == torch.float32 and (bf16_dots or k.dtype == v.dtype == torch.float32)
     if work is None:
         work = torch.empty(prefill_attention_workspace(length, hkv, d), dtype=torch.float32)
     out = torch.empty((n, hq, d), dtype=torch.float32)
     library().prefill_attention(q.data_ptr(), q.stride(0), n, hq, hkv, d, k.data_ptr(), k.stride(0),
-                                v.data_ptr(), v.stride(0), length, scale, out.data_ptr(), work.data_ptr(),
-                                int(bf16_dots), torch.get_num_threads())
+                                int(k.dtype == torch.bfloat16), v.data_ptr(), v.stride(0),
+                                int(v.dtype == torch.bfloat16), length, scale, out.data_ptr(),
+                                work.data_ptr(), int(bf16_dots), torch.get_num_threads())
     return out
 
 
 def rope_and_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
                    sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary on q and k of a packed qkv [t, (hq + 2 hkv) d] (fp32 contiguous), k and v written
-    to the caches (fp32, or bf16 rounded to nearest even) at `slots`. Returns (q [t, hq, d],
-    k [t, hkv, d]) in fp32; d % 16 == 0."""
+    """Rotary on q and k of a packed qkv [t, (hq + 2 hkv) d] (fp32 or bf16, contiguous), k and v
+    written to the caches (fp32, or bf16 rounded to nearest even) at `slots`. Returns (q
+    [t, hq, d], k [t, hkv, d]) in fp32; d % 16 == 0."""
     t = qkv.shape[0]
     d = cos.shape[1]
     q = torch.empty(t, num_heads, d, dtype=torch.float32)
     k = torch.empty(t, num_kv_heads, d, dtype=torch.float32)
-    library().rope_and_cache(qkv.data_ptr(), t, num_heads, num_kv_heads, d, cos.data_ptr(),
-                             sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+    assert qkv.is_contiguous() and qkv.dtype in (torch.float32, torch.bfloat16), (qkv.dtype, qkv.stride())
+    library().rope_and_cache(qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), t, num_heads, num_kv_heads, d,
+                             cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                              k_cache.data_ptr(), v_cache.data_ptr(), q.data_ptr(), k.data_ptr(),
                              int(k_cache.dtype == torch.bfloat16))
     return q, k
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x fp32 [m, n] contiguous -> int64 [m]: `x.argmax(dim=-1)`, the first of equal values or
+    the first NaN, the rows in parallel."""
+    assert x.dtype == torch.float32 and x.is_contiguous(), (x.dtype, x.stride())
+    m, n = x.shape
+    out = torch.empty(m, dtype=torch.int64)
+    library().argmax_rows(x.data_ptr(), m, n, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -76,12 +76,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _workspace(workspaces: dict[str, torch.Tensor], name: str, numel: int, like: torch.Tensor
-               ) -> torch.Tensor:
+def _workspace(workspaces: dict[str, torch.Tensor], name: str, numel: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
     buf = workspaces.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
         size = max(numel, 2 * buf.numel() if buf is not None else 0)
-        buf = workspaces[name] = torch.empty(size, dtype=like.dtype, device=like.device)
+        buf = workspaces[name] = torch.empty(size, dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -90,7 +90,7 @@ def _gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, workspaces: d
     """[..., nb] block ids -> [..., nb * block_size, Hkv, D], copied into a reused workspace."""
     _, bs, hkv, d = cache.shape
     ids = block_table.reshape(-1)
-    out = _workspace(workspaces, name, ids.numel() * bs * hkv * d, cache)
+    out = _workspace(workspaces, name, ids.numel() * bs * hkv * d, cache.dtype, cache.device)
     torch.index_select(cache.view(cache.shape[0], -1), 0, ids, out=out.view(ids.numel(), -1))
     return out.view(*block_table.shape[:-1], block_table.shape[-1] * bs, hkv, d)
 
@@ -99,6 +99,10 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, workspaces: dict[str
             name: str) -> torch.Tensor:
     """[..., nb] block ids -> [..., Hkv, nb * block_size, D] (a strided view of one copy)."""
     return _gather_tokens(cache, block_table, workspaces, name).transpose(-3, -2)
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -131,15 +135,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 lambda cache, table, name: _gather_tokens(cache, table, meta.workspaces, name))
             continue
         if meta.c_kernels:  # the C kernel reads K/V token-major, as they are in the batch and cache
-            # It reads fp32: bf16 activations and a bf16 cache's tokens widen as they go in.
+            # It reads fp32 (bf16 activations and a bf16 cache's tokens widen as they go in), or
+            # with bf16 products, bf16 too.
+            as_read = _as_is if meta.attention_bf16_dots else torch.Tensor.float
             if chunk.context_len == n:
-                kc, vc = k[s:s + n].float(), v[s:s + n].float()
+                kc, vc = as_read(k[s:s + n]), as_read(v[s:s + n])
             else:
                 length = chunk.context_len
-                kc = _gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:length].float()
-                vc = _gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:length].float()
+                kc = as_read(_gather_tokens(k_cache, chunk.block_table, meta.workspaces, "k")[:length])
+                vc = as_read(_gather_tokens(v_cache, chunk.block_table, meta.workspaces, "v")[:length])
             size = cpu_kernels.prefill_attention_workspace(kc.shape[0], num_kv_heads, head_dim)
-            work = _workspace(meta.workspaces, "prefill_attention", size, kc)
+            work = _workspace(meta.workspaces, "prefill_attention", size, torch.float32, q.device)
             out[s:s + n] = cpu_kernels.prefill_attention(q[s:s + n].float(), kc, vc, scale, work,
                                                          meta.attention_bf16_dots)
             continue

@@ -62,8 +62,8 @@ class Attention(nn.Module):
         t, nq, nkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)  # [T, Hkv, D]
-        if meta.c_kernels and self.q_norm is None:  # rotary and the cache write in one fp32 C call
-            q, k = cpu_kernels.rope_and_cache(qkv.float(), nq, nkv, self.rotary.cos, self.rotary.sin,
+        if meta.c_kernels and self.q_norm is None:  # rotary and the cache write in one C call, fp32 inside
+            q, k = cpu_kernels.rope_and_cache(qkv, nq, nkv, self.rotary.cos, self.rotary.sin,
                                               positions, meta.slot_mapping, self.k_cache, self.v_cache)
         else:
             qk = qkv[:, :(nq + nkv) * d].view(t, nq + nkv, d)  # q heads then k heads
