@@ -173,13 +173,20 @@ def test_bf16_pair_matmul_is_the_product_of_bf16_rounded_activations(n: int, k: 
 
 @pytest.mark.parametrize("n,k", [(49, 300), (96, 1536)])
 def test_panel_matmul_rows_do_not_depend_on_the_batch(n: int, k: int) -> None:
-    """Decode-sized batches multiply in k-blocks, larger ones over whole k: a row's result is
-    bit for bit the same either way (batch composition never changes a greedy token)."""
+    """Decode-sized batches multiply in k-blocks, larger ones over whole k, and a batch's rows
+    split into tiles of near-equal sizes (33 rows: 7, 7, 7, 6, 6): a row's result is bit for bit
+    the same whatever the batch (batch composition never changes a greedy token)."""
     torch.manual_seed(n)
-    x, packed = torch.randn(200, k), cpu.pack_panels(torch.randn(n, k))
+    w = torch.randn(n, k)
+    x, packed = torch.randn(200, k), cpu.pack_panels(w)
     whole = cpu.matmul_panels(x, packed, n)
-    for rows in (1, 5, 8, 64):
+    for rows in (1, 5, 8, 9, 33, 64):
         assert torch.equal(cpu.matmul_panels(x[:rows], packed, n), whole[:rows])
+    if cpu.pair_panels_available() and n % 32 == 0:
+        pairs = cpu.pack_pair_panels(cpu.pack_panels(w.bfloat16()))
+        whole = cpu.matmul_pair_panels(x, pairs, n)
+        for rows in (1, 5, 8, 9, 33, 64):
+            assert torch.equal(cpu.matmul_pair_panels(x[:rows], pairs, n), whole[:rows])
 
 
 @pytest.mark.parametrize("i,k", [(8, 64), (96, 576), (40, 1536)])  # one panel to many

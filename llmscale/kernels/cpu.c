@@ -523,6 +523,20 @@ static void store_rows_bf16(const float *src, int64_t lds, int64_t rows, int64_t
 }
 #endif
 
+/* A block's rows in as few tiles of at most `tile` rows as hold them, sizes within one of each
+ * other: 33 rows are 7, 7, 7, 6, 6, not 8, 8, 8, 8, 1. A tile of few rows keeps too few sums in
+ * flight to cover the dot products' latency, and costs nearly a full tile; how rows are grouped
+ * never changes a row's sums. */
+typedef struct {
+    int64_t count, base, extra; /* tiles; rows per tile; tiles with one more */
+} RowTiles;
+static inline RowTiles row_tiles(int64_t rows, int64_t tile) {
+    const int64_t count = (rows + tile - 1) / tile;
+    return (RowTiles){count, rows / count, rows % count};
+}
+static inline int64_t tile_start(RowTiles t, int64_t j) { return j * t.base + (j < t.extra ? j : t.extra); }
+static inline int tile_size(RowTiles t, int64_t j) { return (int)(t.base + (j < t.extra)); }
+
 /* bf: the panels' kind (PANEL_F32, PANEL_BF16, PANEL_DOT_BF16). PANEL_DOT_BF16 runs only in
  * pairs: n % 32 == 0, x and k count bf16 pairs, and each thread takes whole pairs. y is fp32,
  * or with `ybf16` (PANEL_DOT_BF16 only) bf16: each group's sums for a block of rows wait in an
@@ -553,7 +567,8 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
         float *scratch = ybf16 ? malloc(PANEL_BLOCK_ROWS * ldo * sizeof(float)) : NULL;
         for (int64_t i0 = 0; i0 < m; i0 += PANEL_BLOCK_ROWS) {
             const int64_t i1 = i0 + PANEL_BLOCK_ROWS < m ? i0 + PANEL_BLOCK_ROWS : m;
-            const int64_t tiles = (i1 - i0 + tile - 1) / tile;
+            const RowTiles rt = row_tiles(i1 - i0, tile);
+            const int64_t tiles = rt.count;
             float *out = ybf16 ? scratch : (float *)y + i0 * ldy; /* row i0's */
             for (int64_t g = first; g < p1; g += group) {
                 const int64_t g1 = g + group < p1 ? g + group : p1;
@@ -572,8 +587,9 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                         const int two = pair && p + 1 < g1 && (p + 2) * PANEL <= n;
                         const void *panel = (const char *)wp + p * panel_bytes;
                         for (int64_t kb = 0; kb < k; kb += kc)
-                            for (int64_t r = i0; r < i1; r += tile) {
-                                const int rows = i1 - r < tile ? (int)(i1 - r) : (int)tile;
+                            for (int64_t j = 0; j < rt.count; j++) {
+                                const int64_t r = i0 + tile_start(rt, j);
+                                const int rows = tile_size(rt, j);
                                 const int64_t kn = k - kb < kc ? k - kb : kc;
                                 prefetch_lines(&pf, pf_end, per_product);
 #if PANEL_PAIRS
@@ -589,8 +605,9 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                         p += two ? 2 : 1;
                     }
                 } else { /* row tile by row tile: each stays in L1 for the group's panels */
-                    for (int64_t r = i0; r < i1; r += tile) {
-                        const int rows = i1 - r < tile ? (int)(i1 - r) : (int)tile;
+                    for (int64_t j = 0; j < rt.count; j++) {
+                        const int64_t r = i0 + tile_start(rt, j);
+                        const int rows = tile_size(rt, j);
                         for (int64_t p = g; p < g1;) {
                             const int two = pair && p + 1 < g1 && (p + 2) * PANEL <= n;
                             const void *panel = (const char *)wp + p * panel_bytes;
