@@ -501,9 +501,8 @@ BATCHING_POLICIES = ("continuous", "static", "dynamic")
 # also bounds how long one step runs: a prefill chunk stalls every running stream for that step,
 # and prompts that share a step all get their first token at its end, so under a burst FCFS
 # steps of a few prompts reach first tokens sooner than one big batch (Sarathi-Serve). On a
-# CPU a token costs far more than on a GPU: SmolLM2-135M on 2 cores runs a 512-token step in
-# ~1 s and a 2048-token one in ~5 s; below ~512 rows its GEMMs lose efficiency (linears 2.0 ms
-# per row at 256 rows, 1.7 ms at 512).
+# CPU a token costs far more than on a GPU, so its server steps are shorter (budgets of 512 to
+# 2,048 tokens compared in BENCHMARKS.md, "Online serving against the peers").
 OFFLINE_TOKEN_BUDGET = 2048
 ONLINE_TOKEN_BUDGET = {"cpu": 512, "cuda": 2048}
 
