@@ -342,7 +342,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     assert all(t.stride(2) == 1 and t.stride(1) == d for t in (q, k, v)), "heads must be contiguous"
-    assert q.dtype == torch.float32 and (bf16_dots or k.dtype == v.dtype == torch.float32)
+    pairs = bf16_dots and d % 32 == 0 and pair_panels_available()  # else the fp32 kernel runs
+    assert q.dtype == torch.float32 and (pairs or k.dtype == v.dtype == torch.float32), (k.dtype, v.dtype)
     if work is None:
         work = torch.empty(prefill_attention_workspace(length, hkv, d), dtype=torch.float32)
     out = torch.empty((n, hq, d), dtype=torch.float32)
