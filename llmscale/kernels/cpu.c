@@ -568,7 +568,6 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
         for (int64_t i0 = 0; i0 < m; i0 += PANEL_BLOCK_ROWS) {
             const int64_t i1 = i0 + PANEL_BLOCK_ROWS < m ? i0 + PANEL_BLOCK_ROWS : m;
             const RowTiles rt = row_tiles(i1 - i0, tile);
-            const int64_t tiles = rt.count;
             float *out = ybf16 ? scratch : (float *)y + i0 * ldy; /* row i0's */
             for (int64_t g = first; g < p1; g += group) {
                 const int64_t g1 = g + group < p1 ? g + group : p1;
@@ -578,7 +577,7 @@ static void matmul_panels(const float *x, int64_t m, int64_t k, const void *wp, 
                 const int64_t g2 = g1 + group < p1 ? g1 + group : p1;
                 /* The next group's panels in lines of 64 bytes, spread over this group's products. */
                 const int64_t lines = prefetch ? (g2 - g1) * panel_bytes / 64 : 0;
-                const int64_t products = tiles * (pair ? (g1 - g + 1) / 2 : g1 - g) * kblocks;
+                const int64_t products = rt.count * (pair ? (g1 - g + 1) / 2 : g1 - g) * kblocks;
                 const int64_t per_product = (lines + products - 1) / products;
                 const char *pf = (const char *)wp + g1 * panel_bytes, *pf_end = pf + lines * 64;
                 if (kblocks > 1) { /* panel by panel (or pair by pair), block by block, every row tile */
@@ -1624,12 +1623,7 @@ void shm_sum(const char *data, int64_t stride, int world, int64_t n, int bf, voi
     }
     for (; i < n; i++) {
         float acc = 0.f;
-        for (int r = 0; r < world; r++) {
-            uint32_t bits = (uint32_t)((const uint16_t *)(data + r * stride))[i] << 16;
-            float v;
-            __builtin_memcpy(&v, &bits, 4);
-            acc += v;
-        }
+        for (int r = 0; r < world; r++) acc += element(data + r * stride, 1, i);
         uint32_t bits;
         __builtin_memcpy(&bits, &acc, 4);
         if ((bits & 0x7fffffff) > 0x7f800000) o[i] = (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
